@@ -1,0 +1,84 @@
+"""Train state and optimizer: AdamW with warmup + cosine decay and global-norm clipping.
+
+The state is a flat pytree (params, opt_state, step) so that it can be sharded, donated to the jitted
+step and checkpointed as one unit.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """Optimizer hyperparameters (config section ``optim``)."""
+  learning_rate: float = 1e-6
+  warmup_steps: int = 0
+  decay_steps: int = 0            # 0: constant after warmup; else cosine to end_lr_factor * lr over this many
+  end_lr_factor: float = 0.1
+  weight_decay: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  clip_norm: float = 1.0          # global-norm clipping; 0 disables
+
+
+def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
+  """Linear warmup from 0 to ``learning_rate``, then constant or cosine decay."""
+  if cfg.decay_steps > 0:
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=max(cfg.warmup_steps, 0),
+        decay_steps=cfg.warmup_steps + cfg.decay_steps, end_value=cfg.learning_rate * cfg.end_lr_factor)
+  if cfg.warmup_steps > 0:
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps), optax.constant_schedule(cfg.learning_rate)],
+        [cfg.warmup_steps])
+  return optax.constant_schedule(cfg.learning_rate)
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+  """AdamW (decoupled weight decay) behind global-norm clipping."""
+  parts = []
+  if cfg.clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(cfg.clip_norm))
+  parts.append(optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                           weight_decay=cfg.weight_decay))
+  return optax.chain(*parts)
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything an optimizer step changes. ``step`` counts optimizer updates."""
+  params: Any
+  opt_state: Any
+  step: jax.Array
+
+  @classmethod
+  def create(cls, params: Any, tx: optax.GradientTransformation) -> "TrainState":
+    return cls(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32))
+
+  def apply_gradients(self, grads: Any, tx: optax.GradientTransformation) -> "TrainState":
+    updates, opt_state = tx.update(grads, self.opt_state, self.params)
+    return self.replace(params=optax.apply_updates(self.params, updates), opt_state=opt_state, step=self.step + 1)
+
+
+def state_shardings(params_shardings: Any, tx: optax.GradientTransformation, params_abstract: Any, mesh) -> Any:
+  """Shardings for a TrainState: optimizer moments follow their parameter, scalars are replicated."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  abstract = jax.eval_shape(lambda p: TrainState.create(p, tx), params_abstract)
+  # Optimizer state trees (mu, nu) mirror the params tree; match them structurally, others replicate.
+  params_def = jax.tree.structure(params_abstract)
+
+  def shard_subtree(sub):
+    if jax.tree.structure(sub) == params_def:
+      return params_shardings
+    return jax.tree.map(lambda _: replicated, sub)
+
+  opt_shardings = jax.tree.map(shard_subtree, abstract.opt_state,
+                               is_leaf=lambda x: jax.tree.structure(x) == params_def)
+  return TrainState(params=params_shardings, opt_state=opt_shardings, step=replicated)
