@@ -1,0 +1,258 @@
+"""Teacher-forced per-token log-probabilities: dense, chunked over time, and vocab-parallel.
+
+Every path computes, in float32,
+
+  logp[n, t] = z[n, t, y[n, t]] - logsumexp_v z[n, t, v],    z = logits / temperature,
+
+where ``logits[n, t]`` is the distribution that predicts ``targets[n, t]`` (already aligned: the shift is
+done by ``completion_logprobs``). ``temperature`` is required and divides the *logits* (ALGORITHMS.md §1.2):
+scaling log-probs by 1/temperature is a different, wrong quantity.
+
+The chunked path scans over time blocks and never materialises a [N, T, V] log-softmax; with a callable
+it also never materialises [N, T, V] logits. The vocab-parallel path runs under ``jax.shard_map`` with the
+logits split over the vocabulary on one mesh axis: the local max is combined with ``pmax``, the sum of
+exponentials with ``psum``, and the target logit with a masked ``psum``; the full logits are never
+all-gathered (STYLE.md §4).
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+
+from rlj import sharding
+
+LogitsFn = Callable[[jax.Array], jax.Array]
+
+
+def check_temperature(temperature: Any) -> None:
+  """Raises ``ValueError`` for a concrete temperature that is not strictly positive."""
+  if temperature is None:
+    raise ValueError("temperature is required (use 1.0 for the raw distribution)")
+  if isinstance(temperature, (numbers.Number, np.ndarray, np.generic)):
+    if not np.all(np.asarray(temperature) > 0):
+      raise ValueError(f"temperature must be > 0, got {temperature}; greedy decoding is a sampler option")
+
+
+def _scaled(logits: jax.Array, temperature) -> jax.Array:
+  return logits.astype(jnp.float32) / jnp.asarray(temperature, jnp.float32)
+
+
+def _logp_and_entropy(logits: jax.Array, targets: jax.Array, temperature) -> tuple[jax.Array, jax.Array]:
+  """Dense log-prob of ``targets`` and entropy for one block: logits [N, C, V], targets [N, C]."""
+  z = _scaled(logits, temperature)                                     # [N, C, V]
+  lse = jax.nn.logsumexp(z, axis=-1)                                   # [N, C]
+  target_z = jnp.take_along_axis(z, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  probs = jnp.exp(z - lse[..., None])
+  entropy = lse - jnp.sum(probs * z, axis=-1)
+  return target_z - lse, entropy
+
+
+def _chunked(fn, xs: jax.Array, targets: jax.Array, chunk_size: int) -> tuple[jax.Array, jax.Array]:
+  """Applies ``fn(x_chunk, target_chunk) -> (logp, entropy)`` over time blocks of ``chunk_size``.
+
+  The time axis is padded up to a multiple of ``chunk_size`` (padding is dropped from the result) and
+  the block body is rematerialised, so the backward pass keeps only one block's [N, C, V] at a time.
+  """
+  n, t = targets.shape
+  num_chunks = -(-t // chunk_size)
+  pad = num_chunks * chunk_size - t
+  if pad:
+    xs = jnp.pad(xs, [(0, 0), (0, pad)] + [(0, 0)] * (xs.ndim - 2))
+    targets = jnp.pad(targets, [(0, 0), (0, pad)])
+  # [num_chunks, N, C, ...] so that lax.map scans over blocks.
+  xs_c = jnp.moveaxis(xs.reshape((n, num_chunks, chunk_size) + xs.shape[2:]), 1, 0)
+  tg_c = jnp.moveaxis(targets.reshape(n, num_chunks, chunk_size), 1, 0)
+  body = jax.checkpoint(lambda a: fn(*a))
+  logp, ent = jax.lax.map(body, (xs_c, tg_c))                          # [num_chunks, N, C]
+  logp = jnp.moveaxis(logp, 0, 1).reshape(n, -1)[:, :t]
+  ent = jnp.moveaxis(ent, 0, 1).reshape(n, -1)[:, :t]
+  return logp, ent
+
+
+def token_logprobs_and_entropy(logits: jax.Array | LogitsFn, targets: jax.Array, *, temperature,
+                               chunk_size: int | None = None,
+                               inputs: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Per-token log-probs of ``targets`` and entropies of softmax(logits / temperature), in float32.
+
+  Args:
+    logits: [N, T, V] logits aligned with ``targets`` (``logits[:, t]`` predicts ``targets[:, t]``), or a
+      callable mapping a block of ``inputs`` [N, C, ...] to logits [N, C, V] (e.g. final hidden states
+      times the unembedding), so that full logits are never materialised.
+    targets: [N, T] int token ids.
+    temperature: sampling temperature (> 0), applied to the logits before the log-softmax.
+    chunk_size: time block size C; ``None`` computes all T at once (required when ``logits`` is a
+      callable, where ``None`` means one block). C need not divide T.
+    inputs: [N, T, ...] the callable's inputs; only with a callable ``logits``.
+
+  Returns:
+    (logp [N, T], entropy [N, T]), both float32.
+  """
+  check_temperature(temperature)
+  if targets.ndim != 2:
+    raise ValueError(f"targets must be [N, T], got shape {targets.shape}")
+  fn = lambda x, y: _logp_and_entropy(x, y, temperature)
+  if callable(logits):
+    if inputs is None:
+      raise ValueError("a callable `logits` needs `inputs` [N, T, ...]")
+    logits_fn = logits
+    fn = lambda x, y: _logp_and_entropy(logits_fn(x), y, temperature)
+    xs = inputs
+    chunk_size = chunk_size or targets.shape[1]
+  else:
+    if logits.shape[:2] != targets.shape:
+      raise ValueError(f"logits {logits.shape} and targets {targets.shape} disagree on [N, T]")
+    xs = logits
+    if chunk_size is None or chunk_size >= targets.shape[1]:
+      return fn(xs, targets)
+  return _chunked(fn, xs, targets, int(chunk_size))
+
+
+def token_logprobs(logits: jax.Array | LogitsFn, targets: jax.Array, *, temperature,
+                   chunk_size: int | None = None, inputs: jax.Array | None = None) -> jax.Array:
+  """Teacher-forced log-probs logp[n, t] = log_softmax(logits[n, t] / temperature)[targets[n, t]].
+
+  See ``token_logprobs_and_entropy`` for the arguments; XLA drops the unused entropy.
+
+  Returns:
+    logp: [N, T] float32.
+  """
+  return token_logprobs_and_entropy(logits, targets, temperature=temperature, chunk_size=chunk_size,
+                                    inputs=inputs)[0]
+
+
+def token_entropy(logits: jax.Array, *, temperature, chunk_size: int | None = None) -> jax.Array:
+  """Entropy H[n, t] = -sum_v p log p of p = softmax(logits[n, t] / temperature), float32 [N, T]."""
+  targets = jnp.zeros(logits.shape[:2], jnp.int32)
+  return token_logprobs_and_entropy(logits, targets, temperature=temperature, chunk_size=chunk_size)[1]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Vocab-parallel path.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def vocab_parallel_logprobs_local(local_logits: jax.Array, targets: jax.Array, *, temperature,
+                                  axis_name: str) -> jax.Array:
+  """Log-probs from one vocabulary shard; call inside ``shard_map`` over ``axis_name``.
+
+  Shard i holds columns [i * V_local, (i + 1) * V_local) of the vocabulary.
+
+    m = pmax(max_v z_local),  S = psum(sum_v exp(z_local - m)),  z_y = psum(z_local[y - offset] if owned),
+    logp = z_y - m - log S.
+
+  Args:
+    local_logits: [N, T, V_local] this shard's logits.
+    targets: [N, T] global token ids (replicated over ``axis_name``).
+    temperature: > 0, divides the logits.
+    axis_name: the mesh axis that splits the vocabulary.
+
+  Returns:
+    logp: [N, T] float32, identical on every shard of ``axis_name``.
+  """
+  z = _scaled(local_logits, temperature)                               # [N, T, V_local]
+  v_local = z.shape[-1]
+  # The max only stabilises the exponentials; it carries no gradient (it cancels exactly).
+  m = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(z, axis=-1)), axis_name)   # [N, T]
+  sum_exp = jax.lax.psum(jnp.sum(jnp.exp(z - m[..., None]), axis=-1), axis_name)
+  offset = jax.lax.axis_index(axis_name) * v_local
+  local_ids = targets.astype(jnp.int32) - offset
+  owned = (local_ids >= 0) & (local_ids < v_local)
+  picked = jnp.take_along_axis(z, jnp.clip(local_ids, 0, v_local - 1)[..., None], axis=-1)[..., 0]
+  target_z = jax.lax.psum(jnp.where(owned, picked, 0.0), axis_name)
+  return target_z - m - jnp.log(sum_exp)
+
+
+def _batch_axes(mesh: Mesh, n: int, vocab_axis: str, rules) -> Any:
+  """The mesh axes that split the batch (from the "batch" rule), or None when they do not divide N."""
+  spec = sharding.logical_to_spec(("batch",), mesh, rules)
+  axes = spec[0] if len(spec) else None
+  if axes is None:
+    return None
+  axes_t = (axes,) if isinstance(axes, str) else tuple(axes)
+  axes_t = tuple(a for a in axes_t if a != vocab_axis)
+  if not axes_t or n % int(np.prod([mesh.shape[a] for a in axes_t])):
+    return None
+  return axes_t if len(axes_t) > 1 else axes_t[0]
+
+
+def vocab_parallel_token_logprobs(logits: jax.Array, targets: jax.Array, *, temperature, mesh: Mesh,
+                                  vocab_axis: str = "tensor",
+                                  rules=sharding.DEFAULT_RULES) -> jax.Array:
+  """``token_logprobs`` with the vocabulary split over ``vocab_axis`` of ``mesh`` (no logits all-gather).
+
+  The batch stays split as the "batch" rule says (over data/fsdp) when those axes divide N.
+
+  Args:
+    logits: [N, T, V] global logits; V must be divisible by the size of ``vocab_axis``.
+    targets: [N, T] int token ids.
+    temperature: > 0, divides the logits.
+    mesh: the device mesh.
+    vocab_axis: mesh axis holding the vocabulary shards.
+    rules: logical-axis rules used to find the batch axes.
+
+  Returns:
+    logp: [N, T] float32, sharded like the batch.
+  """
+  check_temperature(temperature)
+  if logits.shape[:2] != targets.shape:
+    raise ValueError(f"logits {logits.shape} and targets {targets.shape} disagree on [N, T]")
+  tp = mesh.shape[vocab_axis]
+  if logits.shape[-1] % tp:
+    raise ValueError(f"vocab {logits.shape[-1]} is not divisible by mesh axis {vocab_axis!r} of size {tp}")
+  batch = _batch_axes(mesh, targets.shape[0], vocab_axis, rules)
+  fn = jax.shard_map(
+      lambda lg, tg: vocab_parallel_logprobs_local(lg, tg, temperature=temperature, axis_name=vocab_axis),
+      mesh=mesh, in_specs=(P(batch, None, vocab_axis), P(batch, None)), out_specs=P(batch, None))
+  return fn(logits, targets)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model convenience.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def positions_from_mask(attn_mask: jax.Array) -> jax.Array:
+  """RoPE positions of a left-padded batch: max(cumsum(mask) - 1, 0), int32 [N, S]."""
+  return jnp.maximum(jnp.cumsum(attn_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def as_variables(params: Any) -> dict:
+  """Wraps a "params" collection as linen variables (a tree already holding {"params": ...} passes)."""
+  if isinstance(params, dict) and set(params) == {"params"}:
+    return params
+  return {"params": params}
+
+
+def completion_logprobs(apply_fn: Callable, params: Any, tokens: jax.Array, attn_mask: jax.Array,
+                        prompt_len: int, *, temperature, chunk_size: int | None = None) -> jax.Array:
+  """Runs the model on prompt + completion and returns the completion tokens' log-probs.
+
+  logp[:, t] = log_softmax(logits[:, P - 1 + t] / temperature)[tokens[:, P + t]]   (ALGORITHMS.md §1.1),
+
+  with positions max(cumsum(attn_mask) - 1, 0), so left-padding does not change the result.
+
+  Args:
+    apply_fn: ``model.apply`` of a ``models.transformer.Transformer``:
+      ``apply_fn(variables, tokens, positions, attn_mask) -> (logits [N, S, V], None)``.
+    params: the model's "params" collection (or ``{"params": ...}``).
+    tokens: [N, P + T] int32, left-padded prompt followed by the completion.
+    attn_mask: [N, P + T] 1 on real tokens (prompt and completion), 0 on padding.
+    prompt_len: P, the (padded) prompt width; a Python int.
+    temperature: > 0, divides the logits.
+    chunk_size: optional time block for the log-softmax.
+
+  Returns:
+    logp: [N, T] float32 (values on completion padding are meaningless; weight them with ``mask``).
+  """
+  check_temperature(temperature)
+  out = apply_fn(as_variables(params), tokens, positions_from_mask(attn_mask), attn_mask)
+  logits = out[0] if isinstance(out, tuple) else out                  # [N, P + T, V]
+  p = int(prompt_len)
+  if not 1 <= p < tokens.shape[1]:
+    raise ValueError(f"prompt_len {p} must be in [1, {tokens.shape[1]})")
+  return token_logprobs(logits[:, p - 1:-1], tokens[:, p:], temperature=temperature, chunk_size=chunk_size)
