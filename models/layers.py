@@ -1,0 +1,147 @@
+"""Building blocks of the decoder: RMSNorm, rotary embeddings, the gated MLP and the token embedder.
+
+Every parameter is declared with ``nn.with_logical_partitioning`` and logical axis names from
+{"vocab", "embed", "mlp", "heads", "kv_heads", "head_dim"}; ``rlj.sharding`` maps them to mesh axes.
+Kernels are stored in ``param_dtype`` and cast to the compute ``dtype`` at use.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = jnp.dtype
+
+
+def param(module: nn.Module, name: str, names: tuple[str, ...], shape: tuple[int, ...], dtype: Dtype,
+          init=None) -> jax.Array:
+  """Declares a parameter boxed with logical axis names; the default init is N(0, 1/fan_in)."""
+  if init is None:
+    fan_in = shape[0] if len(shape) > 1 else 1
+    init = nn.initializers.normal(stddev=1.0 / math.sqrt(fan_in))
+  return module.param(name, nn.with_logical_partitioning(init, names), shape, dtype)
+
+
+class RMSNorm(nn.Module):
+  """Root-mean-square norm: y = x / sqrt(mean(x²) + eps) · w   (Gemma: · (1 + w), w initialised at 0).
+
+  The statistics are computed in float32. Following the Hugging Face implementations, Llama/Qwen2 cast
+  the normalised x back to the compute dtype before multiplying by w, Gemma multiplies in float32.
+  """
+  eps: float = 1e-6
+  plus_one: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
+    scale = param(self, "scale", ("embed",), (x.shape[-1],), self.param_dtype, init)
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
+    if self.plus_one:
+      return (y * (1.0 + scale.astype(jnp.float32))).astype(self.dtype)
+    return y.astype(self.dtype) * scale.astype(self.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float,
+                  scaling: Optional[tuple[float, float, float, int]] = None) -> np.ndarray:
+  """RoPE inverse frequencies θ^(-2i/Dh), i < Dh/2, optionally with Llama-3.1 scaling.
+
+  Llama-3.1 scaling (Hugging Face ``rope_type="llama3"``): wavelengths longer than
+  original_max_len / low_freq_factor are divided by ``factor``, shorter than
+  original_max_len / high_freq_factor are kept, and the band between is interpolated smoothly.
+
+  Returns:
+    [Dh/2] float32 numpy array (a compile-time constant).
+  """
+  inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+  if scaling is not None:
+    factor, low, high, old_len = scaling
+    wavelen = 2 * np.pi / inv
+    scaled = np.where(wavelen > old_len / low, inv / factor, inv)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    inv = np.where(medium, smoothed, scaled)
+  return inv.astype(np.float32)
+
+
+def rope_angles(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+  """sin and cos of position · inv_freq.
+
+  Args:
+    positions: [B, S] int32 token positions.
+    inv_freq: [Dh/2] inverse frequencies.
+  Returns:
+    (sin, cos), each [B, S, Dh/2] float32.
+  """
+  angles = positions.astype(jnp.float32)[:, :, None] * jnp.asarray(inv_freq)[None, None, :]
+  return jnp.sin(angles), jnp.cos(angles)
+
+
+def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+  """Rotates head vectors in the "rotate_half" layout (pairs are (i, i + Dh/2)), as Hugging Face does.
+
+  Args:
+    x: [B, S, N, Dh] queries or keys.
+    sin, cos: [B, S, Dh/2] from ``rope_angles``.
+  Returns:
+    [B, S, N, Dh] in x's dtype.
+  """
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  s, c = sin[:, :, None, :], cos[:, :, None, :]
+  return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
+
+
+class MLP(nn.Module):
+  """Gated MLP: down(act(x · gate) ⊙ (x · up)); act = SiLU (SwiGLU) or tanh-GELU (GeGLU)."""
+  mlp_dim: int
+  activation: str = "silu"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    gate = param(self, "gate", ("embed", "mlp"), (d, self.mlp_dim), self.param_dtype)
+    up = param(self, "up", ("embed", "mlp"), (d, self.mlp_dim), self.param_dtype)
+    down = param(self, "down", ("mlp", "embed"), (self.mlp_dim, d), self.param_dtype)
+    x = x.astype(self.dtype)
+    g = jnp.einsum("bsd,df->bsf", x, gate.astype(self.dtype))
+    u = jnp.einsum("bsd,df->bsf", x, up.astype(self.dtype))
+    if self.activation == "silu":
+      g = jax.nn.silu(g)
+    else:
+      g = jax.nn.gelu(g, approximate=True)
+    return jnp.einsum("bsf,fd->bsd", g * u, down.astype(self.dtype))
+
+
+class Embedder(nn.Module):
+  """Token embedding table [V, D]; ``decode`` is the tied output projection."""
+  vocab_size: int
+  embed_dim: int
+  scale: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    init = nn.initializers.normal(stddev=1.0 / math.sqrt(self.embed_dim))
+    self.embedding = param(self, "embedding", ("vocab", "embed"), (self.vocab_size, self.embed_dim),
+                           self.param_dtype, init)
+
+  def encode(self, tokens: jax.Array) -> jax.Array:
+    """[B, S] int32 -> [B, S, D]; Gemma multiplies by sqrt(D) rounded to the compute dtype."""
+    x = jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+    if self.scale:
+      x = x * jnp.asarray(math.sqrt(self.embed_dim), self.dtype)
+    return x
+
+  def decode(self, x: jax.Array) -> jax.Array:
+    """[B, S, D] -> [B, S, V] float32 logits."""
+    return jnp.einsum("bsd,vd->bsv", x.astype(self.dtype), self.embedding.astype(self.dtype),
+                      preferred_element_type=jnp.float32)

@@ -1,0 +1,49 @@
+"""Named model configurations.
+
+The published sizes follow the Hugging Face config.json of each model; their parameter counts (checked in
+tests/models/presets_test.py with ``jax.eval_shape``) are:
+
+| name           | params        |
+|----------------|---------------|
+| gemma-2b       | 2,506,172,416 |
+| llama-3.1-8b   | 8,030,261,248 |
+| qwen2.5-0.5b   |   494,032,768 |
+| qwen2.5-7b     | 7,615,616,512 |
+| small-50m      |    50,998,784 |
+| tiny           |    26,784 (CPU tests) |
+"""
+from __future__ import annotations
+
+from models.config import ModelConfig
+
+_PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(
+        vocab_size=128, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64),
+    "small-50m": ModelConfig(
+        vocab_size=32_000, num_layers=11, embed_dim=512, num_heads=8, num_kv_heads=4, head_dim=64, mlp_dim=1536,
+        rope_theta=10_000.0, tie_embeddings=True),
+    "gemma-2b": ModelConfig(
+        vocab_size=256_000, num_layers=18, embed_dim=2048, num_heads=8, num_kv_heads=1, head_dim=256,
+        mlp_dim=16_384, activation="gelu_tanh", norm_eps=1e-6, norm_plus_one=True, rope_theta=10_000.0,
+        tie_embeddings=True, scale_embeddings=True),
+    "llama-3.1-8b": ModelConfig(
+        vocab_size=128_256, num_layers=32, embed_dim=4096, num_heads=32, num_kv_heads=8, head_dim=128,
+        mlp_dim=14_336, norm_eps=1e-5, rope_theta=500_000.0, rope_scaling=(8.0, 1.0, 4.0, 8192)),
+    "qwen2.5-0.5b": ModelConfig(
+        vocab_size=151_936, num_layers=24, embed_dim=896, num_heads=14, num_kv_heads=2, head_dim=64,
+        mlp_dim=4864, norm_eps=1e-6, rope_theta=1_000_000.0, qkv_bias=True, tie_embeddings=True),
+    "qwen2.5-7b": ModelConfig(
+        vocab_size=152_064, num_layers=28, embed_dim=3584, num_heads=28, num_kv_heads=4, head_dim=128,
+        mlp_dim=18_944, norm_eps=1e-6, rope_theta=1_000_000.0, qkv_bias=True),
+}
+
+
+def names() -> list[str]:
+  return sorted(_PRESETS)
+
+
+def get(name: str) -> ModelConfig:
+  """The preset called ``name`` (derive variants with ``dataclasses.replace``)."""
+  if name not in _PRESETS:
+    raise ValueError(f"unknown model preset {name!r}; choose one of {names()}")
+  return _PRESETS[name]
