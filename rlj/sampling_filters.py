@@ -1,0 +1,82 @@
+"""Next-token distributions for the sampler: temperature, top-k, top-p, greedy, and the sampled log-prob.
+
+The sampler draws from
+
+  q(v) ∝ exp(z_v) on the kept set K,   z = logits / temperature,
+
+where K holds the top-k tokens of z (``top_k=0``: all), then the smallest prefix of those, in decreasing
+order, whose probability under softmax(z restricted to the top-k) reaches ``top_p`` (``top_p=1``: all).
+Tokens tied with the last kept value are kept too. The returned log-prob is log q(token), the distribution
+actually sampled from, so that the trainer's first importance ratio is exactly 1 when no filter truncates
+(RL configs use ``top_k=0, top_p=1``; ALGORITHMS.md §1.2).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from rlj import logprobs
+
+
+def _top_p_threshold(sorted_z: jax.Array, top_p: float) -> jax.Array:
+  """Smallest kept value given z sorted in decreasing order [N, K]; keeps the first token always."""
+  probs = jax.nn.softmax(sorted_z, axis=-1)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs                     # [N, K]
+  keep = mass_before < top_p
+  num_kept = jnp.maximum(jnp.sum(keep, axis=-1), 1)                    # [N]
+  return jnp.take_along_axis(sorted_z, (num_kept - 1)[:, None], axis=-1)  # [N, 1]
+
+
+def filter_logits(logits: jax.Array, *, temperature: float, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+  """Scaled logits z = logits / temperature with the tokens outside top-k / top-p set to -inf.
+
+  Args:
+    logits: [N, V] next-token logits.
+    temperature: > 0.
+    top_k: keep the k largest logits (0 keeps all; ties with the k-th are kept).
+    top_p: nucleus mass in (0, 1] (1 keeps all).
+
+  Returns:
+    [N, V] float32; ``log_softmax`` of it is log q, the sampling distribution.
+  """
+  logprobs.check_temperature(temperature)
+  if not 0.0 < top_p <= 1.0:
+    raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+  if top_k < 0:
+    raise ValueError(f"top_k must be >= 0, got {top_k}")
+  z = logits.astype(jnp.float32) / jnp.float32(temperature)
+  v = z.shape[-1]
+  if 0 < top_k < v:
+    top_vals = jax.lax.top_k(z, top_k)[0]                              # [N, k], decreasing
+    threshold = top_vals[:, -1:]
+    if top_p < 1.0:
+      threshold = jnp.maximum(threshold, _top_p_threshold(top_vals, top_p))
+  elif top_p < 1.0:
+    threshold = _top_p_threshold(-jnp.sort(-z, axis=-1), top_p)
+  else:
+    return z
+  return jnp.where(z >= threshold, z, -jnp.inf)
+
+
+def sample_token(rng: jax.Array, logits: jax.Array, *, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                 greedy: bool = False) -> tuple[jax.Array, jax.Array]:
+  """Draws one token per row and returns its log-prob under the filtered distribution.
+
+  Args:
+    rng: a PRNG key; one key serves the whole batch (rows get independent draws).
+    logits: [N, V] next-token logits.
+    temperature, top_k, top_p: see ``filter_logits``.
+    greedy: take argmax instead of sampling; the log-prob is still log q(argmax) under the filters.
+
+  Returns:
+    (token [N] int32, logp [N] float32).
+  """
+  z = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+  if greedy:
+    token = jnp.argmax(z, axis=-1)
+  else:
+    token = jax.random.categorical(rng, z, axis=-1)
+  token = token.astype(jnp.int32)
+  log_q = jax.nn.log_softmax(z, axis=-1)
+  logp = jnp.take_along_axis(log_q, token[:, None], axis=-1)[:, 0]
+  return token, logp
