@@ -43,6 +43,7 @@ class RMSNorm(nn.Module):
     scale = param(self, "scale", ("embed",), (x.shape[-1],), self.param_dtype, init)
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
+    scale = scale.reshape((1,) * (x.ndim - 1) + scale.shape)
     if self.plus_one:
       return (y * (1.0 + scale.astype(jnp.float32))).astype(self.dtype)
     return y.astype(self.dtype) * scale.astype(self.dtype)
