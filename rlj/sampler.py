@@ -1,0 +1,305 @@
+"""Compiled rollout sampler: prefill of left-padded prompts, then a ``lax.while_loop`` decode with a KV cache.
+
+One call of ``Sampler.sample`` runs one compiled program per (batch, prompt length) *bucket*: prompts are
+left-padded to the smallest configured prompt bucket and the batch to the smallest batch bucket, so prompt
+lengths inside a bucket reuse the program. Each prompt is repeated G = ``num_samples`` times (row b·G + g
+is sample g of prompt b). Every decode step t draws with ``fold_in(rng, t)`` from
+
+  q(· | prefix) ∝ exp(logits / temperature) on the top-k / top-p set   (``rlj.sampling_filters``)
+
+and records log q(token), so with ``top_k=0, top_p=1`` the returned ``logp`` equals the teacher-forced
+``rlj.logprobs.completion_logprobs`` of the same tokens and the trainer's first ratio is exactly 1. A row
+finishes at its first EOS or stop token (which the mask includes); the loop ends when every row has finished
+or after ``max_new_tokens`` steps. The KV cache is an argument of the program and is donated to it.
+
+Usage:
+  sampler = Sampler(model, SamplerConfig(max_new_tokens=256, num_samples=8, eos_id=1,
+                                         prompt_buckets=(128, 256), batch_buckets=(32,)), mesh=mesh)
+  rollout = sampler.sample(params, prompt_tokens, prompt_mask, rng)   # rollout.tokens [B*G, P+T]
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from models import kv_cache
+from rlj import logprobs, sampling_filters, sharding
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+  """Decoding hyperparameters and shape buckets.
+
+  Attributes:
+    max_new_tokens: T, the completion width (the loop stops earlier once every row has finished).
+    temperature: > 0, divides the logits (also for ``greedy``, where it only affects the log-probs).
+    top_k: keep the k most likely tokens (0: all).
+    top_p: nucleus mass (1.0: all).
+    greedy: argmax decoding.
+    num_samples: G completions per prompt.
+    eos_id: end-of-sequence id, or None.
+    stop_ids: further ids that end a completion (included in its mask, like EOS).
+    pad_id: written into completion slots after a row has finished.
+    prompt_buckets: allowed padded prompt widths (ascending); () uses each call's own width.
+    batch_buckets: allowed padded prompt counts B (ascending); () uses each call's own B.
+    cache_dtype: KV cache dtype name, or None for the model's compute dtype.
+    keep_cache: keep each bucket's (donated, returned) cache buffer between calls instead of
+      allocating a fresh one per call; saves the allocation, costs its memory while not sampling.
+  """
+  max_new_tokens: int
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  greedy: bool = False
+  num_samples: int = 1
+  eos_id: Optional[int] = None
+  stop_ids: tuple[int, ...] = ()
+  pad_id: int = 0
+  prompt_buckets: tuple[int, ...] = ()
+  batch_buckets: tuple[int, ...] = ()
+  cache_dtype: Optional[str] = None
+  keep_cache: bool = False
+
+  def __post_init__(self):
+    logprobs.check_temperature(self.temperature)
+    if self.max_new_tokens < 1 or self.num_samples < 1:
+      raise ValueError("max_new_tokens and num_samples must be >= 1")
+    for name in ("prompt_buckets", "batch_buckets"):
+      b = tuple(getattr(self, name))
+      if list(b) != sorted(b) or any(x < 1 for x in b):
+        raise ValueError(f"{name} must be ascending positive ints, got {b}")
+
+  @property
+  def stop_set(self) -> tuple[int, ...]:
+    return tuple(sorted(set(self.stop_ids) | ({self.eos_id} if self.eos_id is not None else set())))
+
+
+class Rollout(NamedTuple):
+  """Sampled completions; N = B * G rows, row b * G + g is sample g of prompt b.
+
+  Attributes:
+    tokens: [N, P + T] int32 prompt (as given, left-padded) followed by the completion.
+    completion: [N, T] int32 sampled ids (``pad_id`` after a row finished).
+    logp: [N, T] float32 log q(token) under the sampling distribution; 0 where ``mask`` is 0.
+    mask: [N, T] float32, 1 on completion tokens up to and including the first EOS / stop token.
+    lengths: [N] int32 completion lengths (sum of ``mask``).
+    prompt_mask: [N, P] the prompt mask, repeated G times.
+    attn_mask: [N, P + T] prompt_mask followed by mask (for teacher-forced scoring).
+    num_steps: int32 scalar, decode steps the loop ran (< T when every row stopped early).
+  """
+  tokens: jax.Array
+  completion: jax.Array
+  logp: jax.Array
+  mask: jax.Array
+  lengths: jax.Array
+  prompt_mask: jax.Array
+  attn_mask: jax.Array
+  num_steps: jax.Array
+
+
+def pick_bucket(size: int, buckets: tuple[int, ...], what: str) -> int:
+  """The smallest bucket >= size (``size`` itself when there are no buckets)."""
+  if not buckets:
+    return size
+  for b in buckets:
+    if b >= size:
+      return b
+  raise ValueError(f"{what} {size} exceeds the largest bucket {buckets[-1]}; add a larger bucket")
+
+
+class _LoopState(NamedTuple):
+  step: jax.Array          # int32 scalar
+  cache: Any               # KVCache
+  logits: jax.Array        # [N, V] logits of the next token
+  positions: jax.Array     # [N] RoPE position of the next token
+  done: jax.Array          # [N] bool, row has emitted its stop token
+  tokens: jax.Array        # [N, T]
+  logp: jax.Array          # [N, T]
+  mask: jax.Array          # [N, T] bool
+
+
+class Sampler:
+  """Holds one compiled sampling program per (batch, prompt-length) bucket.
+
+  Args:
+    model: a ``models.transformer.Transformer`` (anything with its ``apply`` contract and a ``config``).
+    config: a ``SamplerConfig``.
+    mesh: optional device mesh; rows are split over the "batch" rule's axes (data/fsdp), the cache's
+      KV heads over the "kv_heads" rule (tensor), the parameters as ``param_shardings`` says.
+    param_shardings: NamedShardings of the "params" collection; by default derived from the model's
+      logical axis names with ``rules``.
+    rules: logical-axis rules.
+  """
+
+  def __init__(self, model: nn.Module, config: SamplerConfig, mesh: Optional[Mesh] = None,
+               param_shardings: Any = None, rules=sharding.DEFAULT_RULES):
+    self.model = model
+    self.config = config
+    self.mesh = mesh
+    self.rules = tuple(rules)
+    self._param_shardings = param_shardings
+    self._programs: dict[tuple[int, int], Any] = {}
+    self._caches: dict[tuple[int, int], Any] = {}
+    self.num_traces = 0  # how many times a sampling program was traced (one per bucket)
+
+  # --------------------------------------------------------------------------------------------------------
+  # Shardings.
+  # --------------------------------------------------------------------------------------------------------
+
+  def _replicated(self):
+    return NamedSharding(self.mesh, P()) if self.mesh is not None else None
+
+  def _row_sharding(self, ndim: int, rows: int):
+    if self.mesh is None:
+      return None
+    spec = sharding._fit_spec(sharding.logical_to_spec(("batch",) + (None,) * (ndim - 1), self.mesh, self.rules),
+                              (rows,) + (1,) * (ndim - 1), self.mesh)
+    return NamedSharding(self.mesh, spec)
+
+  def _cache_shardings(self, abstract_cache):
+    if self.mesh is None:
+      return None
+    names = jax.tree.map(lambda n: P(*n), kv_cache.logical_axes(), is_leaf=lambda x: isinstance(x, tuple)
+                         and all(isinstance(a, str) for a in x))
+    return sharding.tree_shardings(names, abstract_cache, self.mesh, self.rules)
+
+  def param_shardings(self, params: Any):
+    """Shardings of ``params`` (given, or from the model's logical axis names)."""
+    if self.mesh is None:
+      return None
+    if self._param_shardings is None:
+      dummy = jnp.zeros((1, 1), jnp.int32)
+      boxed = jax.eval_shape(lambda: self.model.init(jax.random.key(0), dummy, dummy, dummy + 1))["params"]
+      self._param_shardings = sharding.tree_shardings(sharding.logical_specs(boxed), nn.unbox(boxed),
+                                                      self.mesh, self.rules)
+    return self._param_shardings
+
+  # --------------------------------------------------------------------------------------------------------
+  # The compiled program.
+  # --------------------------------------------------------------------------------------------------------
+
+  def _apply(self, params, tokens, positions, mask, cache):
+    if self.mesh is None:
+      return self.model.apply({"params": params}, tokens, positions, mask, cache=cache)
+    with nn.logical_axis_rules(sharding._filter_rules(self.rules, self.mesh)):
+      return self.model.apply({"params": params}, tokens, positions, mask, cache=cache)
+
+  def _generate(self, params, prompt, prompt_mask, rng, cache):
+    """prompt [Bb, Pb] -> completion arrays for N = Bb * G rows (traced once per bucket)."""
+    self.num_traces += 1
+    c = self.config
+    g, t_max = c.num_samples, c.max_new_tokens
+    prompt = jnp.repeat(prompt, g, axis=0)                             # [N, Pb], row b * G + g
+    prompt_mask = jnp.repeat(prompt_mask.astype(jnp.int32), g, axis=0)
+    n = prompt.shape[0]
+    if self.mesh is not None:
+      prompt = jax.lax.with_sharding_constraint(prompt, self._row_sharding(2, n))
+      prompt_mask = jax.lax.with_sharding_constraint(prompt_mask, self._row_sharding(2, n))
+    cache = cache._replace(key_mask=jnp.zeros_like(cache.key_mask), index=jnp.zeros((), jnp.int32))
+
+    positions = logprobs.positions_from_mask(prompt_mask)
+    logits, cache = self._apply(params, prompt, positions, prompt_mask, cache)     # prefill
+    stop = jnp.asarray(c.stop_set or (-1,), jnp.int32)
+
+    def cond(s: _LoopState):
+      return (s.step < t_max) & ~jnp.all(s.done)
+
+    def body(s: _LoopState):
+      key = jax.random.fold_in(rng, s.step)
+      tok, lp = sampling_filters.sample_token(key, s.logits, temperature=c.temperature, top_k=c.top_k,
+                                              top_p=c.top_p, greedy=c.greedy)
+      live = ~s.done
+      tok = jnp.where(live, tok, c.pad_id)
+      lp = jnp.where(live, lp, 0.0)
+      write = lambda buf, x: jax.lax.dynamic_update_slice(buf, x[:, None].astype(buf.dtype), (0, s.step))
+      done = s.done | (live & jnp.any(tok[:, None] == stop[None, :], axis=-1))
+      next_logits, cache = self._apply(params, tok[:, None], s.positions[:, None],
+                                       jnp.ones((n, 1), jnp.int32), s.cache)
+      return _LoopState(step=s.step + 1, cache=cache, logits=next_logits[:, 0], positions=s.positions + 1,
+                        done=done, tokens=write(s.tokens, tok), logp=write(s.logp, lp),
+                        mask=write(s.mask, live))
+
+    init = _LoopState(step=jnp.zeros((), jnp.int32), cache=cache, logits=logits[:, -1],
+                      positions=jnp.sum(prompt_mask, axis=-1), done=jnp.zeros((n,), jnp.bool_),
+                      tokens=jnp.full((n, t_max), c.pad_id, jnp.int32), logp=jnp.zeros((n, t_max), jnp.float32),
+                      mask=jnp.zeros((n, t_max), jnp.bool_))
+    s = jax.lax.while_loop(cond, body, init)
+    return s.tokens, s.logp, s.mask, prompt, prompt_mask, s.step, s.cache
+
+  def _new_cache(self, rows: int, prompt_len: int):
+    c, mc = self.config, self.model.config
+    make = lambda: kv_cache.init_cache(mc, rows, prompt_len + c.max_new_tokens, c.cache_dtype)
+    return jax.jit(make, out_shardings=self._cache_shardings(jax.eval_shape(make)))()
+
+  def program(self, batch: int, prompt_len: int, params: Any = None):
+    """The jitted program of bucket (batch, prompt_len) (padded sizes), built once."""
+    key = (batch, prompt_len)
+    if key not in self._programs:
+      rows = batch * self.config.num_samples
+      abstract_cache = jax.eval_shape(lambda: kv_cache.init_cache(
+          self.model.config, rows, prompt_len + self.config.max_new_tokens, self.config.cache_dtype))
+      kwargs = {}
+      if self.mesh is not None:
+        cs = self._cache_shardings(abstract_cache)
+        rep, r2 = self._replicated(), self._row_sharding(2, rows)
+        kwargs = dict(in_shardings=(self.param_shardings(params), rep, rep, rep, cs),
+                      out_shardings=(r2, r2, r2, r2, r2, rep, cs))
+      self._programs[key] = jax.jit(self._generate, donate_argnums=(4,), **kwargs)
+    return self._programs[key]
+
+  def sample(self, params: Any, prompt_tokens, prompt_mask, rng: jax.Array) -> Rollout:
+    """Samples G completions for each of B left-padded prompts.
+
+    Args:
+      params: the model's "params" collection (or ``{"params": ...}``), e.g. from
+        ``rlj.sharding.sync_weights``.
+      prompt_tokens: [B, P] int32, left-padded.
+      prompt_mask: [B, P] 1 on prompt tokens, 0 on padding.
+      rng: PRNG key; step t draws with ``fold_in(rng, t)``.
+
+    Returns:
+      A ``Rollout`` with N = B * G rows and P + T columns.
+    """
+    params = logprobs.as_variables(params)["params"]
+    prompt_tokens = np.asarray(prompt_tokens, np.int32)
+    prompt_mask = np.asarray(prompt_mask, np.int32)
+    b, p = prompt_tokens.shape
+    bb = pick_bucket(b, self.config.batch_buckets, "batch")
+    pb = pick_bucket(p, self.config.prompt_buckets, "prompt length")
+    # Left-pad the prompt width to the bucket; pad the batch with copies of row 0 (dropped afterwards).
+    tok = np.full((bb, pb), self.config.pad_id, np.int32)
+    msk = np.zeros((bb, pb), np.int32)
+    tok[:b, pb - p:], msk[:b, pb - p:] = prompt_tokens, prompt_mask
+    tok[b:], msk[b:] = tok[0], msk[0]
+
+    key = (bb, pb)
+    fn = self.program(bb, pb, params)
+    cache = self._caches.pop(key, None)
+    if cache is None:
+      cache = self._new_cache(bb * self.config.num_samples, pb)
+    if self.mesh is None:
+      out = fn(params, tok, msk, rng, cache)
+    else:
+      with jax.set_mesh(self.mesh):
+        out = fn(params, tok, msk, rng, cache)
+    completion, logp, mask, prompt_rep, mask_rep, steps, cache = out
+    if self.config.keep_cache:
+      self._caches[key] = cache
+    del cache
+
+    n = b * self.config.num_samples
+    completion, logp, mask = completion[:n], logp[:n], mask[:n].astype(jnp.float32)
+    prompt_rep, mask_rep = prompt_rep[:n, pb - p:], mask_rep[:n, pb - p:]
+    return Rollout(tokens=jnp.concatenate([prompt_rep, completion], axis=1), completion=completion, logp=logp,
+                   mask=mask, lengths=jnp.sum(mask, axis=1).astype(jnp.int32), prompt_mask=mask_rep,
+                   attn_mask=jnp.concatenate([mask_rep, mask.astype(jnp.int32)], axis=1), num_steps=steps)
+
+  def release_caches(self) -> None:
+    """Drops the KV caches kept between calls (``keep_cache=True``)."""
+    self._caches.clear()

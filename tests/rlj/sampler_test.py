@@ -1,0 +1,124 @@
+"""Tests for rlj.sampler on the tiny Transformer: cache decode vs full forwards, log-probs, stops, sharding."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models import presets
+from models.transformer import Transformer
+from rlj import logprobs, sampler, sharding
+
+T_NEW = 6
+BUCKET = 8
+CFG = presets.get("tiny")
+MODEL = Transformer(CFG)
+# Two left-padded prompts of lengths 3 and 5 in a width-5 array.
+PROMPTS = np.array([[0, 0, 11, 12, 13], [21, 22, 23, 24, 25]], np.int32)
+PROMPT_MASK = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], np.int32)
+
+
+@pytest.fixture(scope="module")
+def params():
+  d = jnp.zeros((1, 4), jnp.int32)
+  return nn.unbox(MODEL.init(jax.random.key(0), d, d, d + 1)["params"])
+
+
+@jax.jit
+def _full_logits(params, tokens, mask):
+  return MODEL.apply({"params": params}, tokens, logprobs.positions_from_mask(mask), mask)[0]
+
+
+def _greedy_reference(params, prompts, prompt_mask, steps):
+  """Argmax decoding by repeated full forward passes over a fixed-width buffer (no cache)."""
+  b, p = prompts.shape
+  tokens = np.concatenate([prompts, np.zeros((b, steps), np.int32)], axis=1)
+  mask = np.concatenate([prompt_mask, np.zeros((b, steps), np.int32)], axis=1)
+  for t in range(steps):
+    logits = np.asarray(_full_logits(params, tokens, mask))
+    tokens[:, p + t] = logits[:, p + t - 1].argmax(-1)
+    mask[:, p + t] = 1
+  return tokens[:, p:]
+
+
+@jax.jit
+def _teacher_forced(params, tokens, attn_mask, temperature):
+  return logprobs.completion_logprobs(MODEL.apply, params, tokens, attn_mask, PROMPTS.shape[1],
+                                      temperature=temperature)
+
+
+def test_greedy_with_cache_equals_full_forward_argmax_and_stops_at_first_eos(params):
+  ref = _greedy_reference(params, PROMPTS, PROMPT_MASK, T_NEW)          # [2, T]
+  eos, stop = int(ref[0, 1]), int(ref[1, 2])
+
+  def first_stop(row):
+    return next(i for i, tok in enumerate(row) if tok in (eos, stop))
+
+  ends = [first_stop(ref[0]), first_stop(ref[1])]                      # rows 0 and 1 stop at <= 1, <= 2
+  s = sampler.Sampler(MODEL, sampler.SamplerConfig(max_new_tokens=T_NEW, greedy=True, eos_id=eos,
+                                                   stop_ids=(stop,), pad_id=0, prompt_buckets=(BUCKET,)))
+  r = s.sample(params, PROMPTS, PROMPT_MASK, jax.random.key(3))
+  for i, end in enumerate(ends):
+    np.testing.assert_array_equal(r.completion[i, :end + 1], ref[i, :end + 1])
+    np.testing.assert_array_equal(r.completion[i, end + 1:], 0)
+    np.testing.assert_array_equal(r.mask[i], (np.arange(T_NEW) <= end).astype(np.float32))
+    np.testing.assert_array_equal(r.logp[i, end + 1:], 0.0)
+  np.testing.assert_array_equal(r.lengths, [e + 1 for e in ends])
+  assert int(r.num_steps) == max(ends) + 1 < T_NEW                      # the loop stopped early
+  np.testing.assert_array_equal(r.tokens[:, :5], PROMPTS)
+  np.testing.assert_array_equal(r.attn_mask, np.concatenate([PROMPT_MASK, r.mask], axis=1))
+
+  # Without stop tokens it runs all T steps and equals the full-forward argmax everywhere.
+  s_all = sampler.Sampler(MODEL, sampler.SamplerConfig(max_new_tokens=T_NEW, greedy=True, prompt_buckets=(BUCKET,)))
+  r_all = s_all.sample(params, PROMPTS, PROMPT_MASK, jax.random.key(3))
+  np.testing.assert_array_equal(r_all.completion, ref)
+  assert int(r_all.num_steps) == T_NEW and np.all(np.asarray(r_all.mask) == 1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampler_logp_equals_teacher_forced_logp(params, temperature):
+  g = 3
+  s = sampler.Sampler(MODEL, sampler.SamplerConfig(max_new_tokens=T_NEW, temperature=temperature, num_samples=g,
+                                                   eos_id=5, prompt_buckets=(BUCKET,)))
+  r = s.sample(params, PROMPTS, PROMPT_MASK, jax.random.key(7))
+  assert r.tokens.shape == (2 * g, 5 + T_NEW) and r.logp.shape == (2 * g, T_NEW)
+  # Rows are group-major: rows b*G .. b*G+G-1 continue prompt b.
+  np.testing.assert_array_equal(r.tokens[:, :5], np.repeat(PROMPTS, g, axis=0))
+  np.testing.assert_array_equal(r.prompt_mask, np.repeat(PROMPT_MASK, g, axis=0))
+  assert len({tuple(row) for row in np.asarray(r.completion)}) > 1     # samples differ
+  tf = _teacher_forced(params, r.tokens, r.attn_mask, temperature)
+  m = np.asarray(r.mask)
+  np.testing.assert_allclose(np.asarray(r.logp) * m, np.asarray(tf) * m, rtol=1e-5, atol=1e-5)
+
+
+def test_no_recompile_within_bucket_and_donated_cache_reuse(params):
+  cfg = sampler.SamplerConfig(max_new_tokens=T_NEW, temperature=0.7, num_samples=2, prompt_buckets=(BUCKET,),
+                              batch_buckets=(2,), keep_cache=True)
+  s = sampler.Sampler(MODEL, cfg)
+  rng = jax.random.key(11)
+  first = s.sample(params, PROMPTS, PROMPT_MASK, rng)                  # B = 2, P = 5
+  kept = s._caches[(2, BUCKET)]
+  short = s.sample(params, PROMPTS[1:, 2:], PROMPT_MASK[1:, 2:], rng)  # B = 1, P = 3: same bucket
+  assert kept.k.is_deleted()                                           # the cache buffer was donated
+  again = s.sample(params, PROMPTS, PROMPT_MASK, rng)                  # a reused cache leaks nothing
+  assert s.num_traces == 1
+  assert short.tokens.shape == (2, 3 + T_NEW)
+  for a, b in zip(first, again):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match="largest bucket"):
+    s.sample(params, np.zeros((1, BUCKET + 1), np.int32), np.ones((1, BUCKET + 1), np.int32), rng)
+
+
+def test_sharded_sampling_equals_single_device(params):
+  cfg = sampler.SamplerConfig(max_new_tokens=T_NEW, temperature=1.0, num_samples=4, top_k=20,
+                              prompt_buckets=(BUCKET,))
+  rng = jax.random.key(5)
+  single = sampler.Sampler(MODEL, cfg).sample(params, PROMPTS, PROMPT_MASK, rng)
+  mesh = sharding.make_mesh([("data", 2), ("fsdp", 2), ("tensor", 2)])
+  s = sampler.Sampler(MODEL, cfg, mesh=mesh)
+  sharded_params = sharding.reshard(params, s.param_shardings(params))
+  multi = s.sample(sharded_params, PROMPTS, PROMPT_MASK, rng)
+  assert len(multi.completion.sharding.device_set) == 8
+  np.testing.assert_array_equal(multi.completion, single.completion)
+  np.testing.assert_array_equal(multi.mask, single.mask)
+  np.testing.assert_allclose(multi.logp, single.logp, rtol=1e-5, atol=1e-5)
