@@ -16,12 +16,10 @@ class JsonlError(ValueError):
   """A malformed JSONL line; the message starts with ``file:line:``."""
 
 
-def open_text(path: str | os.PathLike):
-  """Opens a text file for reading, decompressing it when its name ends in ``.gz``."""
+def open_binary(path: str | os.PathLike):
+  """Opens a file for reading bytes, decompressing it when its name ends in ``.gz``."""
   path = os.fspath(path)
-  if path.endswith(".gz"):
-    return gzip.open(path, "rt", encoding="utf-8")
-  return open(path, "r", encoding="utf-8")
+  return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
 def read_jsonl(path: str | os.PathLike, *, fields: Sequence[str] = ()) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -36,16 +34,12 @@ def read_jsonl(path: str | os.PathLike, *, fields: Sequence[str] = ()) -> Iterat
       or lacks one of ``fields`` (the message names the field).
   """
   path = os.fspath(path)
-  with open_text(path) as f:
-    line_no = 0
-    while True:
+  with open_binary(path) as f:
+    for line_no, raw in enumerate(f, start=1):
       try:
-        line = f.readline()
+        line = raw.decode("utf-8")
       except UnicodeDecodeError as e:
-        raise JsonlError(f"{path}:{line_no + 1}: not valid UTF-8 ({e.reason})") from e
-      if not line:
-        return
-      line_no += 1
+        raise JsonlError(f"{path}:{line_no}: not valid UTF-8 ({e.reason} at byte {e.start})") from e
       yield line_no, parse_line(line, path=path, line_no=line_no, fields=fields)
 
 
@@ -66,9 +60,3 @@ def parse_line(line: str, *, path: str, line_no: int, fields: Sequence[str] = ()
     if not isinstance(record[name], str):
       raise JsonlError(f"{where}: field {name!r} must be a string, got {type(record[name]).__name__}")
   return record
-
-
-def count_lines(path: str | os.PathLike) -> int:
-  """Number of lines (records) in a JSONL file, without parsing them."""
-  with open_text(path) as f:
-    return sum(1 for _ in f)

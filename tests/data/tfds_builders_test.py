@@ -1,0 +1,147 @@
+"""tfds array_record builders: record counts and contents against the raw files, atomic failed builds."""
+import gzip
+import json
+import os
+
+import pytest
+import tensorflow_datasets as tfds
+
+from rlj.data import jsonl, tfds_builders
+
+
+def _raw(path):
+  opener = gzip.open if str(path).endswith(".gz") else open
+  with opener(path, "rt", encoding="utf-8") as f:
+    return [json.loads(line) for line in f]
+
+
+def _snapshot(root):
+  """Every path under root, with file contents, for 'nothing changed' checks."""
+  out = {}
+  for dirpath, _, files in os.walk(root):
+    out[os.path.relpath(dirpath, root)] = None
+    for name in files:
+      with open(os.path.join(dirpath, name), "rb") as f:
+        out[os.path.relpath(os.path.join(dirpath, name), root)] = f.read()
+  return out
+
+
+def test_gsm8k_counts_and_every_row(built_data_dir, gsm8k_dir):
+  for split, count in (("train", 7473), ("test", 1319)):
+    ds = tfds.data_source("rlj_prompt_answer/gsm8k", data_dir=built_data_dir, split=split)
+    raw = _raw(gsm8k_dir / f"{split}.jsonl")
+    assert len(ds) == len(raw) == count
+    for i, row in enumerate(raw):  # file order is kept, index = line number - 1
+      rec = ds[i]
+      assert rec["index"] == i
+      assert rec["prompt"].decode() == row["question"]
+      assert rec["answer"].decode() == row["answer"]
+  files = os.listdir(built_data_dir / "rlj_prompt_answer" / "gsm8k" / "1.0.0")
+  assert sorted(f for f in files if ".array_record-" in f) == [
+      "rlj_prompt_answer-test.array_record-00000-of-00001", "rlj_prompt_answer-train.array_record-00000-of-00001"]
+
+
+def test_gsm8k_spot_rows(built_data_dir):
+  ds = tfds_builders.data_source("prompt_answer", "gsm8k", data_dir=built_data_dir, split="train")
+  assert ds[0]["prompt"].decode().startswith("Natalia sold clips to 48 of her friends in April")
+  assert ds[0]["answer"].decode().endswith("72 clips altogether in April and May.\n#### 72")
+  assert ds[1]["answer"].decode().endswith("#### 10")
+
+
+def test_hh_rlhf_counts_and_split(built_data_dir, hh_dir):
+  ds = tfds.data_source("rlj_preference/hh_rlhf", data_dir=built_data_dir, split="test")
+  raw = _raw(hh_dir / "test.jsonl.gz")
+  assert len(ds) == len(raw) == 2312
+  marker = "\n\nAssistant:"
+  own_last = 0
+  for i, row in enumerate(raw):
+    rec = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in ds[i].items()}
+    assert rec["index"] == i
+    assert rec["prompt"].endswith(marker)
+    assert rec["prompt"] + rec["chosen"] == row["chosen"]
+    assert rec["prompt"] + rec["rejected"] == row["rejected"]
+    # The split is each transcript's own last assistant turn unless a response embeds a marker.
+    if marker not in rec["chosen"] and marker not in rec["rejected"]:
+      own_last += 1
+  assert own_last == 2312 - 5
+  first = ds[0]
+  assert first["prompt"].decode().endswith("pens\n\nAssistant:")
+  assert first["chosen"].decode().startswith(" No, sorry!  All of these involve a pen")
+  assert first["rejected"].decode().startswith(" There are lots of funny things you can do with pens")
+
+
+def test_split_transcripts_uses_last_shared_turn():
+  chosen = "\n\nHuman: hi\n\nAssistant: a\n\nHuman: more\n\nAssistant: yes\n\nAssistant: again"
+  rejected = "\n\nHuman: hi\n\nAssistant: a\n\nHuman: more\n\nAssistant: no"
+  prompt, c, r = tfds_builders.split_transcripts(chosen, rejected)
+  assert prompt == "\n\nHuman: hi\n\nAssistant: a\n\nHuman: more\n\nAssistant:"
+  assert (c, r) == (" yes\n\nAssistant: again", " no")
+  with pytest.raises(ValueError, match="x.jsonl:3: chosen and rejected share no"):
+    tfds_builders.split_transcripts("Human: a", "Human: b", where="x.jsonl:3")
+
+
+def test_generic_layouts_and_custom_config(tmp_path):
+  src = tmp_path / "src"
+  src.mkdir()
+  (src / "train.jsonl").write_text(
+      "".join(json.dumps({"prompt": f"p{i}", "chosen": f"c{i}", "rejected": f"r{i}"}) + "\n" for i in range(3)))
+  with gzip.open(src / "validation.jsonl.gz", "wt") as f:
+    f.write(json.dumps({"prompt": "vp", "chosen": "vc", "rejected": "vr"}) + "\n")
+  data_dir = tmp_path / "tfds"
+  builder = tfds_builders.build("preference", "generic", source_dir=src, data_dir=data_dir)
+  assert {k: v.num_examples for k, v in builder.info.splits.items()} == {"train": 3, "validation": 1}
+  ds = tfds_builders.data_source("preference", "generic", data_dir=data_dir, split="train")
+  assert ds[2] == {"prompt": b"p2", "chosen": b"c2", "rejected": b"r2", "index": 2}
+
+  (src2 := tmp_path / "src2").mkdir()
+  (src2 / "test.jsonl").write_text(json.dumps({"q": "2+2?", "a": "#### 4"}) + "\n")
+  config = tfds_builders.JsonlConfig(name="mine", fields={"prompt": "q", "answer": "a"})
+  tfds_builders.build("prompt_answer", config, source_dir=src2, data_dir=data_dir)
+  ds = tfds_builders.data_source("prompt_answer", config, data_dir=data_dir, split="test")
+  assert ds[0] == {"prompt": b"2+2?", "answer": b"#### 4", "index": 0}
+  with pytest.raises(FileNotFoundError, match="no built dataset"):
+    tfds_builders.data_source("prompt_answer", "generic", data_dir=data_dir, split="test")
+
+
+@pytest.mark.parametrize("bad_line, message", [
+    ('{"question": "x", "answer": ', r"train\.jsonl:4000: malformed JSON"),
+    ('{"question": "x"}', r"train\.jsonl:4000: missing field 'answer'"),
+])
+def test_corrupted_jsonl_names_file_and_line_and_writes_nothing(tmp_path, gsm8k_dir, bad_line, message):
+  src = tmp_path / "src"
+  src.mkdir()
+  (src / "test.jsonl").write_bytes((gsm8k_dir / "test.jsonl").read_bytes())  # a good split, built first
+  lines = (gsm8k_dir / "train.jsonl").read_text(encoding="utf-8").splitlines()
+  lines[3999] = bad_line
+  (src / "train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+  data_dir = tmp_path / "tfds"
+  # A data dir that already holds another dataset must come out unchanged, byte for byte.
+  other = tmp_path / "other_src"
+  other.mkdir()
+  (other / "test.jsonl").write_text(json.dumps({"prompt": "p", "answer": "a"}) + "\n")
+  tfds_builders.build("prompt_answer", "generic", source_dir=other, data_dir=data_dir)
+  before = _snapshot(data_dir)
+  with pytest.raises(jsonl.JsonlError, match=message) as e:
+    tfds_builders.build("prompt_answer", "gsm8k", source_dir=src, data_dir=data_dir)
+  assert str(src / "train.jsonl") in str(e.value)
+  assert _snapshot(data_dir) == before
+  # And into a fresh data dir: nothing at all is left behind.
+  fresh = tmp_path / "fresh"
+  with pytest.raises(jsonl.JsonlError, match=message):
+    tfds_builders.build("prompt_answer", "gsm8k", source_dir=src, data_dir=fresh)
+  assert not fresh.exists()
+  # Once fixed, the same build succeeds in the same data dir.
+  lines[3999] = json.dumps({"question": "fixed", "answer": "#### 1"})
+  (src / "train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+  builder = tfds_builders.build("prompt_answer", "gsm8k", source_dir=src, data_dir=data_dir)
+  assert builder.info.splits["train"].num_examples == 7473
+  ds = tfds_builders.data_source("prompt_answer", "gsm8k", data_dir=data_dir, split="train")
+  assert ds[3999]["prompt"] == b"fixed"
+
+
+def test_unknown_kind_and_missing_source(tmp_path):
+  with pytest.raises(ValueError, match="unknown dataset kind 'qa'"):
+    tfds_builders.build("qa", "generic", source_dir=tmp_path, data_dir=tmp_path / "d")
+  with pytest.raises(ValueError, match="no <split>.jsonl"):
+    tfds_builders.build("prompt_answer", "generic", source_dir=tmp_path, data_dir=tmp_path / "d")
+  assert not (tmp_path / "d").exists()
