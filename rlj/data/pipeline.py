@@ -149,6 +149,9 @@ class BatchIterator:
       consumed += 1
       if element["too_long"] and self._config.overflow == "drop":
         counts["dropped"] += 1
+        if not batch and consumed > self._epoch_len:
+          raise ValueError(f"a whole epoch ({self._epoch_len} records) is longer than the longest bucket "
+                           f"{max(self._config.buckets)}; raise the buckets or use overflow='truncate'")
         continue
       counts["truncated"] += int(element["truncated"])
       batch.append(element)

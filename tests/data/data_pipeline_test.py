@@ -128,6 +128,12 @@ def test_overflow_is_truncated_or_dropped_and_counted(tok):
     assert metrics["data/examples"] == len(rows)
 
 
+def test_all_records_too_long_raises_instead_of_spinning(tok):
+  cfg = dataclasses.replace(CFG, buckets=(4,), overflow="drop")
+  with pytest.raises(ValueError, match="longer than the longest bucket 4"):
+    next(_prompts(synthetic.ArithmeticTask(6), tok, cfg))
+
+
 def test_finite_run_pads_or_drops_the_last_batch(tok):
   src = synthetic.ArithmeticTask(10, seed=0)
   padded = list(_prompts(src, tok, dataclasses.replace(CFG, num_epochs=1, drop_remainder=False)))
