@@ -24,10 +24,12 @@ def advantages(rewards: jax.Array, weights: Optional[jax.Array] = None, *, eps: 
 
     A_k  = (r_k - nanmean_g r_k) / (nanstd_g(r_k; ddof) + eps)      per prompt, per component
     A    = sum_k w_k * A_k                                           NaN components skipped
-    A'   = (A - mean(A)) / (std(A; ddof) + eps)                      over every row of the batch with a valid reward
+    A'   = A / (std(A; ddof) + eps)                                  over every row of the batch with a valid reward
 
   A component with fewer than 2 valid values (or constant) in a group contributes 0 there; a row whose K rewards
-  are all NaN gets 0 and is left out of the whitening statistics. See arXiv:2601.05242 (the GDPO advantage,
+  are all NaN gets 0 and is left out of the whitening statistics. The batch mean of A is exactly 0 (each
+  normalised component sums to 0 over the valid rows of its group), so it is not subtracted: subtracting it would
+  only add rounding noise to rows that must stay 0 (constant groups). See arXiv:2601.05242 (the GDPO advantage,
   Sec. 3) and upstream TRL `multi_objective_aggregation="normalize_then_sum"` (huggingface/trl PR #4785).
 
   Args:
@@ -48,8 +50,8 @@ def advantages(rewards: jax.Array, weights: Optional[jax.Array] = None, *, eps: 
   chex.assert_rank(rewards, 3)
   summed = advantages_before_whitening(rewards, weights, eps=eps, ddof=ddof)  # [B, G]
   row_valid = jnp.any(~jnp.isnan(common.f32(rewards)), axis=-1)  # [B, G]
-  mean, std, _, _ = common.group_stats(summed.reshape(1, -1), row_valid.reshape(1, -1), ddof=ddof)
-  return jnp.where(row_valid, (summed - mean[0, 0]) / (std[0, 0] + eps), 0.0)
+  _, std, _, _ = common.group_stats(summed.reshape(1, -1), row_valid.reshape(1, -1), ddof=ddof)
+  return jnp.where(row_valid, summed / (std[0, 0] + eps), 0.0)
 
 
 def advantages_before_whitening(rewards: jax.Array, weights: Optional[jax.Array] = None, *, eps: float = 1e-4,

@@ -74,15 +74,18 @@ def grpo_loss(logp, old, ref, adv, mask, clip_eps=0.2, clip_eps_high=None, dual_
 
 
 def p3o_loss(logp, old, ref, rewards, mask, clip_eps=0.2, kl_coef=0.05, ratio_clip=10.0, variant="joint",
-             avg_tokenwise=False):
+             avg_tokenwise=False, frozen=None):
+  """`frozen` holds the log-probs at which the detached q and rho are evaluated (default: logp itself)."""
+  frozen = logp if frozen is None else frozen
   b = logp.shape[0]
   n_tok = mask.sum()
   total = 0.0
   for p in range(b):
     lam = [float(np.sum(mask[p, k] * (logp[p, k] - ref[p, k]))) for k in range(2)]
     lam_old = [float(np.sum(mask[p, k] * (old[p, k] - ref[p, k]))) for k in range(2)]
-    q = (rewards[p, 0] - rewards[p, 1]) - kl_coef * (lam[0] - lam[1])
-    rho = math.exp(min(max(lam[0] - lam_old[0] + lam[1] - lam_old[1], -20), 20))
+    lam_sg = [float(np.sum(mask[p, k] * (frozen[p, k] - ref[p, k]))) for k in range(2)]
+    q = (rewards[p, 0] - rewards[p, 1]) - kl_coef * (lam_sg[0] - lam_sg[1])
+    rho = math.exp(min(max(lam_sg[0] - lam_old[0] + lam_sg[1] - lam_old[1], -20), 20))
     rho_c = min(max(rho, 1 / ratio_clip), ratio_clip)
     if variant == "joint":
       d, d_old = lam[0] - lam[1], lam_old[0] - lam_old[1]

@@ -14,23 +14,24 @@ from rlj import sharding
 import algo_reference as ref_impl
 
 TOL = dict(rtol=1e-5, atol=1e-6)
+_adv = jax.jit(grpo.advantages, static_argnames=("scale", "eps", "ddof"))
 
 
 # ---------------------------------------------------------------------------------------------- advantages
 
 def test_advantage_vectors():
-  np.testing.assert_allclose(grpo.advantages(jnp.array([[1.0, 0, 0, 1]])),
+  np.testing.assert_allclose(_adv(jnp.array([[1.0, 0, 0, 1]])),
                              [[0.865875, -0.865875, -0.865875, 0.865875]], **TOL)
-  np.testing.assert_allclose(grpo.advantages(jnp.array([[1.0, 0, 0, 1]]), eps=0.0),
+  np.testing.assert_allclose(_adv(jnp.array([[1.0, 0, 0, 1]]), eps=0.0),
                              [[0.866025, -0.866025, -0.866025, 0.866025]], **TOL)
-  np.testing.assert_allclose(grpo.advantages(jnp.array([[0.0, 1]])), [[-0.707007, 0.707007]], **TOL)
-  np.testing.assert_allclose(grpo.advantages(jnp.array([[0.0, 1]]), ddof=0), [[-0.9998, 0.9998]], **TOL)
-  np.testing.assert_allclose(grpo.advantages(jnp.array([[1.0, 2, 3, 4]]), scale="none"), [[-1.5, -0.5, 0.5, 1.5]],
+  np.testing.assert_allclose(_adv(jnp.array([[0.0, 1]])), [[-0.707007, 0.707007]], **TOL)
+  np.testing.assert_allclose(_adv(jnp.array([[0.0, 1]]), ddof=0), [[-0.9998, 0.9998]], **TOL)
+  np.testing.assert_allclose(_adv(jnp.array([[1.0, 2, 3, 4]]), scale="none"), [[-1.5, -0.5, 0.5, 1.5]],
                              **TOL)
   for scale in grpo.SCALES:
     for eps in (0.0, 1e-6, 1e-4):
       const = jnp.array([[3.0, 3, 3, 3], [0.1, 0.1, 0.1, 0.1]])
-      assert np.all(np.asarray(grpo.advantages(const, scale=scale, eps=eps)) == 0.0)
+      assert np.all(np.asarray(_adv(const, scale=scale, eps=eps)) == 0.0)
 
 
 def test_advantages_match_reference_and_properties():
@@ -41,19 +42,19 @@ def test_advantages_match_reference_and_properties():
   r_nan[2, :4] = np.nan  # a singleton group -> 0
   shift = rng.normal(size=(3, 1)).astype(np.float32) * 5
   for scale in grpo.SCALES:
-    a = np.asarray(grpo.advantages(r, scale=scale))
+    a = np.asarray(_adv(r, scale=scale))
     np.testing.assert_allclose(a, ref_impl.group_adv(r, scale=scale), **TOL)
-    np.testing.assert_allclose(grpo.advantages(r_nan, scale=scale), ref_impl.group_adv(r_nan, scale=scale), **TOL)
+    np.testing.assert_allclose(_adv(r_nan, scale=scale), ref_impl.group_adv(r_nan, scale=scale), **TOL)
     np.testing.assert_allclose(a.sum(-1), 0.0, atol=1e-5)
     # per-prompt shifts for group/none; the batch std is only invariant to one shift of the whole batch
     shifted = r + (shift[:1] if scale == "batch" else shift)
-    np.testing.assert_allclose(grpo.advantages(shifted, scale=scale), a, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(_adv(shifted, scale=scale), a, rtol=1e-4, atol=1e-4)
     perm = rng.permutation(5)
-    np.testing.assert_allclose(grpo.advantages(r[:, perm], scale=scale), a[:, perm], **TOL)
-    scaled = np.asarray(grpo.advantages(3.0 * r, scale=scale))
+    np.testing.assert_allclose(_adv(r[:, perm], scale=scale), a[:, perm], **TOL)
+    scaled = np.asarray(_adv(3.0 * r, scale=scale))
     np.testing.assert_allclose(scaled, 3.0 * a if scale == "none" else a, rtol=1e-3, atol=1e-4)
-  assert np.all(np.asarray(grpo.advantages(r_nan))[2] == 0.0)
-  assert np.asarray(grpo.advantages(r_nan))[0, 1] == 0.0
+  assert np.all(np.asarray(_adv(r_nan))[2] == 0.0)
+  assert np.asarray(_adv(r_nan))[0, 1] == 0.0
 
 
 def test_rloo():
