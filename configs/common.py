@@ -1,0 +1,130 @@
+"""Shared config pieces: ``parse_arg`` for ``--config file.py:key=value,flag`` and the default mesh rules."""
+from __future__ import annotations
+
+import ml_collections as mlc
+
+# Logical axis -> mesh axes (see rlj/sharding.py); configs may override ``c.sharding_rules``.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("vocab", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("length", None),
+    ("quantiles", None),
+)
+
+
+def parse_arg(arg: str | None, **defaults) -> mlc.ConfigDict:
+  """Parses ``"a=1,b=x,flag"`` into a ConfigDict typed by ``defaults``; unknown keys raise.
+
+  A bare word sets a boolean default to True (``runlocal``).
+  """
+  out = mlc.ConfigDict(dict(defaults))
+  if not arg:
+    return out
+  for item in arg.split(","):
+    item = item.strip()
+    if not item:
+      continue
+    key, has_value, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"config argument {key!r} is not one of {sorted(defaults)} (in {arg!r})")
+    default = defaults[key]
+    if not has_value:
+      if not isinstance(default, bool):
+        raise ValueError(f"config argument {key!r} needs a value: {key}=...")
+      out[key] = True
+    elif isinstance(default, bool):
+      out[key] = value.lower() in ("1", "true", "yes", "on")
+    else:
+      out[key] = type(default)(value)
+  return out
+
+
+def rules_list(rules=DEFAULT_RULES) -> list:
+  return [(name, axes) for name, axes in rules]
+
+
+# Model used by every runlocal variant: small enough for 2 CPU cores, big enough to learn the synthetic task.
+LOCAL_MODEL = dict(num_layers=2, embed_dim=128, num_heads=4, num_kv_heads=2, head_dim=32, mlp_dim=384)
+
+MATH_REWARDS = ({"name": "correct", "fn": "math_exact_match", "weight": 1.0},)
+
+
+def rl_base(arg: mlc.ConfigDict) -> mlc.ConfigDict:
+  """Every key of an RL job with the pod defaults; ``apply_runlocal`` shrinks it to one CPU."""
+  c = mlc.ConfigDict()
+  c.job = "rl"
+  c.seed = 0
+  c.hardware = "tpu"
+  c.hardware_note = f"{arg.model} on a {arg.slice} slice"
+  c.mesh = [("data", 1), ("fsdp", -1), ("tensor", 1)]
+  c.sharding_rules = rules_list()
+  c.model = dict(preset=arg.model, vocab_from_tokenizer=False,
+                 overrides=dict(param_dtype="float32", dtype="bfloat16", remat=True))
+  c.init = dict(policy="hf", path="")                       # scratch | hf | rlj | sft
+  c.tokenizer = dict(kind="sentencepiece", path="", vocab_size=0, train_records=0)
+  c.data = dict(source="gsm8k", source_dir="", data_dir="", train_split="train", eval_split="test",
+                template="Question: {prompt}\nAnswer:", buckets=(256,), add_bos=True, overflow="truncate",
+                num_workers=0, seed=0, levels=(1,), train_records=0, eval_records=0)
+  c.sampler = dict(num_generations=8, max_new_tokens=512, temperature=1.0, top_p=1.0, top_k=0, batch_buckets=(),
+                   dtype="bfloat16", keep_cache=True)
+  c.rewards = MATH_REWARDS + ({"name": "format", "fn": "format", "weight": 0.1},)
+  c.algo = dict(name="grpo", kwargs=dict(clip_eps=0.2, kl_coef=0.04, agg="token_mean", kl_estimator="k3_ratio"),
+                advantage=dict(scale="group", eps=1e-4, ddof=1, estimator="grpo", win_rate=False),
+                dno=dict(iteration_steps=1, replay=(), min_chosen_score=1.0, min_margin=1.0, max_pairs=4,
+                         win_rate=False))
+  c.train = dict(total_steps=1000, batch_prompts=64, num_epochs=1, num_minibatches=4, num_microbatches=1,
+                 recompute_old_logp=True, eval_every=100, ckpt_every=50, keep_checkpoints=3)
+  c.optim = dict(learning_rate=1e-6, warmup_steps=20, decay_steps=0, end_lr_factor=0.1, weight_decay=0.0,
+                 b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0)
+  c.sft = dict(steps=0, batch_prompts=64, eval_every=0,
+               optim=dict(learning_rate=1e-5, warmup_steps=20, decay_steps=0, end_lr_factor=0.1, weight_decay=0.0,
+                          b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0))
+  c.eval = dict(num_prompts=256, batch_prompts=64, sampled=False, rewards=MATH_REWARDS)
+  return c
+
+
+def apply_runlocal(c: mlc.ConfigDict) -> mlc.ConfigDict:
+  """One CPU, a ~0.5M-parameter model, the synthetic arithmetic task, SFT cold start then RL."""
+  c.hardware = "any"
+  c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
+  c.model.preset = "tiny"
+  c.model.vocab_from_tokenizer = True
+  c.model.overrides = dict(LOCAL_MODEL, param_dtype="float32", dtype="float32", remat=False)
+  c.init.policy = "sft"
+  c.tokenizer.kind = "train_synthetic"
+  c.tokenizer.vocab_size = 96
+  c.tokenizer.train_records = 2000
+  c.data.source = "synthetic"
+  c.data.template = "{prompt}\n"
+  c.data.buckets = (32,)
+  c.data.levels = (1,)
+  c.data.train_records = 20000
+  c.data.eval_records = 256
+  c.data.add_bos = True
+  c.sampler.max_new_tokens = 16
+  c.sampler.dtype = "float32"
+  c.sampler.num_generations = 8
+  c.sampler.keep_cache = True
+  c.rewards = MATH_REWARDS
+  c.algo.kwargs.kl_coef = 0.0
+  c.train.total_steps = 100
+  c.train.batch_prompts = 16
+  c.train.num_minibatches = 2
+  c.train.recompute_old_logp = False
+  c.train.eval_every = 20
+  c.train.ckpt_every = 20
+  c.optim.learning_rate = 3e-4
+  c.optim.warmup_steps = 5
+  c.sft.steps = 100
+  c.sft.batch_prompts = 32
+  c.sft.eval_every = 50
+  c.sft.optim.learning_rate = 3e-3
+  c.eval.num_prompts = 256
+  c.eval.batch_prompts = 64
+  return c

@@ -1,0 +1,172 @@
+r"""The main job: ``python -m launch.train --config configs/grpo_tpu.py[:args] [--config.key=value] [--workdir DIR]``.
+
+Jobs (config key ``job``): ``rl`` (GRPO / GDPO / P3O / DNO, chosen by ``algo.name``), ``sft`` (cold start) and
+``rm`` (reward model, see ``launch/rm.py``). The config is turned into plain dataclasses and partials here;
+nothing below ``launch/`` reads it.
+
+Sections: flags -> checks (before any compilation) -> mesh, tokenizer, data -> model and params -> job.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+import jax
+
+from launch import builders
+from rlj import checkpoint, metrics_writer, rl_loop, sft, train_state
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "job config file (configs/*.py[:args])", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run folder; default: runs/<config>-<time>. An existing one resumes.")
+
+# Jobs this launcher runs; config key ``job`` must be one of them.
+JOBS = ("rl", "sft", "rm")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Checks that run before anything is compiled
+# ------------------------------------------------------------------------------------------------------------
+
+def check_hardware(config) -> None:
+  """Fails fast when the config expects an accelerator this machine does not have."""
+  want, have = config.hardware, jax.default_backend()
+  if want not in ("any", have):
+    raise SystemExit(
+        f"config key 'hardware' expects {want!r} devices (this config is a {want.upper()} job: "
+        f"{config.get('hardware_note', '')}) but JAX found {have!r} ({jax.device_count()} device(s)). "
+        f"To run locally on CPU use the runlocal variant, e.g. "
+        f"`python -m launch.train --config {config_path()}:runlocal`, or pass --config.hardware=any.")
+
+
+def config_path() -> str:
+  for i, a in enumerate(sys.argv):
+    if a.startswith("--config="):
+      return a.split("=", 1)[1].split(":", 1)[0]
+    if a == "--config" and i + 1 < len(sys.argv):
+      return sys.argv[i + 1].split(":", 1)[0]
+  return "configs/<job>.py"
+
+
+def default_workdir() -> str:
+  name = os.path.splitext(os.path.basename(config_path()))[0]
+  stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+  return os.path.join("runs", f"{name}-{stamp}")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Jobs
+# ------------------------------------------------------------------------------------------------------------
+
+def run_sft_stage(config, env, state, workdir: str):
+  """Runs (or resumes) the SFT job in ``workdir``; returns the trained state."""
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.train.keep_checkpoints)
+  start = 0
+  restored = ckpt.restore_latest(builders.ckpt_tree(state))
+  if restored is not None:
+    start, tree, _ = restored
+    state = builders.state_from_tree(state, tree)
+    if start >= config.sft.steps:
+      logging.info("SFT stage in %s already finished at step %d", workdir, start)
+      ckpt.close()
+      return state
+  writer = metrics_writer.MetricsWriter(workdir, total_steps=config.sft.steps, enabled=jax.process_index() == 0,
+                                        start_step=start)
+  data = builders.prompt_iterator(config, env, split="train", batch_prompts=config.sft.batch_prompts,
+                                  seed=config.seed + 1)
+  eval_fn = builders.eval_fn(config, env)
+
+  def save(step, st):
+    ckpt.save(step, builders.ckpt_tree(st), {"job": "sft", "step": step}, force=True)
+
+  state, _ = sft.run_sft(state, model=env.model, tx=env.sft_tx, mesh=env.mesh, rules=env.rules,
+                         state_shardings=env.state_shardings, tokenizer=env.tokenizer, train_iter=data,
+                         completion_len=config.sampler.max_new_tokens, steps=config.sft.steps, writer=writer,
+                         start_step=start, eval_fn=eval_fn, eval_every=config.sft.eval_every, save_fn=save,
+                         ckpt_every=config.train.ckpt_every, seed=config.seed)
+  ckpt.close()
+  writer.close()
+  metrics_writer.plot_curves(workdir)
+  return state
+
+
+def run_rl(config, env, workdir: str) -> list[dict]:
+  state = env.state
+  if config.init.policy == "sft":
+    sft_state = run_sft_stage(config, env, state, os.path.join(workdir, "sft"))
+    # RL starts from the SFT weights with a fresh optimizer.
+    state = train_state.TrainState.create(sft_state.params, env.tx)
+    state = jax.device_put(state, env.state_shardings)
+  ref_params = state.params if env.use_reference else None
+
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.train.keep_checkpoints)
+  start = 0
+  restored = ckpt.restore_latest(builders.ckpt_tree(state, ref_params))
+  data = builders.prompt_iterator(config, env, split="train", batch_prompts=config.train.batch_prompts,
+                                  seed=config.seed)
+  if restored is not None:
+    start, tree, meta = restored
+    state = builders.state_from_tree(state, tree)
+    ref_params = tree.get("ref_params", ref_params)
+    if meta.get("data") is not None:
+      data.set_state(meta["data"])
+    logging.info("resumed from step %d in %s", start, workdir)
+  writer = metrics_writer.MetricsWriter(workdir, total_steps=config.train.total_steps,
+                                        enabled=jax.process_index() == 0, start_step=start)
+  comps = builders.rl_components(config, env, data, writer)
+  trainer = rl_loop.Trainer(comps, builders.loop_config(config, env))
+
+  def save(step, st, ref):
+    ckpt.save(step, builders.ckpt_tree(st, ref if env.use_reference else None),
+              {"job": "rl", "step": step, "data": data.get_state()}, force=True)
+
+  _, _, history = trainer.run(state, ref_params, start_step=start, save_fn=save)
+  ckpt.close()
+  writer.close()
+  png = metrics_writer.plot_curves(workdir)
+  logging.info("curves: %s", png)
+  return history
+
+
+def run(config, workdir: str) -> list[dict]:
+  """Runs the job a (locked) config describes in ``workdir``; returns the logged records of an RL job."""
+  if config.job not in JOBS:
+    raise SystemExit(f"config key 'job' is {config.job!r}; choose one of {JOBS}")
+  check_hardware(config)
+  builders.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  print(f"workdir: {os.path.abspath(workdir)}", flush=True)
+  if config.job == "rm":
+    from launch import rm  # reward-model job
+    rm.run(config, workdir)
+    return []
+  env = builders.build_env(config, workdir)
+  if config.job == "sft":
+    run_sft_stage(config, env, env.state, workdir)
+    return []
+  history = run_rl(config, env, workdir)
+  evals = [h for h in history if "eval/accuracy" in h]
+  if len(evals) > 1:
+    print(f"held-out greedy accuracy: before {evals[0]['eval/accuracy']:.3f} -> after "
+          f"{evals[-1]['eval/accuracy']:.3f}", flush=True)
+  return history
+
+
+def main(argv) -> None:
+  del argv
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError("--config is required, e.g. --config configs/grpo_tpu.py:runlocal")
+  run(config, _WORKDIR.value or default_workdir())
+
+
+if __name__ == "__main__":
+  app.run(main)

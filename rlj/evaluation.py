@@ -1,0 +1,60 @@
+"""Held-out evaluation during training: greedy accuracy and sampled pass@k for verifiable tasks.
+
+A completion is correct when ``reward_fn`` gives it a reward >= ``threshold`` (exact match gives 0/1).
+Greedy: one argmax completion per prompt. Sampled: G completions per prompt at the training temperature;
+``sampled_accuracy`` is the mean over all samples and ``pass@G`` the fraction of prompts with at least one
+correct sample.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+
+from rewards import combine
+
+
+def rollout_texts(tokenizer, rollout) -> list[str]:
+  """Decodes the completion rows of a rollout (up to and excluding EOS)."""
+  completion = np.asarray(rollout.completion)
+  mask = np.asarray(rollout.mask)
+  return tokenizer.decode_batch(completion, mask)
+
+
+def score(reward_fn: Callable, prompts: list[str], completions: list[str], answers: list[Any],
+          lengths: np.ndarray) -> np.ndarray:
+  return np.asarray(reward_fn(prompts, completions, answers=answers, lengths=lengths), np.float32)
+
+
+def evaluate(params: Any, batches: Iterable[Mapping[str, np.ndarray]], *, tokenizer, reward_fn: Callable,
+             greedy_sampler=None, sampled_sampler=None, rng=None, threshold: float = 1.0,
+             max_examples: int | None = None) -> dict[str, float]:
+  """Runs the samplers over ``batches`` of prompts and returns accuracy metrics under ``eval/``."""
+  import jax  # local: keeps the module importable for pure-numpy use
+  correct_greedy, correct_sampled, pass_k, seen = [], [], [], 0
+  for i, batch in enumerate(batches):
+    valid = np.asarray(batch.get("valid", np.ones(len(batch["prompt"]), bool)), bool)
+    prompts = [str(p) for p in batch["prompt"]]
+    answers = [str(a) for a in batch["answer"]]
+    if greedy_sampler is not None:
+      ro = greedy_sampler.sample(params, batch["prompt_tokens"], batch["prompt_mask"], jax.random.key(0))
+      r = score(reward_fn, prompts, rollout_texts(tokenizer, ro), answers, np.asarray(ro.lengths))
+      correct_greedy.append((r >= threshold)[valid])
+    if sampled_sampler is not None:
+      g = sampled_sampler.config.num_samples
+      ro = sampled_sampler.sample(params, batch["prompt_tokens"], batch["prompt_mask"], jax.random.fold_in(rng, i))
+      r = score(reward_fn, combine.repeat_per_prompt(prompts, g), rollout_texts(tokenizer, ro),
+                combine.repeat_per_prompt(answers, g), np.asarray(ro.lengths)).reshape(-1, g)
+      ok = (r >= threshold)[valid]
+      correct_sampled.append(ok.mean(axis=1))
+      pass_k.append(ok.any(axis=1))
+    seen += int(valid.sum())
+    if max_examples is not None and seen >= max_examples:
+      break
+  out = {"eval/examples": float(seen)}
+  if correct_greedy:
+    out["eval/accuracy"] = float(np.concatenate(correct_greedy).mean())
+  if correct_sampled:
+    out["eval/sampled_accuracy"] = float(np.concatenate(correct_sampled).mean())
+    out[f"eval/pass@{sampled_sampler.config.num_samples}"] = float(np.concatenate(pass_k).mean())
+  return out

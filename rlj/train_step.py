@@ -1,0 +1,80 @@
+"""The jitted optimizer step: ``train_step(state, batch, rng) -> (state, metrics)``.
+
+Everything else (the log-prob function, the loss, the optimizer, the micro-batch count) is bound with
+``functools.partial`` before ``jax.jit``, so nothing inside the step reads a config. The step
+
+- computes per-token log-probs of the batch's completions under the current params (``logp_fn``),
+- evaluates ``objective(logp, batch) -> (loss, metrics)`` (an algorithm's loss with its batch fields),
+- accumulates gradients over ``num_microbatches`` slices with ``lax.scan``: summed when the objective's
+  normaliser already counts the whole optimizer step (GRPO ``token_mean`` with a global ``num_tokens``;
+  ALGORITHMS.md §3.3), averaged otherwise,
+- skips the update when the loss or the gradient norm is not finite (the state passes through unchanged and
+  ``skipped`` is 1), so a checkpoint never holds NaNs.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlj.train_state import TrainState
+
+Batch = Mapping[str, jax.Array]
+Objective = Callable[[jax.Array, Batch], tuple[jax.Array, dict]]
+
+
+def _split_microbatches(batch: Batch, n: int) -> Batch:
+  def split(x):
+    if x.ndim == 0:
+      return jnp.broadcast_to(x, (n,))
+    if x.shape[0] % n:
+      raise ValueError(f"batch leading dim {x.shape[0]} is not divisible by num_microbatches={n}")
+    return x.reshape((n, x.shape[0] // n) + x.shape[1:])
+  return {k: split(v) for k, v in batch.items()}
+
+
+def loss_and_grads(params: Any, batch: Batch, *, logp_fn, objective: Objective, num_microbatches: int = 1,
+                   sum_microbatches: bool = True):
+  """Loss, metrics and gradients of one optimizer step's batch, accumulated over micro-batches."""
+
+  def loss_of(p, mb):
+    logp = logp_fn(p, mb["tokens"], mb["attn_mask"])
+    return objective(logp, mb)
+
+  grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+  if num_microbatches == 1:
+    (loss, metrics), grads = grad_fn(params, batch)
+    return loss, metrics, grads
+
+  mbs = _split_microbatches(batch, num_microbatches)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+
+  def body(acc, mb):
+    (loss, metrics), grads = grad_fn(params, mb)
+    acc = jax.tree.map(jnp.add, acc, grads)
+    return acc, (loss, metrics)
+
+  grads, (losses, metrics) = jax.lax.scan(body, zeros, mbs)
+  scale = 1.0 if sum_microbatches else 1.0 / num_microbatches
+  grads = jax.tree.map(lambda g: g * scale, grads)
+  loss = losses.sum() * scale
+  metrics = jax.tree.map(lambda m: m.mean(axis=0), metrics)
+  return loss, metrics, grads
+
+
+def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, logp_fn, objective: Objective,
+               tx: optax.GradientTransformation, num_microbatches: int = 1, sum_microbatches: bool = True):
+  """One optimizer update; returns ``(new_state, metrics)`` with float32 scalar metrics."""
+  del rng  # no dropout in the policy; kept so every step has the same signature
+  loss, metrics, grads = loss_and_grads(state.params, batch, logp_fn=logp_fn, objective=objective,
+                                        num_microbatches=num_microbatches, sum_microbatches=sum_microbatches)
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  new_state = state.apply_gradients(grads, tx)
+  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+  metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+  metrics.update(loss=loss.astype(jnp.float32), grad_norm=grad_norm.astype(jnp.float32),
+                 skipped=(~finite).astype(jnp.float32))
+  return new_state, metrics
