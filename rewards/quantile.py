@@ -66,11 +66,14 @@ def huber_loss(pred: jax.Array, taus: jax.Array, target: jax.Array, *, kappa: fl
 
 
 def _pair_diffs(q_a: jax.Array, q_b: jax.Array) -> jax.Array:
-  """All differences q_a(tau_i) - q_b(tau_j) as [..., N_a, N_b], in float32."""
+  """All differences q_a(tau_i) - q_b(tau_j) as [..., N_a, N_b] in float32 (leading dims broadcast)."""
   q_a = jnp.asarray(q_a, jnp.float32)
   q_b = jnp.asarray(q_b, jnp.float32)
-  if q_a.shape[:-1] != q_b.shape[:-1]:
-    raise ValueError(f"q_a {q_a.shape} and q_b {q_b.shape} must share their leading dimensions")
+  if q_a.ndim != q_b.ndim:
+    raise ValueError(f"q_a {q_a.shape} and q_b {q_b.shape} must have the same rank")
+  lead = jnp.broadcast_shapes(q_a.shape[:-1], q_b.shape[:-1])        # e.g. [B, G, 1] x [B, 1, G]
+  q_a = jnp.broadcast_to(q_a, lead + q_a.shape[-1:])
+  q_b = jnp.broadcast_to(q_b, lead + q_b.shape[-1:])
   return q_a[..., :, None] - q_b[..., None, :]
 
 
@@ -86,7 +89,7 @@ def preference_prob(q_a: jax.Array, q_b: jax.Array, *, temperature: float | None
 
   Args:
     q_a: [..., N] quantiles of response a on a shared (or exchangeable) tau grid.
-    q_b: [..., N'] quantiles of response b.
+    q_b: [..., N'] quantiles of response b (leading dimensions broadcast against q_a's, same rank).
     temperature: T of the soft probability; None gives the hard probability (a metric, zero gradient).
 
   Returns:

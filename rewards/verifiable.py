@@ -97,8 +97,8 @@ def extract_answer(text: Any) -> str | None:
   """Final numeric answer of a math completion, canonicalised, or None.
 
   Order: the first number after the last GSM8K marker ``#### <answer>``, else the last number inside the last
-  ``\\boxed{<answer>}``, else the last number in the text. A marker whose content holds no number (``#### banana``, ``\\boxed{}``) makes the completion
-  malformed: None, with no fallback to stray numbers.
+  ``\\boxed{<answer>}``, else the last number in the text. A marker whose content holds no number
+  (``#### banana``, ``\\boxed{}``) makes the completion malformed: None, with no fallback to stray numbers.
 
   Args:
     text: a completion or a reference solution (GSM8K reference answers end with ``#### <number>``).

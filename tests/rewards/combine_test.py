@@ -24,7 +24,8 @@ def test_builtins_stack_group_major():
   np.testing.assert_array_equal(out.component("fmt"), [[1, 0, 0], [1, 1, 0]])
   np.testing.assert_allclose(out.component("len"), [[0, 0, -0.25], [-0.5, -1, -1]])
   # Row b * G + g is completion g of prompt b: the flat columns reshape back.
-  np.testing.assert_array_equal(out.values.reshape(6, 3)[:, 0], verifiable.math_exact_match(None, comps, answers=answers))
+  np.testing.assert_array_equal(out.values.reshape(6, 3)[:, 0],
+                                verifiable.math_exact_match(None, comps, answers=answers))
   w = combine.weights_of([{"name": "correct", "fn": "x"}, combine.RewardSpec("fmt", "format", weight=0.5)])
   assert w == {"correct": 1.0, "fmt": 0.5}
   np.testing.assert_allclose(combine.weighted_sum(out, w), out.values[..., 0] + 0.5 * out.values[..., 1])

@@ -91,7 +91,8 @@ def test_loss_fn_matches_direct_losses(data, bt_params):
   r_w, r_l = score(params, batch.chosen_tokens, batch.chosen_mask), score(params, batch.rejected_tokens,
                                                                         batch.rejected_mask)
   margin = jnp.linspace(0.0, 1.0, r_w.shape[0])
-  got, _ = jax.jit(lambda p, b: rm_step.loss_fn(p, b, model=bt, center_coef=0.01))(params, batch._replace(margin=margin))
+  loss = jax.jit(lambda p, b: rm_step.loss_fn(p, b, model=bt, center_coef=0.01))
+  got, _ = loss(params, batch._replace(margin=margin))
   want, _ = bradley_terry.loss(r_w, r_l, margin=margin, center_coef=0.01)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   taus = quantile.midpoint_taus(4)
