@@ -20,6 +20,7 @@ Usage:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple, Optional
 
 import flax.linen as nn
@@ -113,6 +114,16 @@ def pick_bucket(size: int, buckets: tuple[int, ...], what: str) -> int:
   raise ValueError(f"{what} {size} exceeds the largest bucket {buckets[-1]}; add a larger bucket")
 
 
+@functools.partial(jax.jit, static_argnames=("rows", "pad_cols"))
+def _finish(completion, logp, mask, prompt, prompt_mask, steps, *, rows: int, pad_cols: int) -> Rollout:
+  """Drops the bucket's padding rows and prompt columns and assembles the ``Rollout``."""
+  completion, logp, mask = completion[:rows], logp[:rows], mask[:rows].astype(jnp.float32)
+  prompt, prompt_mask = prompt[:rows, pad_cols:], prompt_mask[:rows, pad_cols:]
+  return Rollout(tokens=jnp.concatenate([prompt, completion], axis=1), completion=completion, logp=logp,
+                 mask=mask, lengths=jnp.sum(mask, axis=1).astype(jnp.int32), prompt_mask=prompt_mask,
+                 attn_mask=jnp.concatenate([prompt_mask, mask.astype(jnp.int32)], axis=1), num_steps=steps)
+
+
 class _LoopState(NamedTuple):
   step: jax.Array          # int32 scalar
   cache: Any               # KVCache
@@ -146,6 +157,7 @@ class Sampler:
     self._param_shardings = param_shardings
     self._programs: dict[tuple[int, int], Any] = {}
     self._caches: dict[tuple[int, int], Any] = {}
+    self._cache_inits: dict[tuple[int, int], Any] = {}
     self.num_traces = 0  # how many times a sampling program was traced (one per bucket)
 
   # --------------------------------------------------------------------------------------------------------
@@ -233,9 +245,13 @@ class Sampler:
     return s.tokens, s.logp, s.mask, prompt, prompt_mask, s.step, s.cache
 
   def _new_cache(self, rows: int, prompt_len: int):
-    c, mc = self.config, self.model.config
-    make = lambda: kv_cache.init_cache(mc, rows, prompt_len + c.max_new_tokens, c.cache_dtype)
-    return jax.jit(make, out_shardings=self._cache_shardings(jax.eval_shape(make)))()
+    """A fresh cache for the bucket, from a jitted initialiser built once per bucket."""
+    key = (rows, prompt_len)
+    if key not in self._cache_inits:
+      c, mc = self.config, self.model.config
+      make = lambda: kv_cache.init_cache(mc, rows, prompt_len + c.max_new_tokens, c.cache_dtype)
+      self._cache_inits[key] = jax.jit(make, out_shardings=self._cache_shardings(jax.eval_shape(make)))
+    return self._cache_inits[key]()
 
   def program(self, batch: int, prompt_len: int, params: Any = None):
     """The jitted program of bucket (batch, prompt_len) (padded sizes), built once."""
@@ -293,12 +309,8 @@ class Sampler:
       self._caches[key] = cache
     del cache
 
-    n = b * self.config.num_samples
-    completion, logp, mask = completion[:n], logp[:n], mask[:n].astype(jnp.float32)
-    prompt_rep, mask_rep = prompt_rep[:n, pb - p:], mask_rep[:n, pb - p:]
-    return Rollout(tokens=jnp.concatenate([prompt_rep, completion], axis=1), completion=completion, logp=logp,
-                   mask=mask, lengths=jnp.sum(mask, axis=1).astype(jnp.int32), prompt_mask=mask_rep,
-                   attn_mask=jnp.concatenate([mask_rep, mask.astype(jnp.int32)], axis=1), num_steps=steps)
+    return _finish(completion, logp, mask, prompt_rep, mask_rep, steps, rows=b * self.config.num_samples,
+                   pad_cols=pb - p)
 
   def release_caches(self) -> None:
     """Drops the KV caches kept between calls (``keep_cache=True``)."""

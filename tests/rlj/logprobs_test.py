@@ -173,3 +173,22 @@ def test_completion_logprobs_shift_convention():
       expected[n, t] = z[tokens[n, prompt_len + t]] - np.log(np.exp(z - z.max()).sum()) - z.max()
   np.testing.assert_allclose(logp, expected, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(logprobs.positions_from_mask(jnp.asarray(mask))[0], [0, 0, 0, 1, 2, 3, 4, 5])
+
+
+def test_completion_logprobs_invariant_to_left_padding():
+  """ALGORITHMS.md §1.5: left-padding a prompt by 0 or 7 tokens leaves the completion log-probs unchanged."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from models import presets  # pylint: disable=g-import-not-at-top
+  from models.transformer import Transformer  # pylint: disable=g-import-not-at-top
+  model = Transformer(presets.get("tiny"))
+  d = jnp.zeros((1, 4), jnp.int32)
+  params = nn.unbox(model.init(jax.random.key(0), d, d, d + 1)["params"])
+  rng = np.random.default_rng(6)
+  prompt, completion = rng.integers(1, 128, size=(2, 3)), rng.integers(1, 128, size=(2, 5))
+  out = []
+  for pad in (0, 7):
+    tokens = np.concatenate([np.zeros((2, pad), np.int64), prompt, completion], axis=1).astype(np.int32)
+    mask = (np.arange(tokens.shape[1]) >= pad).astype(np.int32)[None].repeat(2, 0)
+    out.append(logprobs.completion_logprobs(model.apply, params, tokens, mask, pad + 3, temperature=0.7))
+  np.testing.assert_allclose(out[0], out[1], rtol=1e-5, atol=1e-5)
+  assert out[0].shape == (2, 5)
