@@ -112,7 +112,8 @@ def apply_runlocal(c: mlc.ConfigDict) -> mlc.ConfigDict:
   c.sampler.num_generations = 8
   c.sampler.keep_cache = True
   c.rewards = MATH_REWARDS
-  c.algo.kwargs.kl_coef = 0.0
+  if "kl_coef" in c.algo.kwargs and c.algo.name in ("grpo", "gdpo"):
+    c.algo.kwargs.kl_coef = 0.0  # no reference pass on one CPU; P3O keeps its KL-regularised difference
   c.train.total_steps = 100
   c.train.batch_prompts = 16
   c.train.num_minibatches = 2

@@ -21,7 +21,6 @@ from configs import common
 def get_config(arg=None):
   arg = common.parse_arg(arg, runlocal=False, model="gemma-2b", slice="v5p-32")
   c = common.rl_base(arg)
-  c.algo.name = "grpo"
   if arg.runlocal:
     common.apply_runlocal(c)
   return c

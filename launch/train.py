@@ -100,7 +100,8 @@ def run_rl(config, env, workdir: str) -> list[dict]:
     # RL starts from the SFT weights with a fresh optimizer.
     state = train_state.TrainState.create(sft_state.params, env.tx)
     state = jax.device_put(state, env.state_shardings)
-  ref_params = state.params if env.use_reference else None
+  # A copy: the state's buffers are donated to the train step, the reference must outlive them.
+  ref_params = jax.tree.map(jax.numpy.copy, state.params) if env.use_reference else None
 
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.train.keep_checkpoints)
   start = 0

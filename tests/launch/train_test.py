@@ -1,0 +1,103 @@
+"""Smoke tests of the main job: every runlocal config runs end to end for two steps; bad configs fail fast."""
+import json
+import os
+
+import jax
+import pytest
+
+from configs import dno_tpu, gdpo_tpu, grpo_tpu, p3o_tpu, sft as sft_config
+from launch import train
+from rlj import metrics_writer
+
+CONFIGS = {"grpo": grpo_tpu, "gdpo": gdpo_tpu, "p3o": p3o_tpu, "dno": dno_tpu}
+
+
+def _shrink(c):
+  """Two RL steps after two SFT steps, a small eval set: exercises every stage in seconds."""
+  c.train.total_steps = 2
+  c.train.eval_every = 2
+  c.train.ckpt_every = 1
+  c.sft.steps = 2
+  c.sft.eval_every = 2
+  c.train.batch_prompts = 8
+  c.sft.batch_prompts = 8
+  c.eval.num_prompts = 8
+  c.eval.batch_prompts = 8
+  c.tokenizer.train_records = 200
+  c.data.train_records = 400
+  c.data.eval_records = 16
+  c.algo.dno.iteration_steps = 1
+  return c
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_runlocal_two_steps(name, tmp_path):
+  c = _shrink(CONFIGS[name].get_config("runlocal"))
+  workdir = str(tmp_path / name)
+  history = train.run(c, workdir)
+  assert [h["step"] for h in history] == [0, 1, 2]
+  records = metrics_writer.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  assert [r["step"] for r in records] == [0, 1, 2]
+  last = records[-1]
+  for key in ("reward/mean", "response_len/mean", "loss", "grad_norm", "tokens_per_s", "eval/accuracy",
+              "time/sample", "time/update", "time/host_overhead"):
+    assert key in last, key
+  if name in ("grpo", "gdpo"):
+    assert "clip_frac_low" in last
+  if name == "gdpo":
+    assert "adv/distinct_grpo_sum" in last
+  if name == "p3o":
+    assert "kl" in last  # P3O's KL-regularised reward difference runs the reference
+  if name == "dno":
+    assert "dno/valid_pairs" in last
+  assert os.path.exists(os.path.join(workdir, "curves.png"))
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))
+  # Relaunching a finished run resumes from its last checkpoint and does nothing more.
+  again = train.run(_shrink(CONFIGS[name].get_config("runlocal")), workdir)
+  assert again == []
+  assert [r["step"] for r in metrics_writer.read_metrics(os.path.join(workdir, "metrics.jsonl"))] == [0, 1, 2]
+
+
+def test_sft_job_writes_a_checkpoint_the_rl_job_loads(tmp_path):
+  c = _shrink(sft_config.get_config("runlocal"))
+  train.run(c, str(tmp_path / "sft"))
+  ckpt = tmp_path / "sft" / "checkpoints"
+  assert (ckpt / "2").is_dir()
+  rl = _shrink(grpo_tpu.get_config("runlocal"))
+  rl.init.policy = "rlj"
+  rl.init.path = str(ckpt)
+  rl.tokenizer.kind = "sentencepiece"
+  rl.tokenizer.path = str(tmp_path / "sft" / "tokenizer.model")
+  history = train.run(rl, str(tmp_path / "rl"))
+  assert history[-1]["step"] == 2
+
+
+def test_tpu_config_without_tpu_fails_fast_with_instructions():
+  c = grpo_tpu.get_config()
+  with pytest.raises(SystemExit, match="expects 'tpu'.*runlocal"):
+    train.run(c, "unused")
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("algo.name", "ppo", "algo.name"),
+    ("sampler.num_generations", 1, "sampler.num_generations"),
+    ("train.batch_prompts", 3, "train.batch_prompts"),
+    ("mesh", [("data", 3), ("fsdp", 1), ("tensor", 1)], "mesh"),
+    ("algo.kwargs.kl_estimator", "k4", "kl_estimator"),
+])
+def test_bad_config_names_the_key(key, value, match, tmp_path):
+  c = grpo_tpu.get_config("runlocal")
+  c.unlock()
+  node, leaf = c, key.split(".")
+  for part in leaf[:-1]:
+    node = node[part]
+  node[leaf[-1]] = value
+  with pytest.raises(SystemExit, match=match):
+    train.run(c, str(tmp_path))
+
+
+def test_locked_config_rejects_typos():
+  c = grpo_tpu.get_config("runlocal")
+  with pytest.raises(AttributeError):
+    c.algo.kwargs.kl_cof = 0.0  # noqa: the point of the test
