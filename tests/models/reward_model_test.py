@@ -13,6 +13,15 @@ CONFIG = presets.get("tiny")
 S = 10
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compile():
+  """Tiny models: XLA's optimisation passes cost more than they save here (restored after the module)."""
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)
+
+
 def _pad(rows, side):
   """Pads variable-length rows to S on one side; returns tokens, mask [len(rows), S]."""
   tokens = np.zeros((len(rows), S), np.int32)

@@ -16,6 +16,15 @@ P, T, G = 4, 6, 4
 Rollout = collections.namedtuple("Rollout", "tokens attn_mask")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compile():
+  """Tiny models: XLA's optimisation passes cost more than they save here (restored after the module)."""
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)
+
+
 def _rollout():
   """N = 8 rows: prompts left-padded to P, completions right-padded to T (padding on both sides)."""
   rng = np.random.default_rng(0)

@@ -16,6 +16,15 @@ S = 8
 CONFIG = dataclasses.replace(presets.get("tiny"), vocab_size=16)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compile():
+  """Tiny models: XLA's optimisation passes cost more than they save here (restored after the module)."""
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)
+
+
 def _synthetic(rng, n):
   """n pairs of equal-length sequences over {5, 6, 7, 8}; chosen has strictly more 5s. Random pad side."""
   out = {k: np.zeros((n, S), np.int32) for k in ("ct", "cm", "rt", "rm")}
