@@ -80,15 +80,15 @@ def apply_runlocal(c: mlc.ConfigDict) -> mlc.ConfigDict:
   c.data.train_records = 20000
   c.data.eval_records = 512
   c.data.buckets = (24,)
-  c.train.total_steps = 300
-  c.train.batch_size = 32
+  c.train.total_steps = 400
+  c.train.batch_size = 64
   c.train.eval_every = 100
   c.train.eval_batch_size = 128
   c.train.log_every = 20
   c.train.ckpt_every = 100
   c.optim.learning_rate = 1e-3
   c.optim.warmup_steps = 20
-  c.optim.decay_steps = 280
+  c.optim.decay_steps = 380
   return c
 
 
