@@ -181,8 +181,8 @@ class Sampler:
                          and all(isinstance(a, str) for a in x))
     return sharding.tree_shardings(names, abstract_cache, self.mesh, self.rules)
 
-  def param_shardings(self, params: Any):
-    """Shardings of ``params`` (given, or from the model's logical axis names)."""
+  def param_shardings(self):
+    """NamedShardings of the "params" collection (given, or from the model's logical axis names)."""
     if self.mesh is None:
       return None
     if self._param_shardings is None:
@@ -253,7 +253,7 @@ class Sampler:
       self._cache_inits[key] = jax.jit(make, out_shardings=self._cache_shardings(jax.eval_shape(make)))
     return self._cache_inits[key]()
 
-  def program(self, batch: int, prompt_len: int, params: Any = None):
+  def program(self, batch: int, prompt_len: int):
     """The jitted program of bucket (batch, prompt_len) (padded sizes), built once."""
     key = (batch, prompt_len)
     if key not in self._programs:
@@ -264,7 +264,7 @@ class Sampler:
       if self.mesh is not None:
         cs = self._cache_shardings(abstract_cache)
         rep, r2 = self._replicated(), self._row_sharding(2, rows)
-        kwargs = dict(in_shardings=(self.param_shardings(params), rep, rep, rep, cs),
+        kwargs = dict(in_shardings=(self.param_shardings(), rep, rep, rep, cs),
                       out_shardings=(r2, r2, r2, r2, r2, rep, cs))
       self._programs[key] = jax.jit(self._generate, donate_argnums=(4,), **kwargs)
     return self._programs[key]
@@ -295,7 +295,7 @@ class Sampler:
     tok[b:], msk[b:] = tok[0], msk[0]
 
     key = (bb, pb)
-    fn = self.program(bb, pb, params)
+    fn = self.program(bb, pb)
     cache = self._caches.pop(key, None)
     if cache is None:
       cache = self._new_cache(bb * self.config.num_samples, pb)

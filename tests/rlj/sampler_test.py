@@ -116,7 +116,7 @@ def test_sharded_sampling_equals_single_device(params):
   single = sampler.Sampler(MODEL, cfg).sample(params, PROMPTS, PROMPT_MASK, rng)
   mesh = sharding.make_mesh([("data", 2), ("fsdp", 2), ("tensor", 2)])
   s = sampler.Sampler(MODEL, cfg, mesh=mesh)
-  sharded_params = sharding.reshard(params, s.param_shardings(params))
+  sharded_params = sharding.reshard(params, s.param_shardings())
   multi = s.sample(sharded_params, PROMPTS, PROMPT_MASK, rng)
   assert len(multi.completion.sharding.device_set) == 8
   np.testing.assert_array_equal(multi.completion, single.completion)
