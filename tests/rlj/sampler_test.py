@@ -122,3 +122,29 @@ def test_sharded_sampling_equals_single_device(params):
   np.testing.assert_array_equal(multi.completion, single.completion)
   np.testing.assert_array_equal(multi.mask, single.mask)
   np.testing.assert_allclose(multi.logp, single.logp, rtol=1e-5, atol=1e-5)
+
+
+def test_first_token_frequencies_match_filtered_model_distribution(params):
+  """G = 4000 samples of one prompt, one new token each, top-k 4 and top-p 0.9 at temperature 0.8.
+
+  The reference q is the filtered softmax of the model's full-forward logits (numpy). Each token's
+  frequency must lie within 5 binomial standard deviations of q (false-failure probability < 1e-5 over
+  the kept tokens); tokens outside the kept set must never appear.
+  """
+  g, temperature = 4000, 0.8
+  s = sampler.Sampler(MODEL, sampler.SamplerConfig(max_new_tokens=1, temperature=temperature, top_k=4, top_p=0.9,
+                                                   num_samples=g))
+  r = s.sample(params, PROMPTS[:1], PROMPT_MASK[:1], jax.random.key(2))
+  logits = np.asarray(_full_logits(params, PROMPTS[:1], PROMPT_MASK[:1]))[0, -1].astype(np.float64) / temperature
+  order = np.argsort(-logits)[:4]
+  p4 = np.exp(logits[order] - logits[order].max())
+  p4 /= p4.sum()
+  keep = order[(np.cumsum(p4) - p4) < 0.9]
+  q = np.zeros_like(logits)
+  q[keep] = np.exp(logits[keep] - logits[keep].max())
+  q /= q.sum()
+  assert len(keep) >= 2                                                # the test distinguishes tokens
+  freq = np.bincount(np.asarray(r.completion[:, 0]), minlength=q.shape[0]) / g
+  assert np.all(np.abs(freq - q) <= 5 * np.sqrt(q * (1 - q) / g) + 1e-12), (freq[keep], q[keep])
+  assert freq[q == 0].sum() == 0
+  np.testing.assert_allclose(r.logp[:, 0], np.log(q[np.asarray(r.completion[:, 0])]), rtol=1e-5, atol=1e-5)
