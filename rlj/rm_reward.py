@@ -136,7 +136,14 @@ def reward_model_fn(ckpt_workdir: str, *, scalarize: str = "mean", alpha: float 
   """
   if scalarize not in SCALARIZE:
     raise ValueError(f"unknown scalarize {scalarize!r}; choose one of {sorted(SCALARIZE)}")
-  model, params, meta = load_reward_model(ckpt_workdir, mesh=mesh, rules=rules)
+  return make_reward_fn(*load_reward_model(ckpt_workdir, mesh=mesh, rules=rules), scalarize=scalarize,
+                        alpha=alpha)
+
+
+def make_reward_fn(model: RewardModel, params: Any, meta: dict, *, scalarize: str = "mean", alpha: float = 0.25):
+  """``reward_model_fn`` for an already loaded ``(model, params, meta)`` (e.g. one model, several risk levels)."""
+  if scalarize not in SCALARIZE:
+    raise ValueError(f"unknown scalarize {scalarize!r}; choose one of {sorted(SCALARIZE)}")
   scorer = reward_scoring.make_scorer(model, num_taus=meta["num_taus"])
   if model.kind == "iqn":
     scorer = jax.jit(functools.partial(_scalarized, scorer=scorer, kind=SCALARIZE[scalarize], alpha=alpha))

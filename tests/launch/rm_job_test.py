@@ -107,15 +107,17 @@ def test_iqn_job_trains_resumes_and_serves_risk_measures(tmp_path):
   again = rm.run(c, workdir)                                   # finished run: restores, evaluates, no training
   assert again["accuracy"] == held_out["accuracy"] and again["loss"] == pytest.approx(held_out["loss"], rel=1e-6)
 
-  fns = {k: rm_reward.reward_model_fn(workdir, scalarize=k, alpha=0.25) for k in rm_reward.SCALARIZE}
-  assert fns["mean"].meta["kind"] == "iqn" and fns["mean"].meta["num_taus"] == c.loss.num_taus
-  tok = tok_lib.Tokenizer.from_file(fns["mean"].meta["tokenizer_path"])
+  fns = {"mean": rm_reward.reward_model_fn(workdir, scalarize="mean")}
+  model, params, meta = fns["mean"].model, fns["mean"].params, fns["mean"].meta
+  for k in ("cvar", "lower_quantile"):
+    fns[k] = rm_reward.make_reward_fn(model, params, meta, scalarize=k, alpha=0.25)
+  assert meta["kind"] == "iqn" and meta["num_taus"] == c.loss.num_taus and meta["step"] == STEPS
+  tok = tok_lib.Tokenizer.from_file(meta["tokenizer_path"])
   tokens, mask = _rows(tok, synthetic.PreferenceTask(64, seed=4242, max_target=c.data.max_target))
   r = {k: fn([""] * len(tokens), [""] * len(tokens), tokens=tokens, attn_mask=mask) for k, fn in fns.items()}
   assert float(np.mean(r["mean"][0::2] > r["mean"][1::2])) >= 0.6
   # Risk measures of one quantile vector: CVaR_0.25 <= mean and q(0.25) <= mean.
   assert np.all(r["cvar"] <= r["mean"] + 1e-5) and np.all(r["lower_quantile"] <= r["mean"] + 1e-5)
-  model, params, meta = rm_reward.load_reward_model(workdir)
   q = np.asarray(model.apply({"params": params}, jnp.asarray(tokens), jnp.asarray(mask),
                              quantile.midpoint_taus(meta["num_taus"])))
   np.testing.assert_allclose(r["mean"], q.mean(-1), rtol=1e-5, atol=1e-5)
