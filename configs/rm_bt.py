@@ -13,8 +13,9 @@ The run folder holds ``checkpoints/`` (orbax; the meta of every step records the
 architecture, head, number of taus and tokenizer), ``tokenizer.model``, ``metrics.jsonl``, TensorBoard
 events and ``curves.png``. The RL trainer loads it with ``rlj.rm_reward.reward_model_fn(<workdir>)``.
 
-Local run (CPU, ~0.8M-param model, synthetic "name a number close to T" pairs whose ground-truth scorer is
-``rlj.data.synthetic.number_score``, tokenizer trained at start-up, 300 steps, about two minutes):
+Local run (CPU, 0.41M-param model from scratch, synthetic "name a number close to T" pairs whose ground-truth
+scorer is ``rlj.data.synthetic.number_score``, 64-piece tokenizer trained at start-up, 400 steps of 64 pairs;
+about 3-4 minutes on 2 busy CPU cores; reached 0.912 held-out accuracy on 512 pairs, chance 0.5):
   python -m launch.train --config configs/rm_bt.py:runlocal --workdir runs/rm-bt-local
 
 Local run on the HH-RLHF file instead (tiny model from scratch; accuracy stays near chance, a smoke test):
