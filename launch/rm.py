@@ -12,6 +12,7 @@ Sections: tokenizer -> data (sources, held-out split, pipelines) -> model and st
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from typing import Any, Iterator
@@ -130,8 +131,8 @@ def pipeline_config(config, *, batch_size: int, seed: int, shuffle: bool, num_ep
 def to_batch(host: dict, mesh, rules) -> PreferenceBatch:
   """A host batch of ``collate_preferences`` (valid rows only) as a ``PreferenceBatch`` on the mesh.
 
-  Rows go over the batch axes when they divide evenly (always for training batches, which the config
-  sizes), else they are replicated (a held-out tail batch).
+  Rows go over the batch axes when they divide evenly (always for training batches, which ``run`` checks),
+  else, on one process, they are replicated (a held-out tail batch).
   """
   keep = np.asarray(host["valid"], bool)
   arrays = [np.asarray(host[k])[keep].astype(np.int32)
@@ -140,8 +141,12 @@ def to_batch(host: dict, mesh, rules) -> PreferenceBatch:
   if rows % sharding.data_parallel_size(mesh, rules) == 0:
     sh = sharding.batch_sharding(mesh, 2, rules)
     arrays = [jax.make_array_from_process_local_data(sh, a) for a in arrays]
-  else:
+  elif jax.process_count() == 1:
     arrays = [jax.device_put(a, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())) for a in arrays]
+  else:
+    raise SystemExit(f"config key 'data.eval_records': a held-out batch of {rows} pairs does not split over the "
+                     f"{sharding.data_parallel_size(mesh, rules)}-way batch axes; use a multiple of "
+                     f"train.eval_batch_size")
   return PreferenceBatch(*arrays)
 
 
@@ -187,7 +192,6 @@ def build_model_config(config, tokenizer):
     if not os.path.isdir(config.init.path):
       raise SystemExit(f"config key 'init.path': {config.init.path!r} is not a Hugging Face checkpoint dir")
     with open(os.path.join(config.init.path, "config.json")) as f:
-      import json
       mc = hf.config_from_hf(json.load(f))
     overrides = {k: v for k, v in dict(config.model.overrides).items() if k != "vocab_size"}
     mc = dataclasses.replace(mc, **overrides)
@@ -239,6 +243,11 @@ def run(config, workdir: str) -> dict:
   del params
 
   t = config.train
+  dp = sharding.data_parallel_size(mesh, rules)
+  for key in ("batch_size", "eval_batch_size"):
+    if t[key] % jax.process_count() or t[key] % dp:
+      raise SystemExit(f"config key 'train.{key}': {t[key]} pairs must split over the {dp}-way batch axes "
+                       f"and {jax.process_count()} process(es)")
   it = pipeline.preference_pipeline(train_source, tokenizer, pipeline_config(
       config, batch_size=t.batch_size // jax.process_count(), seed=config.seed, shuffle=True, num_epochs=None,
       drop_remainder=True))
@@ -251,8 +260,8 @@ def run(config, workdir: str) -> dict:
     it.set_state(meta["data"])
     print(f"resumed from step {start} in {workdir}", flush=True)
   eval_hosts = list(pipeline.preference_pipeline(eval_source, tokenizer, pipeline_config(
-      config, batch_size=t.eval_batch_size, seed=0, shuffle=False, num_epochs=1, drop_remainder=False),
-      process_index=0, process_count=1))
+      config, batch_size=t.eval_batch_size // jax.process_count(), seed=0, shuffle=False, num_epochs=1,
+      drop_remainder=False)))
   eval_batches = [to_batch(h, mesh, rules) for h in eval_hosts]
 
   loss_kwargs = dict(config.loss)
