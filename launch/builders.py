@@ -242,8 +242,29 @@ def eval_fn(config, env: Env):
 # RL pieces
 # ------------------------------------------------------------------------------------------------------------
 
+def reward_specs(config) -> list[dict]:
+  """The config's reward list; ``fn="reward_model"`` serves a trained rlj reward model (kwargs: ``path``,
+  optional ``scalarize`` and ``alpha``) that scores the sampled token rows."""
+  specs = []
+  for r in config.rewards:
+    spec = dict(r)
+    if spec["fn"] == "reward_model":
+      from rlj import rm_reward
+      kwargs = dict(spec.pop("kwargs", {}))
+      if "path" not in kwargs:
+        raise SystemExit(f"config key 'rewards': reward {spec['name']!r} with fn='reward_model' needs "
+                         f"kwargs.path, the reward-model run's workdir")
+      path = kwargs.pop("path")
+      if not os.path.isdir(path):
+        raise SystemExit(f"config key 'rewards': reward model checkpoint {path!r} of reward {spec['name']!r} "
+                         f"does not exist; train one with configs/rm_bt.py or configs/rm_iqn.py")
+      spec["fn"] = rm_reward.reward_model_fn(path, **kwargs)
+    specs.append(spec)
+  return specs
+
+
 def rl_components(config, env: Env, data, writer) -> rl_loop.Components:
-  specs = [dict(r) for r in config.rewards]
+  specs = reward_specs(config)
   reward_fns = combine.build(specs)
   weights = np.array([float(s.get("weight", 1.0)) for s in specs], np.float32)
   comps = rl_loop.Components(

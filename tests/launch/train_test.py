@@ -2,6 +2,7 @@
 import os
 
 import jax
+import numpy as np
 import pytest
 
 from configs import dno_tpu, gdpo_tpu, grpo_tpu, p3o_tpu, sft as sft_config
@@ -111,3 +112,27 @@ def test_locked_config_rejects_typos():
   c.lock()  # as launch.train's config flag does (lock_config=True)
   with pytest.raises(AttributeError):
     c.algo.kwargs.kl_cof = 0.0  # noqa: the point of the test
+
+
+def test_rl_with_a_trained_reward_model_as_reward(tmp_path):
+  """A reward-model run's workdir serves as an RL reward (``fn="reward_model"``) on the sampled token rows."""
+  from configs import rm_bt
+  rm_cfg = rm_bt.get_config("runlocal")
+  rm_cfg.train.total_steps = 4
+  rm_cfg.train.eval_every = 4
+  rm_cfg.train.ckpt_every = 4
+  rm_cfg.data.train_records = 256
+  rm_cfg.data.eval_records = 32
+  rm_cfg.tokenizer.train_records = 200
+  rm_dir = str(tmp_path / "rm")
+  train.run(rm_cfg, rm_dir)
+  rl = _shrink(grpo_tpu.get_config("runlocal"))
+  rl.tokenizer.kind = "sentencepiece"
+  rl.tokenizer.path = os.path.join(rm_dir, "tokenizer.model")
+  rl.rewards = ({"name": "rm", "fn": "reward_model", "kwargs": {"path": rm_dir}},)
+  history = train.run(rl, str(tmp_path / "rl"))
+  assert history[-1]["step"] == 2
+  assert np.isfinite(history[-1]["reward/rm"])
+  rl.rewards = ({"name": "rm", "fn": "reward_model", "kwargs": {"path": str(tmp_path / "nowhere")}},)
+  with pytest.raises(SystemExit, match="rewards"):
+    train.run(rl, str(tmp_path / "rl2"))
