@@ -3,19 +3,10 @@ from __future__ import annotations
 
 import ml_collections as mlc
 
-# Logical axis -> mesh axes (see rlj/sharding.py); configs may override ``c.sharding_rules``.
-DEFAULT_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("vocab", "tensor"),
-    ("head_dim", None),
-    ("layers", None),
-    ("length", None),
-    ("quantiles", None),
-)
+from rlj import sharding
+
+# Logical axis -> mesh axes (rlj/sharding.py); configs may override ``c.sharding_rules``.
+DEFAULT_RULES = sharding.DEFAULT_RULES
 
 
 def parse_arg(arg: str | None, **defaults) -> mlc.ConfigDict:
@@ -43,6 +34,13 @@ def parse_arg(arg: str | None, **defaults) -> mlc.ConfigDict:
     else:
       out[key] = type(default)(value)
   return out
+
+
+def optim(*, learning_rate: float, warmup_steps: int = 0, decay_steps: int = 0, weight_decay: float = 0.0,
+          clip_norm: float = 1.0) -> dict:
+  """A config ``optim`` section (the fields of ``rlj.train_state.OptimConfig``)."""
+  return dict(learning_rate=learning_rate, warmup_steps=warmup_steps, decay_steps=decay_steps, end_lr_factor=0.1,
+              weight_decay=weight_decay, b1=0.9, b2=0.999, eps=1e-8, clip_norm=clip_norm)
 
 
 def rules_list(rules=DEFAULT_RULES) -> list:
@@ -80,11 +78,8 @@ def rl_base(arg: mlc.ConfigDict) -> mlc.ConfigDict:
                          win_rate=False))
   c.train = dict(total_steps=1000, batch_prompts=64, num_epochs=1, num_minibatches=4, num_microbatches=1,
                  recompute_old_logp=True, eval_every=100, ckpt_every=50, keep_checkpoints=3)
-  c.optim = dict(learning_rate=1e-6, warmup_steps=20, decay_steps=0, end_lr_factor=0.1, weight_decay=0.0,
-                 b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0)
-  c.sft = dict(steps=0, batch_prompts=64, eval_every=0,
-               optim=dict(learning_rate=1e-5, warmup_steps=20, decay_steps=0, end_lr_factor=0.1, weight_decay=0.0,
-                          b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0))
+  c.optim = optim(learning_rate=1e-6, warmup_steps=20)
+  c.sft = dict(steps=0, batch_prompts=64, eval_every=0, optim=optim(learning_rate=1e-5, warmup_steps=20))
   c.eval = dict(num_prompts=256, batch_prompts=64, sampled=False, rewards=MATH_REWARDS)
   return c
 

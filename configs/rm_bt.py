@@ -61,8 +61,7 @@ def rm_base(arg: mlc.ConfigDict, *, kind: str) -> mlc.ConfigDict:
                 crossing_coef=0.0)
   c.train = dict(total_steps=2000, batch_size=64, eval_every=200, eval_batch_size=64, log_every=10,
                  ckpt_every=500, keep_checkpoints=2)
-  c.optim = dict(learning_rate=1e-5, warmup_steps=50, decay_steps=1950, end_lr_factor=0.1, weight_decay=0.0,
-                 b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0)
+  c.optim = common.optim(learning_rate=1e-5, warmup_steps=50, decay_steps=1950)
   return c
 
 

@@ -12,13 +12,7 @@ from rlj import metrics_writer
 CONFIGS = {"grpo": grpo_tpu, "gdpo": gdpo_tpu, "p3o": p3o_tpu, "dno": dno_tpu}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  """These tests check wiring, not speed: skip most XLA optimisations to cut compile time."""
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def _shrink(c):

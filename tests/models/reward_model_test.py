@@ -13,13 +13,7 @@ CONFIG = presets.get("tiny")
 S = 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compile():
-  """Tiny models: XLA's optimisation passes cost more than they save here (restored after the module)."""
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def _pad(rows, side):

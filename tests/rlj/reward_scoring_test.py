@@ -16,13 +16,7 @@ P, T, G = 4, 6, 4
 Rollout = collections.namedtuple("Rollout", "tokens attn_mask")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compile():
-  """Tiny models: XLA's optimisation passes cost more than they save here (restored after the module)."""
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def _rollout():
