@@ -84,13 +84,18 @@ def rl_base(arg: mlc.ConfigDict) -> mlc.ConfigDict:
   return c
 
 
-def apply_runlocal(c: mlc.ConfigDict) -> mlc.ConfigDict:
-  """One CPU, a ~0.5M-parameter model, the synthetic arithmetic task, SFT cold start then RL."""
+def local_machine(c: mlc.ConfigDict) -> None:
+  """Any device count on one host, data parallel only, the LOCAL_MODEL in float32 sized to the tokenizer."""
   c.hardware = "any"
   c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
   c.model.preset = "tiny"
   c.model.vocab_from_tokenizer = True
   c.model.overrides = dict(LOCAL_MODEL, param_dtype="float32", dtype="float32", remat=False)
+
+
+def apply_runlocal(c: mlc.ConfigDict) -> mlc.ConfigDict:
+  """One CPU, a ~0.5M-parameter model, the synthetic arithmetic task, SFT cold start then RL."""
+  local_machine(c)
   c.init.policy = "sft"
   c.tokenizer.kind = "train_synthetic"
   c.tokenizer.vocab_size = 96

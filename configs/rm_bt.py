@@ -67,11 +67,7 @@ def rm_base(arg: mlc.ConfigDict, *, kind: str) -> mlc.ConfigDict:
 
 def apply_runlocal(c: mlc.ConfigDict) -> mlc.ConfigDict:
   """One CPU, a small model from scratch, synthetic preference pairs and a tokenizer trained on them."""
-  c.hardware = "any"
-  c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
-  c.model.preset = "tiny"
-  c.model.vocab_from_tokenizer = True
-  c.model.overrides = dict(common.LOCAL_MODEL, param_dtype="float32", dtype="float32", remat=False)
+  common.local_machine(c)
   c.init.backbone = "scratch"
   c.tokenizer.kind = "train_synthetic"
   c.tokenizer.vocab_size = 64

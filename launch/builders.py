@@ -5,11 +5,9 @@ Everything that reads an ml_collections config for the RL / SFT jobs lives here 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -141,16 +139,12 @@ def build_env(config, workdir: str) -> Env:
   else:
     mc, params = model_config(config, tokenizer.vocab_size), None
   model = Transformer(mc)
-  dummy = jnp.zeros((1, 8), jnp.int32)
-
-  def init(rng):
-    return model.init(rng, dummy, dummy, jnp.ones_like(dummy))["params"]
-
-  abstract = jax.eval_shape(init, jax.random.key(config.seed))
-  param_shardings = sharding.tree_shardings(sharding.logical_specs(abstract), nn.unbox(abstract),
-                                            mesh, rules)
   if params is None:
+    dummy = jnp.zeros((1, 8), jnp.int32)
+    init = lambda rng: model.init(rng, dummy, dummy, jnp.ones_like(dummy))["params"]  # noqa: E731
     params, param_shardings = sharding.sharded_init(init, mesh, rules, jax.random.key(config.seed))
+  else:  # the loader already placed every tensor on its sharding
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
   if config.init.policy == "rlj":
     params, _ = checkpoint.restore_params(config.init.path, params)
   tx = train_state.make_optimizer(train_state.OptimConfig(**config.optim.to_dict()))

@@ -37,7 +37,7 @@ def check_hardware(config) -> None:
   if want not in ("any", have):
     raise SystemExit(
         f"config key 'hardware' expects {want!r} devices (this config is a {want.upper()} job: "
-        f"{config.get('hardware_note', '')}) but JAX found {have!r} ({jax.device_count()} device(s)). "
+        f"{config.hardware_note}) but JAX found {have!r} ({jax.device_count()} device(s)). "
         f"To run locally on CPU use the runlocal variant, e.g. "
         f"`python -m launch.train --config {config_path()}:runlocal`, or pass --config.hardware=any.")
 

@@ -94,17 +94,15 @@ def advantages(name: str, values: np.ndarray, weights: np.ndarray, adv_kwargs: M
   grpo: GRPO on the weighted reward sum (``adv_kwargs``: scale, eps, ddof; ``estimator="rloo"`` for RLOO;
   ``win_rate=True`` replaces the sum by in-group win rates). gdpo: per-reward normalisation then whitening.
   """
-  kw = dict(adv_kwargs)
+  kw = adv_kwargs  # every key comes from the config section algo.advantage
   if name == "gdpo":
-    return np.asarray(_gdpo_adv(jnp.asarray(values), jnp.asarray(weights), eps=kw.get("eps", 1e-4),
-                                ddof=kw.get("ddof", 1)))
+    return np.asarray(_gdpo_adv(jnp.asarray(values), jnp.asarray(weights), eps=kw["eps"], ddof=kw["ddof"]))
   r = scalar_rewards(values, weights)
-  if kw.get("win_rate", False):
+  if kw["win_rate"]:
     r = group_win_rates(np.nan_to_num(r, nan=-np.inf))
-  if kw.get("estimator", "grpo") == "rloo":
+  if kw["estimator"] == "rloo":
     return np.asarray(_rloo_adv(jnp.asarray(r)))
-  return np.asarray(_grpo_adv(jnp.asarray(r), scale=kw.get("scale", "group"), eps=kw.get("eps", 1e-4),
-                              ddof=kw.get("ddof", 1)))
+  return np.asarray(_grpo_adv(jnp.asarray(r), scale=kw["scale"], eps=kw["eps"], ddof=kw["ddof"]))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -200,6 +198,16 @@ def pick(table: Mapping[str, Any], name: str, what: str):
   return table[name]
 
 
+def take_units(batch: Batch, idx: np.ndarray, unit: int) -> Batch:
+  """The units ``idx`` (rows, or pairs of adjacent rows when ``unit == 2``) of a batch.
+
+  Per-row arrays are indexed by their rows; per-pair arrays (keys ``pair_*``) by ``idx`` itself.
+  """
+  idx = np.asarray(idx, np.int64)
+  rows = (idx[:, None] * unit + np.arange(unit)[None]).reshape(-1)
+  return {k: v[idx] if k.startswith("pair_") else v[rows] for k, v in batch.items()}
+
+
 def minibatches(batch: Batch, *, num_minibatches: int, unit: int, rng: np.random.Generator,
                 shuffle: bool = True) -> list[Batch]:
   """Splits a batch into ``num_minibatches`` optimizer-step batches of whole units (rows or pairs).
@@ -215,13 +223,7 @@ def minibatches(batch: Batch, *, num_minibatches: int, unit: int, rng: np.random
   order = rng.permutation(units) if shuffle else np.arange(units)
   out = []
   for part in np.split(order, num_minibatches):
-    row_idx = (part[:, None] * unit + np.arange(unit)[None]).reshape(-1)
-    mb = {}
-    for k, v in batch.items():
-      if k.startswith("pair_"):
-        mb[k] = v[part]
-      else:
-        mb[k] = v[row_idx]
+    mb = take_units(batch, part, unit)
     m = mb["mask"]
     mb["num_tokens"] = np.float32(max(m.sum(), 1.0))
     mb["num_seqs"] = np.float32(max((m.sum(-1) > 0).sum(), 1))

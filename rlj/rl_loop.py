@@ -154,15 +154,14 @@ class Trainer:
       adv = rl_algos.advantages(cfg.algo, rewards.values, c.reward_weights, cfg.adv_kwargs)
       m = {"adv/abs_mean": float(np.abs(adv).mean()), "adv/distinct": float(len(np.unique(adv.round(4))))}
       if cfg.algo == "gdpo":  # GDPO's resolution against GRPO on the summed reward, same rollout
-        base = rl_algos.advantages("grpo", rewards.values, c.reward_weights, {})
+        base = rl_algos.advantages("grpo", rewards.values, c.reward_weights, cfg.adv_kwargs)
         m["adv/distinct_grpo_sum"] = float(len(np.unique(base.round(4))))
       return rl_algos.policy_gradient_batch(arrays, adv), m
     if cfg.algo == "p3o":
       return rl_algos.p3o_batch(arrays, rewards.values, c.reward_weights), {}
     sel = dict(cfg.dno_select)
     batch, m = rl_algos.dno_pairs(arrays, rewards.values, c.reward_weights, **sel)
-    self.dno_current.append({k: v[np.repeat(batch["pair_valid"] > 0, 2)] if not k.startswith("pair_")
-                             else v[batch["pair_valid"] > 0] for k, v in batch.items()})
+    self.dno_current.append(rl_algos.take_units(batch, np.flatnonzero(batch["pair_valid"] > 0), 2))
     parts = [batch]
     n_pairs = batch["pair_valid"].shape[0]
     for back, frac in enumerate(cfg.dno_replay):
@@ -175,8 +174,7 @@ class Trainer:
         continue
       rng = np.random.default_rng([cfg.seed, step, back])
       pick = rng.choice(pool_pairs, size=want, replace=pool_pairs < want)
-      rows = np.stack([2 * pick, 2 * pick + 1], -1).reshape(-1)
-      parts.append({k: (v[pick] if k.startswith("pair_") else v[rows]) for k, v in pool.items()})
+      parts.append(rl_algos.take_units(pool, pick, 2))
       m[f"dno/replay_pairs_{back + 1}"] = float(want)
     batch = rl_algos.concat_batches(parts, c.tokenizer.pad_id) if len(parts) > 1 else batch
     # Reference log-probs under pi_t, also for replayed pairs of earlier iterations.
