@@ -5,12 +5,26 @@ switchboard) or a user function by import string ``"package.module:function"``, 
 nothing is ever evaluated. Every reward function follows the host-side convention of ``rewards.verifiable``:
 ``fn(prompts, completions, **batch) -> [N]`` with N = B * G rows in group-major order (row b * G + g is
 completion g of prompt b). NaN means "this component does not apply to this row" (GDPO handles it).
+
+Faults. A reward function that raises, or returns inf (or NaN when its spec sets ``allow_nan=False``), is a
+fault of the rows it failed on; a batch call that raises is retried row by row to find them. The spec's
+``on_error`` decides what a fault does:
+
+  "raise"    (default) stop with a ``RewardError`` naming the reward, the row index, its prompt and completion.
+  "missing"  the faulted rows get NaN in that component, a warning names each of them (the first few), and
+             ``Rewards.errors`` counts them (``fault_metrics``: ``reward/<name>/errors``).
+
+A missing value then follows the NaN convention of the algorithms (ALGORITHMS.md): GDPO leaves the component
+out of that row's normalisation; the GRPO family sums the other components of the row (the missing one counts
+0, ``rlj.rl_algos.scalar_rewards``), and a row whose every component is missing gets advantage 0 and is left
+out of its group's mean and std (``algorithms.grpo.advantages``). P3O scores such a row 0 and DNO ranks it
+below every scored row (``rlj.rl_algos.p3o_batch``, ``dno_pairs``).
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib
+import logging
 import re
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
@@ -20,33 +34,72 @@ from rewards import verifiable
 
 RewardFn = Callable[..., np.ndarray]
 
+_log = logging.getLogger(__name__)
+
 BUILTINS: dict[str, RewardFn] = {
     "math_exact_match": verifiable.math_exact_match,
     "format": verifiable.format_reward,
     "length_penalty": verifiable.length_penalty,
 }
 
+ON_ERROR = ("raise", "missing")
+
+# Faulted rows named in warnings per reward and call (the rest are counted).
+_MAX_WARNED_ROWS = 3
+
 _IMPORT_RE = re.compile(r"[A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)*")
 
 
+class RewardError(ValueError):
+  """A reward function failed on a row (raised, or returned a non-finite value) under ``on_error="raise"``."""
+
+  def __init__(self, message: str, *, name: str, index: int | None, prompt: str | None = None,
+               completion: str | None = None):
+    super().__init__(message)
+    self.name, self.index, self.prompt, self.completion = name, index, prompt, completion
+
+
 class Rewards(NamedTuple):
-  """Stacked reward components: ``values`` [B, G, K] float32 and their ``names`` (K strings)."""
+  """Stacked reward components: ``values`` [B, G, K] float32, their ``names`` (K strings) and per component
+  the number of faulted rows that became NaN under ``on_error="missing"`` (``errors``, K ints)."""
   values: np.ndarray
   names: tuple[str, ...]
+  errors: tuple[int, ...] = ()
 
   def component(self, name: str) -> np.ndarray:
     """The [B, G] slice of one named component."""
     return self.values[..., self.names.index(name)]
 
+  def fault_metrics(self) -> dict[str, float]:
+    """``{"reward/<name>/errors": count}`` for every component."""
+    errors = self.errors or (0,) * len(self.names)
+    return {f"reward/{name}/errors": float(n) for name, n in zip(self.names, errors)}
+
 
 @dataclasses.dataclass(frozen=True)
 class RewardSpec:
   """One reward component: its ``name`` (a metrics key), the function (``fn``: a built-in name or
-  ``"module:function"``), keyword arguments bound to it, and its ``weight`` in ``weighted_sum``."""
+  ``"module:function"``), keyword arguments bound to it, its ``weight`` in ``weighted_sum``, what a fault
+  does (``on_error``: "raise" | "missing") and whether NaN is a legitimate "not applicable" value
+  (``allow_nan``; False makes a NaN a fault like an exception)."""
   name: str
   fn: str
   kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   weight: float = 1.0
+  on_error: str = "raise"
+  allow_nan: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class BoundReward:
+  """A resolved reward function with its spec's kwargs and fault policy; calls like the function itself."""
+  fn: RewardFn
+  kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  on_error: str = "raise"
+  allow_nan: bool = True
+
+  def __call__(self, prompts, completions, **batch):
+    return self.fn(prompts, completions, **{**dict(self.kwargs), **batch})
 
 
 def resolve(fn: str | RewardFn) -> RewardFn:
@@ -80,10 +133,11 @@ def resolve(fn: str | RewardFn) -> RewardFn:
   return obj
 
 
-def build(specs: Sequence[RewardSpec | Mapping[str, Any]]) -> list[tuple[str, RewardFn]]:
-  """Resolves specs (``RewardSpec`` or dicts with the same keys) to ``[(name, fn with kwargs bound)]``.
+def build(specs: Sequence[RewardSpec | Mapping[str, Any]]) -> list[tuple[str, BoundReward]]:
+  """Resolves specs (``RewardSpec`` or dicts with the same keys) to ``[(name, BoundReward)]``.
 
-  Raises ValueError on repeated names or unknown spec keys.
+  Raises:
+    ValueError: repeated names or an unknown ``on_error``; TypeError: unknown spec keys.
   """
   out, seen = [], set()
   for spec in specs:
@@ -92,8 +146,9 @@ def build(specs: Sequence[RewardSpec | Mapping[str, Any]]) -> list[tuple[str, Re
     if spec.name in seen:
       raise ValueError(f"reward name {spec.name!r} appears twice")
     seen.add(spec.name)
-    fn = resolve(spec.fn)
-    out.append((spec.name, functools.partial(fn, **dict(spec.kwargs)) if spec.kwargs else fn))
+    if spec.on_error not in ON_ERROR:
+      raise ValueError(f"reward {spec.name!r}: on_error={spec.on_error!r}; choose one of {ON_ERROR}")
+    out.append((spec.name, BoundReward(resolve(spec.fn), dict(spec.kwargs), spec.on_error, bool(spec.allow_nan))))
   return out
 
 
@@ -104,39 +159,108 @@ def repeat_per_prompt(values: Sequence[Any], num_generations: int) -> list[Any]:
 
 def compute(reward_fns: Sequence[tuple[str, RewardFn]], prompts: Sequence[str], completions: Sequence[str], *,
             num_generations: int, **batch) -> Rewards:
-  """Runs every reward function on the N = B * G rows and stacks the results.
+  """Runs every reward function on the N = B * G rows and stacks the results, applying each one's fault policy.
 
   Args:
-    reward_fns: ``[(name, fn)]``, e.g. from ``build``.
+    reward_fns: ``[(name, fn)]``, e.g. from ``build`` (a plain callable has ``on_error="raise"``,
+      ``allow_nan=True``).
     prompts: [N] prompt texts (row b * G + g belongs to prompt b).
     completions: [N] completion texts.
     num_generations: G; N must divide by it.
     **batch: per-row metadata passed to every function (``answers``, ``lengths``, ...), each of length N.
 
   Returns:
-    ``Rewards(values [B, G, K] float32, names)``.
+    ``Rewards(values [B, G, K] float32, names, errors)``.
 
   Raises:
-    ValueError: naming the component whose output is not N finite-or-NaN numbers.
+    RewardError: a fault under ``on_error="raise"``, naming the reward, the row, its prompt and completion.
+    ValueError: a component whose output is not N numbers.
   """
   n = len(completions)
   if len(prompts) != n or num_generations < 1 or n % num_generations:
     raise ValueError(f"{len(prompts)} prompts and {n} completions must match and divide by G={num_generations}")
   if not reward_fns:
     raise ValueError("no reward functions given")
-  cols = []
+  prompts, completions = list(prompts), list(completions)
+  cols, errors = [], []
   for name, fn in reward_fns:
-    try:
-      col = np.asarray(fn(list(prompts), list(completions), **batch), dtype=np.float32)
-    except (TypeError, ValueError) as e:
-      raise ValueError(f"reward {name!r} failed: {e}") from e
+    on_error, allow_nan = getattr(fn, "on_error", "raise"), getattr(fn, "allow_nan", True)
+    col, faults = _run(name, fn, prompts, completions, batch, stop_early=on_error == "raise")
+    if None not in faults:  # values came back: inf, and NaN where not allowed, are faults too
+      bad = np.isinf(col) | (np.isnan(col) & (not allow_nan))
+      faults.update({int(i): (f"returned {col[i]}", None) for i in np.flatnonzero(bad) if int(i) not in faults})
+    rows = list(range(n)) if None in faults else sorted(faults)
+    if rows and on_error == "raise":
+      i = None if None in faults else rows[0]
+      reason, cause = faults[i]
+      raise RewardError(f"reward {name!r} {reason} {_where(i, prompts, completions)}; set on_error='missing' in "
+                        f"its spec to score such rows as missing (NaN)", name=name, index=i,
+                        prompt=None if i is None else prompts[i],
+                        completion=None if i is None else completions[i]) from cause
+    col[rows] = np.nan
+    for i in rows[:_MAX_WARNED_ROWS]:
+      reason = faults[None if None in faults else i][0]
+      _log.warning("reward %r %s %s; scored as missing (NaN)", name, reason, _where(i, prompts, completions))
+    if len(rows) > _MAX_WARNED_ROWS:
+      _log.warning("reward %r: %d more of %d rows scored as missing", name, len(rows) - _MAX_WARNED_ROWS, n)
+    cols.append(col)
+    errors.append(len(rows))
+  values = np.stack(cols, axis=-1).reshape(n // num_generations, num_generations, len(cols))
+  return Rewards(values=values, names=tuple(name for name, _ in reward_fns), errors=tuple(errors))
+
+
+def _row(batch: Mapping[str, Any], i: int, n: int) -> dict:
+  """Row ``i`` of every per-row metadata entry (sequences and arrays of length n); other entries as they are."""
+  out = {}
+  for k, v in batch.items():
+    if hasattr(v, "shape"):
+      per_row = len(v.shape) >= 1 and v.shape[0] == n
+    else:
+      per_row = isinstance(v, (list, tuple)) and len(v) == n
+    out[k] = v[i:i + 1] if per_row else v
+  return out
+
+
+def _run(name: str, fn: RewardFn, prompts: list, completions: list, batch: Mapping[str, Any], *,
+         stop_early: bool) -> tuple[np.ndarray, dict]:
+  """One component over all rows -> (column [N], faults ``{row: (reason, exception)}``).
+
+  A batch call that raises (or returns something that is not numbers) is retried one row at a time; rows that
+  fail alone are the faults (NaN in the column). When every row succeeds alone the batch itself is at fault:
+  ``{None: ...}``. ``stop_early`` stops at the first faulted row (the caller raises on it).
+  """
+  n = len(completions)
+  try:
+    col = np.asarray(fn(prompts, completions, **batch), dtype=np.float32)
+  except Exception as e:  # noqa: BLE001 (any failure of user code is a fault to report)
+    batch_error = e
+  else:
     if col.shape != (n,):
       raise ValueError(f"reward {name!r} returned shape {col.shape}, expected ({n},)")
-    if np.isinf(col).any():
-      raise ValueError(f"reward {name!r} returned inf")
-    cols.append(col)
-  values = np.stack(cols, axis=-1).reshape(n // num_generations, num_generations, len(cols))
-  return Rewards(values=values, names=tuple(name for name, _ in reward_fns))
+    return col, {}
+  col, faults = np.full(n, np.nan, np.float32), {}
+  for i in range(n):
+    try:
+      value = np.asarray(fn(prompts[i:i + 1], completions[i:i + 1], **_row(batch, i, n)), dtype=np.float32)
+      if value.shape != (1,):
+        raise ValueError(f"returned shape {value.shape} for one row, expected (1,)")
+      col[i] = value[0]
+    except Exception as e:  # noqa: BLE001
+      faults[i] = (f"raised {type(e).__name__}: {e}", e)
+      if stop_early:
+        break
+  if not faults:
+    faults[None] = (f"raised {type(batch_error).__name__}: {batch_error} on the batch of {n} rows (each row "
+                    f"alone succeeded)", batch_error)
+  return col, faults
+
+
+def _where(i: int | None, prompts: Sequence[str], completions: Sequence[str], limit: int = 200) -> str:
+  """``on row i (prompt '...', completion '...')``, texts clipped to ``limit`` characters."""
+  if i is None:
+    return f"on all {len(completions)} rows"
+  clip = lambda s: s if len(s) <= limit else s[:limit] + "..."  # noqa: E731
+  return f"on row {i} (prompt {clip(str(prompts[i]))!r}, completion {clip(str(completions[i]))!r})"
 
 
 def weighted_sum(rewards: Rewards, weights: Mapping[str, float] | Sequence[float] | None = None) -> np.ndarray:
