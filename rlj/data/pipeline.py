@@ -3,7 +3,7 @@
 The pipeline is split where grain's determinism guarantees end:
 
 1. A random-access ``grain.MapDataset`` of encoded elements (per-record work, no cross-record state):
-   source -> this host's shard -> seeded shuffle (a new permutation each epoch) -> repeat -> encode.
+   source -> seeded shuffle (a new permutation each epoch) -> repeat -> this host's share -> encode.
    Element ``k`` of this host is a pure function of ``(source, seed, process_index, process_count, k)``.
 2. ``BatchIterator`` reads that element stream from an element counter, through grain threads and
    (optionally) worker processes, and in the main process skips the records marked too long
@@ -14,9 +14,13 @@ uninterrupted iterator would yield, with any number of workers or threads (grain
 state depends on the worker count; this one does not). ``get_state`` returns a JSON-serialisable dict
 for the checkpoint.
 
-Host sharding: host ``i`` of ``n`` reads records ``i, i + n, i + 2n, ...`` of the first
-``n * (len // n)`` records (``drop_remainder_hosts=True``, so every host has as many records and steps) or of
-all of them. The per-host batch is ``batch_size``; the global batch is ``batch_size * process_count``.
+Host sharding: all hosts shuffle the same global record stream (the first ``n * (len // n)`` records with
+``drop_remainder_hosts=True``, so every host has as many records and steps, else all of them) and cut it into
+global batches of ``batch_size * n`` records; host ``i`` of ``n`` reads block ``i`` (``batch_size`` records) of
+every global batch, and an even share of a final partial one. The global batch is therefore the same
+records in the same order for any host count (host ``i``'s rows are rows ``i * batch_size ...`` of it), so a
+multi-host job sees the data of a one-host job with ``n`` times its per-host batch. The per-host batch is
+``batch_size``; the global batch is ``batch_size * process_count``.
 """
 from __future__ import annotations
 
@@ -90,18 +94,63 @@ def _host(process_index: int | None, process_count: int | None) -> tuple[int, in
   return int(process_index), int(process_count)
 
 
+def host_block_index(k: int, *, total: int, block: int, process_index: int, process_count: int) -> int:
+  """Global stream index of element ``k`` of host ``process_index`` (see module doc: blocks of global batches).
+
+  The ``total`` elements form global batches of ``block * process_count``; host ``i`` reads block ``i`` of
+  each, and of a final partial batch of ``R`` elements the ``i``-th of ``process_count`` near-equal parts.
+  """
+  per_batch = block * process_count
+  full = total // per_batch
+  if k < full * block:
+    return (k // block) * per_batch + process_index * block + k % block
+  rest = total - full * per_batch
+  share, extra = divmod(rest, process_count)
+  offset = process_index * share + min(process_index, extra)
+  return full * per_batch + offset + (k - full * block)
+
+
+class _HostBlocks(grain.MapDataset):
+  """Host ``process_index``'s share of a global element stream (``host_block_index``)."""
+
+  def __init__(self, parent: grain.MapDataset, *, block: int, process_index: int, process_count: int):
+    super().__init__(parent)
+    self._total, self._block = len(parent), block
+    self._index, self._count = process_index, process_count
+    full = self._total // (block * process_count)
+    share, extra = divmod(self._total - full * block * process_count, process_count)
+    self._length = full * block + share + int(process_index < extra)
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    if not 0 <= index < self._length:
+      raise IndexError(f"element {index} of a host stream of {self._length}")
+    return self._parent[host_block_index(index, total=self._total, block=self._block,
+                                         process_index=self._index, process_count=self._count)]
+
+  def __str__(self) -> str:
+    return f"_HostBlocks(block={self._block}, host={self._index}/{self._count})"
+
+
 def element_dataset(source: Any, encoder: Callable[[dict], dict], config: PipelineConfig, *,
                     process_index: int, process_count: int) -> tuple[grain.MapDataset, int]:
   """Stage 1: this host's encoded element stream and its records per epoch."""
   ds = grain.MapDataset.source(source)
-  ds = ds[host_shard(len(ds), process_index=process_index, process_count=process_count,
-                     drop_remainder=config.drop_remainder_hosts)]
-  epoch_len = len(ds)
+  records = host_shard(len(ds), process_index=0, process_count=process_count,
+                       drop_remainder=config.drop_remainder_hosts).stop
+  ds = ds[:records]
+  epoch_len = len(range(process_index, records, process_count))
   if epoch_len == 0:
     raise ValueError(f"host {process_index} of {process_count} gets no records from {len(source)}")
   if config.shuffle:
     ds = ds.shuffle(seed=config.seed)
   ds = ds.repeat(config.num_epochs)
+  if process_count > 1:
+    ds = _HostBlocks(ds, block=config.batch_size, process_index=process_index, process_count=process_count)
   return ds.map(encoder), epoch_len
 
 

@@ -78,11 +78,25 @@ def test_two_hosts_read_disjoint_halves(tok):
     assert not set(seen[0]) & set(seen[1])
     for host in (0, 1):  # each host reads its own records, each once
       assert len(set(seen[host])) == len(seen[host])
-      assert all(i % 2 == host for i in seen[host])
     if drop_remainder_hosts:
       assert len(seen[0]) == len(seen[1]) == 13 and set(seen[0]) | set(seen[1]) == set(range(26))
     else:
       assert set(seen[0]) | set(seen[1]) == set(range(27))
+
+
+def test_global_batch_is_the_same_for_any_host_count(tok):
+  """Host i's batch k is block i of the one-host batch k of n times the size: a multi-host job sees the data
+  (and row order) of a one-host job; a final partial batch is shared out evenly."""
+  src = synthetic.ArithmeticTask(30, seed=3)
+  for num_epochs, drop, size, hosts in ((2, True, 6, 2), (2, True, 6, 3), (1, False, 4, 2)):  # last: 30 = 7*4 + 2
+    one = dataclasses.replace(CFG, batch_size=size, num_epochs=num_epochs, drop_remainder=drop)
+    single = [b["index"][b["valid"]].tolist() for b in _prompts(src, tok, one)]
+    cfg = dataclasses.replace(one, batch_size=size // hosts)
+    per_host = [[b["index"][b["valid"]].tolist() for b in _prompts(src, tok, cfg, h, hosts)] for h in range(hosts)]
+    assert {len(p) for p in per_host} == {len(single)}
+    for k, batch in enumerate(single):
+      assert sum((p[k] for p in per_host), []) == batch, (hosts, k)
+  assert len(single) == 8 and len(single[-1]) == 2
 
 
 def test_epochs_are_seeded_permutations(tok):
