@@ -60,7 +60,7 @@ def rm_base(arg: mlc.ConfigDict, *, kind: str) -> mlc.ConfigDict:
   c.loss = dict(num_taus=32, tau_sampling="midpoint", center_coef=0.0, temperature=1.0, mean_anchor_coef=0.0,
                 crossing_coef=0.0)
   c.train = dict(total_steps=2000, batch_size=64, eval_every=200, eval_batch_size=64, log_every=10,
-                 ckpt_every=500, keep_checkpoints=2)
+                 ckpt_every=500, ckpt_every_minutes=30.0, keep_checkpoints=2, max_consecutive_skips=10)
   c.optim = common.optim(learning_rate=1e-5, warmup_steps=50, decay_steps=1950)
   return c
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from launch import builders
 from rewards import quantile
-from rlj import checkpoint, metrics_writer, rm_step, sharding, train_state
+from rlj import checkpoint, metrics_writer, preemption, rm_step, sharding, train_state
 from rlj.rm_step import PreferenceBatch
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -219,6 +219,29 @@ def ckpt_tree(state) -> dict:
 # Job
 # ------------------------------------------------------------------------------------------------------------
 
+class _SkipCounter:
+  """Counts non-finite (skipped) steps in a row, reading each step's flag one step late so the host never
+  waits for the device; raises SystemExit after ``limit`` in a row (0: never)."""
+
+  def __init__(self, limit: int):
+    self.limit, self.in_row, self._pending = limit, 0, None
+
+  def add(self, step: int, skipped: jax.Array) -> None:
+    self.flush()
+    self._pending = (step, skipped)
+
+  def flush(self) -> None:
+    if self._pending is None:
+      return
+    step, skipped = self._pending
+    self._pending = None
+    self.in_row = self.in_row + 1 if float(skipped) else 0
+    if self.limit and self.in_row >= self.limit:
+      raise SystemExit(f"training stopped: {self.in_row} steps in a row had a non-finite loss or gradient (the "
+                       f"last at step {step}); each was skipped, so the checkpoints stay finite. Lower "
+                       f"optim.learning_rate or raise train.max_consecutive_skips (now {self.limit}).")
+
+
 def _train_batches(it, mesh, rules) -> Iterator[PreferenceBatch]:
   for host in it:
     yield to_batch(host, mesh, rules)
@@ -251,7 +274,8 @@ def run(config, workdir: str) -> dict:
   it = pipeline.preference_pipeline(train_source, tokenizer, pipeline_config(
       config, batch_size=t.batch_size // jax.process_count(), seed=config.seed, shuffle=True, num_epochs=None,
       drop_remainder=True))
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=t.keep_checkpoints)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=t.keep_checkpoints,
+                                 every_steps=t.ckpt_every, every_minutes=t.ckpt_every_minutes)
   start = 0
   restored = ckpt.restore_latest(ckpt_tree(state))
   if restored is not None:
@@ -284,25 +308,37 @@ def run(config, workdir: str) -> dict:
   held_out = None
   batches = _train_batches(it, mesh, rules)
   t0, pairs = time.time(), 0
-  for step in range(start + 1, t.total_steps + 1):
-    batch = next(batches)
-    state, metrics = train_fn(state, batch, jax.random.fold_in(root, step))
-    pairs += batch.chosen_tokens.shape[0]
-    if step % t.log_every == 0 or step == t.total_steps:
-      metrics = jax.device_get(metrics)
-      metrics["pairs_per_s"] = pairs / max(time.time() - t0, 1e-9)
-      writer.write(step, metrics)
-      t0, pairs = time.time(), 0
-    last = step == t.total_steps
-    if last or (t.eval_every and step % t.eval_every == 0):
-      held_out = evaluate(step)
-    if last or (t.ckpt_every and step % t.ckpt_every == 0):
-      save(step, held_out)
-  if held_out is None:  # the run had already finished: report the restored model
-    held_out = evaluate(start)
+  skips = _SkipCounter(t.max_consecutive_skips)
+  stopped = False
+  with preemption.StopRequest() as stop:
+    for step in range(start + 1, t.total_steps + 1):
+      batch = next(batches)
+      state, metrics = train_fn(state, batch, jax.random.fold_in(root, step))
+      skips.add(step, metrics["skipped"])
+      pairs += batch.chosen_tokens.shape[0]
+      if step % t.log_every == 0 or step == t.total_steps:
+        metrics = jax.device_get(metrics)
+        metrics["pairs_per_s"] = pairs / max(time.time() - t0, 1e-9)
+        writer.write(step, metrics)
+        t0, pairs = time.time(), 0
+      last = step == t.total_steps
+      if last or (t.eval_every and step % t.eval_every == 0):
+        held_out = evaluate(step)
+      stopped = not last and stop.requested(step, ckpt.reached_preemption)
+      if last or stopped or ckpt.due(step):
+        skips.flush()
+        save(step, held_out)
+      if stopped:
+        print(f"stopped at step {step} of {t.total_steps}: checkpoint saved in {ckpt.directory}; relaunch with "
+              f"the same --workdir to resume", flush=True)
+        break
   ckpt.close()
   writer.close()
   it.close()
+  if stopped:
+    return {}
+  if held_out is None:  # the run had already finished: report the restored model
+    held_out = evaluate(start)
   if jax.process_index() == 0:
     metrics_writer.plot_curves(workdir, keys=PLOT_KEYS)
   extra = f" (quantile-mean accuracy {held_out['mean_accuracy']:.4f})" if "mean_accuracy" in held_out else ""

@@ -1,28 +1,57 @@
-"""Checkpoints with orbax: sharded train state plus a JSON record (data iterator state, RNG, loop counters).
+"""Checkpoints with orbax: sharded train state plus a JSON record (data iterator state, loop counters).
 
 A checkpoint is a step directory written by ``orbax.checkpoint.CheckpointManager`` with two items:
-``state`` (any pytree of jax arrays, restored straight into given shardings) and ``meta`` (JSON).
-Saves are asynchronous; ``wait()`` blocks until the last one is durable.
+``state`` (any pytree of jax arrays, restored straight into given shardings, whatever mesh wrote it) and
+``meta`` (JSON, written by process 0). Per-process host state that differs between processes (DNO's replay
+pools of sampled rows) goes to ``<directory>.host/<step>/process_<i>.npz`` beside it.
+
+Saves are asynchronous (the device-to-host copy happens inside ``save``, so the caller may donate the state's
+buffers right after); a step directory appears only once complete, so a process killed mid-save leaves the
+previous checkpoint as the newest. ``wait()`` blocks until the last save is durable.
+
+When to save (``due``): every ``every_steps`` steps, every ``every_minutes`` minutes of wall time (decided
+on process 0 and broadcast, so every process agrees), and always on the final step or a stop request
+(``rlj.preemption``). The RNG needs no saving: the key of step ``s`` is ``fold_in(root(seed), s)``.
 """
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+
+class NonFiniteCheckpointError(ValueError):
+  """Raised instead of writing a checkpoint whose arrays hold NaN or Inf."""
 
 
 class Checkpointer:
-  """Thin wrapper over ``CheckpointManager``: keep-N, every-N-steps, newest-first fallback on restore."""
+  """``CheckpointManager`` with keep-N, every-N-steps / every-M-minutes saves and newest-first fallback.
 
-  def __init__(self, directory: str, *, max_to_keep: int = 3, save_interval_steps: int = 1,
+  Args:
+    directory: the step directories' parent (local path or ``gs://``).
+    max_to_keep: newest checkpoints kept; older ones are deleted after a save.
+    every_steps: ``due(step)`` when ``step`` is a multiple (0: never by step count).
+    every_minutes: ``due(step)`` when this much wall time passed since the last save or since start-up
+      (0: never by time).
+    async_save: write in a background thread after the device-to-host copy.
+  """
+
+  def __init__(self, directory: str, *, max_to_keep: int = 3, every_steps: int = 0, every_minutes: float = 0.0,
                async_save: bool = True):
     self.directory = os.path.abspath(directory) if "://" not in directory else directory
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
-                                           enable_async_checkpointing=async_save, create=True)
+    self.every_steps, self.every_minutes = int(every_steps), float(every_minutes)
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
+                                           create=True)
     self._mngr = ocp.CheckpointManager(self.directory, options=options)
+    self._last_save_time = time.monotonic()
 
   def all_steps(self) -> list[int]:
     return sorted(self._mngr.all_steps())
@@ -30,30 +59,97 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
 
-  def should_save(self, step: int) -> bool:
-    return self._mngr.should_save(step)
+  def due(self, step: int) -> bool:
+    """Whether the step/time policy asks for a save at ``step`` (the same answer on every process)."""
+    by_steps = bool(self.every_steps) and step % self.every_steps == 0
+    by_time = bool(self.every_minutes) and time.monotonic() - self._last_save_time >= 60.0 * self.every_minutes
+    if self.every_minutes and jax.process_count() > 1:  # clocks differ: process 0 decides
+      by_time = bool(multihost_utils.broadcast_one_to_all(np.int32(by_time)))
+    return by_steps or by_time
 
-  def save(self, step: int, state: Any, meta: dict | None = None, *, force: bool = False) -> bool:
+  def reached_preemption(self, step: int) -> bool:
+    """True on every process once the runtime's preemption notice (multi-host TPU jobs) reached ``step``."""
+    return bool(self._mngr.reached_preemption(step))
+
+  def save(self, step: int, state: Any, meta: dict | None = None, *, host: dict | None = None,
+           force: bool = True) -> bool:
+    """Saves ``state`` (device arrays) and ``meta`` (JSON) as ``step``; ``host``: this process's numpy arrays.
+
+    Raises:
+      NonFiniteCheckpointError: when a floating array of ``state`` holds NaN or Inf (nothing is written).
+    """
+    if not _all_finite(state):
+      raise NonFiniteCheckpointError(f"refusing to write checkpoint step {step} to {self.directory}: the state "
+                                     f"holds NaN or Inf values")
+    if host is not None:
+      path = self._host_path(step)
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      with open(path + ".tmp", "wb") as f:
+        np.savez(f, **host)
+      os.replace(path + ".tmp", path)
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta or {}))
-    return self._mngr.save(step, args=args, force=force)
+    saved = self._mngr.save(step, args=args, force=force)
+    self._last_save_time = time.monotonic()
+    self._prune_host_state()
+    return saved
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-    """Restores ``step`` into the shardings/dtypes of ``abstract_state`` (ShapeDtypeStructs or arrays)."""
+    """Restores ``step`` into the shardings/dtypes of ``abstract_state`` (ShapeDtypeStructs or arrays).
+
+    The target shardings may differ from the ones that wrote the checkpoint (another mesh shape or device
+    count). This process's host arrays, when saved, come back as ``meta["host"]``.
+    """
     abstract = jax.tree.map(_as_abstract, abstract_state)
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
     out = self._mngr.restore(step, args=args)
-    return out["state"], dict(out["meta"] or {})
+    meta = dict(out["meta"] or {})
+    if os.path.exists(self._host_path(step)):
+      with np.load(self._host_path(step)) as z:
+        meta["host"] = {k: z[k] for k in z.files}
+    return out["state"], meta
 
   def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
-    """Restores the newest checkpoint that restores; a broken one is reported and the previous is tried."""
+    """Restores the newest checkpoint that restores.
+
+    A checkpoint that fails (truncated or corrupted files) is reported with a warning, moved aside to
+    ``<directory>.corrupt/<step>`` (kept for inspection; the next save at that step must not collide with it),
+    and the previous one is tried.
+    """
     for step in reversed(self.all_steps()):
       try:
         state, meta = self.restore(step, abstract_state)
         return step, state, meta
-      except Exception as e:  # a truncated or corrupted step directory
+      except Exception as e:  # pylint: disable=broad-except  # a truncated or corrupted step directory
         logging.warning("checkpoint at step %d in %s failed to restore (%s: %s); trying the previous one",
-                        step, self.directory, type(e).__name__, e)
+                        step, self.directory, type(e).__name__, str(e)[:500])
+        self._set_aside(step)
     return None
+
+  def _set_aside(self, step: int) -> None:
+    if jax.process_index() == 0 and "://" not in self.directory:
+      src = os.path.join(self.directory, str(step))
+      if os.path.isdir(src):
+        dst = os.path.join(self.directory + ".corrupt", f"{step}-{int(time.time())}")
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        shutil.move(src, dst)
+        logging.warning("moved the unreadable checkpoint to %s", dst)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"rlj_checkpoint_set_aside_{step}")
+    self._mngr.reload()
+
+  def _host_path(self, step: int) -> str:
+    return os.path.join(self.directory + ".host", str(step), f"process_{jax.process_index()}.npz")
+
+  def _prune_host_state(self) -> None:
+    root = self.directory + ".host"
+    if "://" in root or not os.path.isdir(root):
+      return
+    kept = self._mngr.all_steps()
+    if not kept:
+      return
+    for name in os.listdir(root):  # the step being written asynchronously is newer than every kept one
+      if name.isdigit() and int(name) < min(kept):
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
   def wait(self) -> None:
     self._mngr.wait_until_finished()
@@ -61,6 +157,18 @@ class Checkpointer:
   def close(self) -> None:
     self._mngr.wait_until_finished()
     self._mngr.close()
+
+
+@jax.jit
+def _finite(leaves):
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _all_finite(tree: Any) -> bool:
+  """One replicated scalar per save: every floating array of ``tree`` is finite."""
+  leaves = [x for x in jax.tree.leaves(tree)
+            if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.inexact)]
+  return not leaves or bool(_finite(leaves))
 
 
 def _as_abstract(x):

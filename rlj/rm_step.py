@@ -27,7 +27,7 @@ import optax
 
 from models.reward_model import RewardModel
 from rewards import bradley_terry, quantile
-from rlj.train_state import TrainState
+from rlj.train_state import TrainState, apply_if_finite
 
 TAU_SAMPLING = ("midpoint", "uniform")
 
@@ -109,11 +109,12 @@ def loss_fn(params: Any, batch: PreferenceBatch, rng: Optional[jax.Array] = None
 
 def train_step(state: TrainState, batch: PreferenceBatch, rng: jax.Array, *, model: RewardModel,
                tx: optax.GradientTransformation, **loss_kwargs) -> tuple[TrainState, dict]:
-  """One optimizer step on B pairs: (new state, metrics with ``loss``, ``grad_norm`` and the loss metrics)."""
+  """One optimizer step on B pairs: (new state, metrics with ``loss``, ``grad_norm``, ``skipped`` and the loss
+  metrics); a step with a non-finite loss or gradient leaves the state unchanged (``skipped`` = 1)."""
   grad_fn = jax.value_and_grad(functools.partial(loss_fn, model=model, **loss_kwargs), has_aux=True)
   (loss, metrics), grads = grad_fn(state.params, batch, rng)
-  state = state.apply_gradients(grads, tx)
-  return state, {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+  state, grad_norm, skipped = apply_if_finite(state, grads, loss, tx)
+  return state, {**metrics, "loss": loss, "grad_norm": grad_norm, "skipped": skipped}
 
 
 def eval_step(params: Any, batch: PreferenceBatch, *, model: RewardModel, num_taus: int = 32,

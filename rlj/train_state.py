@@ -67,6 +67,20 @@ class TrainState:
     return self.replace(params=optax.apply_updates(self.params, updates), opt_state=opt_state, step=self.step + 1)
 
 
+def apply_if_finite(state: TrainState, grads: Any, loss: jax.Array,
+                    tx: optax.GradientTransformation) -> tuple[TrainState, jax.Array, jax.Array]:
+  """The update when ``loss`` and the gradient norm are finite, else ``state`` unchanged (step included).
+
+  Returns ``(new_state, grad_norm, skipped)`` with ``skipped`` a float32 0/1, so a NaN/Inf step never
+  reaches the params, the optimizer moments or a checkpoint; the loops count and limit the skips.
+  """
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  new_state = state.apply_gradients(grads, tx)
+  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+  return new_state, grad_norm, (~finite).astype(jnp.float32)
+
+
 def state_shardings(params_shardings: Any, tx: optax.GradientTransformation, params_abstract: Any, mesh) -> Any:
   """Shardings for a TrainState: optimizer moments follow their parameter, scalars are replicated."""
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

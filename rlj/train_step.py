@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rlj.train_state import TrainState
+from rlj.train_state import TrainState, apply_if_finite
 
 Batch = Mapping[str, jax.Array]
 Objective = Callable[[jax.Array, Batch], tuple[jax.Array, dict]]
@@ -70,11 +70,7 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, logp_fn, obje
   del rng  # no dropout in the policy; kept so every step has the same signature
   loss, metrics, grads = loss_and_grads(state.params, batch, logp_fn=logp_fn, objective=objective,
                                         num_microbatches=num_microbatches, sum_microbatches=sum_microbatches)
-  grad_norm = optax.global_norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  new_state = state.apply_gradients(grads, tx)
-  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+  new_state, grad_norm, skipped = apply_if_finite(state, grads, loss, tx)
   metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
-  metrics.update(loss=loss.astype(jnp.float32), grad_norm=grad_norm.astype(jnp.float32),
-                 skipped=(~finite).astype(jnp.float32))
+  metrics.update(loss=loss.astype(jnp.float32), grad_norm=grad_norm.astype(jnp.float32), skipped=skipped)
   return new_state, metrics
