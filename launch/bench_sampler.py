@@ -12,6 +12,7 @@ median over ``--repeats`` timed calls after one warm-up call (which compiles).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import platform
@@ -24,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from launch import bench
 from models import kv_cache, presets
 from models.transformer import Transformer
 from rlj import logprobs, sampler, sampling_filters
@@ -84,6 +86,111 @@ def hf_generate(params, config, prompts, mask, *, new_tokens: int, workdir: str)
   return run, f"transformers {transformers.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
+def compare(model_name: str, *, batch: int, prompt_len: int, new_tokens: int, repeats: int, skip_hf: bool = False,
+            dtype: str = "float32", verbose: bool = True) -> list[dict]:
+  """Times the three contenders on the same weights and prompts; one row per contender."""
+  config = dataclasses.replace(presets.get(model_name), dtype=dtype)
+  model = Transformer(config)
+  b, p, t = batch, prompt_len, new_tokens
+  prompts = np.random.default_rng(0).integers(1, config.vocab_size, size=(b, p)).astype(np.int32)
+  mask = np.ones((b, p), np.int32)
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), prompts[:1], prompts[:1] * 0, mask[:1])["params"])
+  if verbose:
+    print(f"model {model_name} ({config.num_params() / 1e6:.1f}M params), batch {b}, prompt {p}, new tokens {t}, "
+          f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.devices()[0].device_kind}), "
+          f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}")
+
+  results = {}
+  s = sampler.Sampler(model, sampler.SamplerConfig(max_new_tokens=t, greedy=True))
+  run_ours = lambda: np.asarray(s.sample(params, prompts, mask, jax.random.key(0)).completion)
+  secs, ours = _timed(run_ours, repeats)
+  results["rlj compiled sampler (while_loop)"] = secs
+
+  secs, loop_tokens = _timed(python_loop_generate(model, params, prompts, mask, new_tokens=t), repeats)
+  results["(a) Python loop over jitted step"] = secs
+  agree = {"rlj compiled sampler (while_loop)": 1.0,
+           "(a) Python loop over jitted step": float(np.mean(loop_tokens == ours))}
+
+  if not skip_hf:
+    try:
+      with tempfile.TemporaryDirectory() as workdir:
+        run_hf, hf_version = hf_generate(params, config, prompts, mask, new_tokens=t, workdir=workdir)
+        secs, hf_tokens = _timed(run_hf, repeats)
+      name = f"(b) transformers generate [{hf_version}]"
+      results[name] = secs
+      agree[name] = float(np.mean(hf_tokens == ours))
+    except ImportError as e:
+      print(f"transformers baseline skipped: {e}")
+
+  base = results["rlj compiled sampler (while_loop)"]
+  return [{"model": model_name, "contender": name, "tokens/s": b * t / secs, "ms per call": secs * 1e3,
+           "time vs rlj": secs / base, "greedy tokens equal to rlj": agree[name]} for name, secs in results.items()]
+
+
+def decode_bytes(config, params, *, rows: int, prompt_len: int, new_tokens: int, cache_itemsize: int) -> tuple[int, float]:
+  """(parameter bytes, mean KV-cache bytes a decode step must read) for greedy decoding without EOS.
+
+  Step i (0-based) attends over the prompt, the i earlier completion tokens and itself, so the cache it
+  must read averages P + (T + 1) / 2 slots per row over the T - 1 decode steps after the first token.
+  """
+  param_bytes = sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(params))
+  slots = prompt_len + (new_tokens + 1) / 2
+  per_slot = 2 * config.num_layers * config.num_kv_heads * config.head_dim * cache_itemsize
+  return param_bytes, rows * slots * per_slot
+
+
+def decode(model_name: str, *, batch: int, prompt_len: int, new_tokens: int, repeats: int,
+           dtype: str = "float32", bandwidth_mbytes: int | None = None) -> dict:
+  """Decode throughput of the compiled sampler against the memory-bandwidth bound; one result row.
+
+  Decode time is (call with T new tokens) - (call with 1 new token), i.e. prefill and the first token are
+  subtracted, over T - 1 steps. The bound of one step is (parameter bytes + KV bytes it must read) / copy
+  bandwidth, both measured in this process.
+  """
+  config = dataclasses.replace(presets.get(model_name), dtype=dtype)
+  model = Transformer(config)
+  b, p, t = batch, prompt_len, new_tokens
+  prompts = np.random.default_rng(0).integers(1, config.vocab_size, size=(b, p)).astype(np.int32)
+  mask = np.ones((b, p), np.int32)
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), prompts[:1], prompts[:1] * 0, mask[:1])["params"])
+  params = jax.tree.map(lambda x: x.astype(config.jnp_dtype), params)   # the trainer's sampler dtype
+  secs = {}
+  for steps in (1, t):
+    s = sampler.Sampler(model, sampler.SamplerConfig(max_new_tokens=steps, greedy=True, keep_cache=True))
+    call = lambda: s.sample(params, prompts, mask, jax.random.key(0)).completion  # noqa: E731
+    times = bench.time_calls(call, repeats=repeats)
+    secs[steps] = (min(times), float(np.median(times)))
+    s.release_caches()
+  step_s = (secs[t][0] - secs[1][0]) / (t - 1)
+  param_bytes, kv_bytes = decode_bytes(config, params, rows=b, prompt_len=p, new_tokens=t,
+                                       cache_itemsize=config.jnp_dtype.itemsize)
+  bw = bench.copy_bandwidth(mbytes=bandwidth_mbytes)
+  bound_s = (param_bytes + kv_bytes) / bw
+  return {"model": model_name, "rows": b, "prompt + new": f"{p} + {t}", "dtype": dtype,
+          "call s (best, T new)": secs[t][0], "call s (best, 1 new)": secs[1][0], "decode ms/step": step_s * 1e3,
+          "decode tokens/s": b / step_s, "params MB": param_bytes / 2**20, "KV read MB/step": kv_bytes / 2**20,
+          "copy GB/s": bw / 1e9, "bound ms/step": bound_s * 1e3, "x bound": step_s / bound_s}
+
+
+def run_decode(args) -> tuple[list[dict], list[str]]:
+  """``launch.bench`` case ``sampler``."""
+  rows = [decode(name, batch=args.batch or 32, prompt_len=args.seq or 32, new_tokens=args.new_tokens or 64,
+                 repeats=args.repeats, dtype=args.dtype)
+          for name in ([args.model] if args.model else ["tiny", "small-50m"])]
+  return rows, ["Greedy decoding of random prompts without EOS (every row decodes every step), "
+                "rlj.sampler.Sampler with keep_cache; best of --repeats calls after one warm-up.",
+                "x bound = decode ms/step / bound ms/step, bound = (params + KV bytes a step must read) / copy "
+                "bandwidth (donated x + 1, read + write bytes)."]
+
+
+def run_compare(args) -> tuple[list[dict], list[str]]:
+  """``launch.bench`` case ``sampler_hf``."""
+  rows = compare(args.model or "small-50m", batch=args.batch or 32, prompt_len=args.seq or 32,
+                 new_tokens=args.new_tokens or 64, repeats=args.repeats, dtype=args.dtype, verbose=False)
+  return rows, ["Median of --repeats whole generate calls (prefill + greedy decode, no EOS) after one warm-up; "
+                "transformers runs float32 on torch's CPU build whatever the JAX backend."]
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--model", default="tiny", help="preset name (models.presets)")
@@ -93,42 +200,12 @@ def main(argv=None):
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--skip_hf", action="store_true", help="do not run the transformers baseline")
   args = ap.parse_args(argv)
-
-  config = presets.get(args.model)
-  model = Transformer(config)
-  b, p, t = args.batch, args.prompt_len, args.new_tokens
-  prompts = np.random.default_rng(0).integers(1, config.vocab_size, size=(b, p)).astype(np.int32)
-  mask = np.ones((b, p), np.int32)
-  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), prompts[:1], prompts[:1] * 0, mask[:1])["params"])
-  print(f"model {args.model} ({config.num_params() / 1e6:.1f}M params), batch {b}, prompt {p}, new tokens {t}, "
-        f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.devices()[0].device_kind}), "
-        f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}")
-
-  results = {}
-  s = sampler.Sampler(model, sampler.SamplerConfig(max_new_tokens=t, greedy=True))
-  run_ours = lambda: np.asarray(s.sample(params, prompts, mask, jax.random.key(0)).completion)
-  secs, ours = _timed(run_ours, args.repeats)
-  results["rlj compiled sampler (while_loop)"] = secs
-
-  secs, loop_tokens = _timed(python_loop_generate(model, params, prompts, mask, new_tokens=t), args.repeats)
-  results["(a) Python loop over jitted step"] = secs
-  agree = {"(a)": float(np.mean(loop_tokens == ours))}
-
-  if not args.skip_hf:
-    try:
-      with tempfile.TemporaryDirectory() as workdir:
-        run_hf, hf_version = hf_generate(params, config, prompts, mask, new_tokens=t, workdir=workdir)
-        secs, hf_tokens = _timed(run_hf, args.repeats)
-      results[f"(b) transformers generate [{hf_version}]"] = secs
-      agree["(b)"] = float(np.mean(hf_tokens == ours))
-    except ImportError as e:
-      print(f"transformers baseline skipped: {e}")
-
-  base = results["rlj compiled sampler (while_loop)"]
-  for name, secs in results.items():
-    print(f"{name:70s} {b * t / secs:10.1f} tok/s  ({secs * 1e3:8.1f} ms/call, {secs / base:5.2f}x ours' time)")
-  print("greedy tokens equal to ours:", ", ".join(f"{k} {v:.3f}" for k, v in agree.items()))
-  return results
+  rows = compare(args.model, batch=args.batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                 repeats=args.repeats, skip_hf=args.skip_hf)
+  for r in rows:
+    print(f"{r['contender']:70s} {r['tokens/s']:10.1f} tok/s  ({r['ms per call']:8.1f} ms/call, "
+          f"{r['time vs rlj']:5.2f}x ours' time, greedy tokens equal {r['greedy tokens equal to rlj']:.3f})")
+  return rows
 
 
 if __name__ == "__main__":

@@ -1,0 +1,96 @@
+r"""RL-step case: one full GRPO step of the runlocal config, broken down with the trainer's own timers.
+
+The trainer is built exactly as ``launch/train.py`` builds it (``launch.builders.build_env``,
+``rl_components``, ``loop_config``, ``rlj.rl_loop.Trainer``), from ``configs/grpo_tpu.py:runlocal`` with the
+SFT cold start and evaluation switched off (they are not part of an RL step) and a scratch policy. After
+``warmup`` steps (compilation), ``steps`` timed steps run; ``rlj.rl_loop`` records per step
+
+  time/sample      rollout: the compiled sampler and the device -> host copy of its outputs,
+  time/reward      host reward functions (detokenise, extract, compare),
+  time/reference   old/reference log-prob forward passes (none in runlocal GRPO: kl_coef = 0),
+  time/update      minibatch host->device copies and the jitted train steps,
+  time/host_overhead = time/step - sample - reference - update (so it includes the reward),
+
+and this case adds the fraction of wall time that is not model compute, (step - sample - reference -
+update) / step.
+
+  python -m launch.bench --case rl_step --steps 3
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+import numpy as np
+
+from configs import grpo_tpu
+
+KEYS = ("time/sample", "time/reward", "time/reference", "time/update", "time/host_overhead", "time/step")
+
+
+class _NullWriter:
+  """The loop's metrics sink, discarding everything (the bench reads the returned history)."""
+
+  def write(self, step, metrics):
+    del step, metrics
+
+  def close(self):
+    pass
+
+
+def runlocal_config(*, total_steps: int, overrides: dict | None = None):
+  """``grpo_tpu.py:runlocal`` as one RL stage: scratch policy, no SFT, no evaluation or checkpoints."""
+  c = grpo_tpu.get_config("runlocal")
+  c.init.policy = "scratch"
+  c.sft.steps = 0
+  c.train.total_steps = total_steps
+  c.train.eval_every = 0
+  c.train.ckpt_every = 0
+  c.eval.num_prompts = 0
+  for key, value in (overrides or {}).items():
+    node = c
+    *path, leaf = key.split(".")
+    for part in path:
+      node = node[part]
+    node[leaf] = value
+  return c
+
+
+def measure(*, steps: int, warmup: int = 2, overrides: dict | None = None) -> tuple[dict, dict]:
+  """Runs ``warmup + steps`` RL steps; returns (mean seconds per key over the timed steps, config facts)."""
+  from launch import builders  # pylint: disable=g-import-not-at-top
+  from rlj import rl_loop  # pylint: disable=g-import-not-at-top
+  config = runlocal_config(total_steps=warmup + steps, overrides=overrides)
+  builders.validate(config)
+  with tempfile.TemporaryDirectory() as workdir:
+    env = builders.build_env(config, workdir)
+    data = builders.prompt_iterator(config, env, split="train", batch_prompts=config.train.batch_prompts,
+                                    seed=config.seed)
+    comps = builders.rl_components(config, env, data, _NullWriter())
+    trainer = rl_loop.Trainer(comps, builders.loop_config(config, env))
+    _, _, history = trainer.run(env.state, None, start_step=0)
+  timed = history[warmup:]
+  means = {k: float(np.mean([h[k] for h in timed])) for k in KEYS}
+  means["sampled_tokens"] = float(np.mean([h["sampled_tokens"] for h in timed]))
+  facts = {"prompts x G": f"{config.train.batch_prompts} x {config.sampler.num_generations}",
+           "new tokens": config.sampler.max_new_tokens, "minibatches": config.train.num_minibatches,
+           "params": env.model_config.num_params()}
+  return means, facts
+
+
+def breakdown_row(means: dict) -> dict:
+  step = means["time/step"]
+  non_model = step - means["time/sample"] - means["time/reference"] - means["time/update"]
+  row = {k.split("/")[1] + " ms": means[k] * 1e3 for k in KEYS}
+  row.update({"host overhead %": 100 * means["time/host_overhead"] / step, "not model compute %": 100 * non_model / step,
+              "sampled tokens/s": means["sampled_tokens"] / step})
+  return row
+
+
+def run(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
+  steps = args.steps or 5
+  means, facts = measure(steps=steps)
+  notes = [f"configs/grpo_tpu.py:runlocal (init.policy=scratch, no SFT, no eval); mean of {steps} steps after 2 "
+           "warm-up steps; timers from rlj.rl_loop (host overhead = step - sample - reference - update, reward "
+           "included)."]
+  return [{**facts, **breakdown_row(means)}], notes

@@ -1,0 +1,104 @@
+"""Tests of the benchmark harness: the FLOP formula by hand, and every case at a tiny size returns well-formed
+rows (no timing thresholds: the figures depend on the machine)."""
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+
+from launch import bench, bench_logprobs, bench_rl, bench_sampler, bench_train
+from models import presets
+
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
+TINY = presets.get("tiny")   # V=128, L=2, D=32, H=4, KVH=2, Dh=8, F=64, untied
+
+
+def _finite_positive(row, *keys):
+  for k in keys:
+    assert math.isfinite(row[k]) and row[k] > 0, (k, row[k])
+
+
+def test_flops_formula_against_a_hand_count():
+  # Per layer: q 32*4*8 + k 32*2*8 + v 32*2*8 + o 4*8*32 = 3072; MLP 3*32*64 = 6144; output 32*128.
+  p_mm = 2 * (3072 + 6144) + 32 * 128
+  assert bench_train.matmul_params(TINY) == p_mm == 22_528
+  # The rest of num_params: the input embedding (a gather) and the norm scales (elementwise).
+  assert TINY.num_params() - p_mm == 128 * 32 + 2 * 2 * 32 + 32
+  rows, seq = 3, 10
+  attention = 3 * 2 * rows * (2 * seq * seq * 4 * 8) * 2   # (fwd + 2 bwd) x layers x rows x (qk + pv)
+  assert bench_train.train_step_flops(TINY, rows, seq) == 6 * p_mm * rows * seq + attention
+
+
+def test_flops_of_a_tied_model_count_the_output_projection_once():
+  tied = dataclasses.replace(TINY, tie_embeddings=True)
+  assert bench_train.matmul_params(tied) == bench_train.matmul_params(TINY)
+  assert tied.num_params() - bench_train.matmul_params(tied) == 2 * 2 * 32 + 32
+
+
+def test_train_step_case_row():
+  row = bench_train.measure(TINY, rows=8, seq_len=16, completion_len=8, repeats=1, peak_sizes=(64,))
+  assert row["GFLOP/step"] == pytest.approx(bench_train.train_step_flops(TINY, 8, 16) / 1e9)
+  assert row["skipped"] == 0.0
+  _finite_positive(row, "step s (best)", "achieved GFLOP/s", "matmul peak GFLOP/s", "MFU", "tokens/s")
+  assert row["MFU"] == pytest.approx(row["achieved GFLOP/s"] / row["matmul peak GFLOP/s"])
+
+
+def test_decode_bytes_by_hand():
+  params = {"w": np.zeros((10, 3), np.float32), "b": np.zeros((5,), np.float32)}
+  param_bytes, kv = bench_sampler.decode_bytes(TINY, params, rows=2, prompt_len=4, new_tokens=3, cache_itemsize=4)
+  assert param_bytes == 35 * 4
+  # k and v, 2 layers, 2 KV heads of 8, 4 bytes: 256 bytes a slot; 4 + (3 + 1) / 2 = 6 slots; 2 rows.
+  assert kv == 2 * 6 * 256
+
+
+def test_sampler_decode_case_row():
+  row = bench_sampler.decode("tiny", batch=2, prompt_len=4, new_tokens=3, repeats=1, bandwidth_mbytes=4)
+  _finite_positive(row, "call s (best, T new)", "call s (best, 1 new)", "copy GB/s", "bound ms/step", "params MB")
+  assert row["params MB"] == pytest.approx(TINY.num_params() * 4 / 2**20)
+  assert row["x bound"] == pytest.approx(row["decode ms/step"] / row["bound ms/step"])
+
+
+def test_logprobs_case_rows_agree_across_paths():
+  rows = bench_logprobs.measure(rows=8, length=8, vocab=64, repeats=1, chunk_size=3)
+  assert [r["path"] for r in rows] == ["dense", "chunked (C=3)", "vocab-parallel"]
+  for r in rows:
+    assert r["sum logp rel. diff vs dense"] < 1e-5
+    assert r["temp MB"] >= 0
+    _finite_positive(r, "fwd+bwd ms (best)")
+
+
+def test_rl_step_case_breakdown():
+  overrides = {"train.batch_prompts": 8, "tokenizer.train_records": 200, "data.train_records": 400,
+               "model.overrides.num_layers": 1, "model.overrides.embed_dim": 32, "model.overrides.mlp_dim": 64}
+  means, facts = bench_rl.measure(steps=1, warmup=1, overrides=overrides)
+  assert facts["prompts x G"] == "8 x 8"
+  row = bench_rl.breakdown_row(means)
+  assert row["step ms"] >= row["sample ms"] + row["update ms"]
+  assert 0 <= row["host overhead %"] <= 100
+  assert row["not model compute %"] == pytest.approx(row["host overhead %"])   # no reference pass here
+  assert row["reference ms"] < row["sample ms"]
+
+
+def test_main_appends_a_section_with_its_command(tmp_path):
+  out = tmp_path / "B.md"
+  argv = ["--case", "logprobs", "--batch", "8", "--new_tokens", "4", "--vocab", "32", "--repeats", "1",
+          "--out", str(out)]
+  results = bench.main(argv)
+  assert len(results["logprobs"]) == 3
+  text = out.read_text()
+  assert "`python -m launch.bench --case logprobs --batch 8 --new_tokens 4 --vocab 32 --repeats 1`" in text
+  assert "| path |" in text and "Load average" in text and "jaxlib" in text
+  bench.main(argv)
+  assert out.read_text().count("### logprobs") == 2
+
+
+def test_unknown_case_fails():
+  with pytest.raises(SystemExit, match="unknown case"):
+    bench.main(["--case", "nope"])
+
+
+def test_table_formats_numbers():
+  t = bench.table([{"a": 1234567, "b": 0.5}, {"a": 2, "c": "x"}])
+  assert t.splitlines()[0] == "| a | b | c |"
+  assert "| 1,234,567 | 0.5 |  |" in t
