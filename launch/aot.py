@@ -1,0 +1,320 @@
+r"""Ahead-of-time proof that an RL config fits a TPU slice, compiled on a machine without TPUs.
+
+  python -m launch.aot --config configs/grpo_tpu.py                       # the config's slice (v5p-32)
+  python -m launch.aot --config configs/grpo_tpu.py:model=llama-3.1-8b,slice=v5p-64
+  python -m launch.aot --config configs/grpo_tpu.py --topology v5litepod-16 --config.train.num_microbatches=8
+
+For the slice (``--topology``, default: the config's ``slice``) libtpu describes compile-only devices
+(``launch/tpu_topology.py``); the config's mesh (-1 resolved against the slice's chip count) and sharding rules
+lay the model over them, with abstract parameters (``jax.eval_shape``: nothing is allocated). Then the real TPU
+compiler compiles, at the config's shapes:
+
+- the optimizer step ``rlj.train_step.train_step`` as the trainer jits it (same partials, output shardings,
+  donated state, micro-batches) on one minibatch,
+- the rollout's teacher-forced log-prob pass (reference and recomputed old log-probs) on the whole rollout,
+- the sampler's program (prefill + decode loop, ``rlj.sampler``) on the whole rollout, and its prefill and one
+  decode step alone for their costs.
+
+It prints each phase's per-chip HBM (params, optimizer state, reference params, sampler params, KV cache,
+activations / temporaries) against the chip's HBM, the FLOPs and the compiler's time estimate per program and
+per RL step, and exits non-zero naming the biggest consumer and a fix when the config does not fit.
+Batch sizes: ``train.batch_prompts`` is per host (as the data pipeline reads it), so a step's rollout has
+``batch_prompts x hosts x num_generations`` rows. Needs ``pip install "jax[tpu]"`` (libtpu); the rest of the
+project does not.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import sys
+import types
+
+from absl import app, flags
+from ml_collections import config_flags
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from launch import builders, flops, hbm, tpu_topology
+from models import kv_cache
+from models.transformer import Transformer
+from rlj import logprobs, rl_algos, rl_loop, sharding, train_state
+from rlj.sampler import Sampler, SamplerConfig, pick_bucket
+from rlj.train_step import train_step
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "RL job config (configs/*.py[:args])", lock_config=True)
+_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v5p-64, v5litepod-16, v4:2x2x4; "
+                                "default: the config's slice")
+_HBM_GIB = flags.DEFINE_float("hbm_gib", None, "HBM per chip in GiB instead of the chip's (v4 32, v5e 16, "
+                              "v5p 95, v6e 32)")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Shapes the config implies on the slice
+# ------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+  hosts: int
+  prompts: int          # global prompts per RL step (batch_prompts x hosts)
+  rows: int             # rollout rows (prompts x G)
+  prompt_len: int       # P, the largest prompt bucket
+  new_tokens: int       # T
+  dp: int               # ways the batch is split
+
+
+def check_mesh(config, num_devices: int, hosts: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
+  """The config's mesh on ``num_devices`` chips and the batch-split checks of ``builders.validate``."""
+  try:
+    names, sizes = sharding.resolve_mesh_shape([tuple(x) for x in config.mesh], num_devices)
+  except ValueError as e:
+    raise SystemExit(f"config key 'mesh': {e}") from None
+  rules = dict((n, a) for n, a in config.sharding_rules)
+  axes = rules.get("batch") or ()
+  axes = (axes,) if isinstance(axes, str) else tuple(axes)
+  dp = int(np.prod([s for n, s in zip(names, sizes) if n in axes]))
+  rows = config.train.batch_prompts * config.sampler.num_generations * hosts
+  unit = rl_algos.ALGORITHMS[config.algo.name].unit
+  per_mb = rows // config.train.num_minibatches
+  if dp % hosts:
+    raise SystemExit(f"config key 'mesh': the batch axes ({dp} ways) must split evenly over {hosts} hosts")
+  if config.algo.name != "dno" and (rows % config.train.num_minibatches or per_mb % dp):
+    raise SystemExit(f"config key 'train.batch_prompts': {rows} rollout rows ({hosts} hosts) must split into "
+                     f"train.num_minibatches={config.train.num_minibatches} minibatches of a multiple of the "
+                     f"data-parallel size {dp}")
+  if per_mb % (config.train.num_microbatches * unit):
+    raise SystemExit(f"config key 'train.num_microbatches': a minibatch of {per_mb} rows does not split into "
+                     f"{config.train.num_microbatches} micro-batches")
+  return names, sizes
+
+
+def example_rollout(config, rows: int, prompt_len: int) -> dict:
+  """Zero host arrays shaped like ``Trainer.rollout``'s output (only shapes and dtypes matter)."""
+  t = config.sampler.max_new_tokens
+  out = {"tokens": np.zeros((rows, prompt_len + t), np.int32), "attn_mask": np.ones((rows, prompt_len + t), np.int32),
+         "mask": np.ones((rows, t), np.float32), "old_logp": np.zeros((rows, t), np.float32)}
+  if use_reference(config):
+    out["ref_logp"] = np.zeros((rows, t), np.float32)
+  return out
+
+
+def use_reference(config) -> bool:
+  return config.algo.name == "dno" or float(config.algo.kwargs.get("kl_coef", 0.0)) > 0
+
+
+def example_minibatch(config, arrays: dict, prompts: int) -> dict:
+  """One optimizer step's batch, built by the trainer's own batch and minibatch functions."""
+  name, g = config.algo.name, config.sampler.num_generations
+  k = len(config.rewards)
+  values, weights = np.zeros((prompts, g, k), np.float32), np.ones((k,), np.float32)
+  if name in builders.GROUP_ALGOS:
+    batch = rl_algos.policy_gradient_batch(arrays, np.zeros((prompts, g), np.float32))
+  elif name == "p3o":
+    batch = rl_algos.p3o_batch(arrays, values, weights)
+  else:
+    d = config.algo.dno
+    batch, _ = rl_algos.dno_pairs(arrays, values, weights, min_chosen_score=d.min_chosen_score,
+                                  min_margin=d.min_margin, max_pairs=d.max_pairs, win_rate=d.win_rate)
+    batch["ref_logp"] = arrays["old_logp"][: batch["tokens"].shape[0]]
+  unit = rl_algos.ALGORITHMS[name].unit
+  return rl_algos.minibatches(batch, num_minibatches=config.train.num_minibatches, unit=unit,
+                              rng=np.random.default_rng(0), shuffle=False)[0]
+
+
+def abstract_batch(batch: dict, mesh, rules) -> dict:
+  """ShapeDtypeStructs placed as ``rl_loop.place_batch`` places the host arrays."""
+  dp = sharding.data_parallel_size(mesh, rules)
+  out = {}
+  for k, v in batch.items():
+    v = np.asarray(v)
+    s = (sharding.batch_sharding(mesh, v.ndim, rules) if v.ndim and v.shape[0] % dp == 0
+         else jax.sharding.NamedSharding(mesh, jax.P()))
+    out[k] = jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)
+  return out
+
+
+def _with_shardings(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Compilation
+# ------------------------------------------------------------------------------------------------------------
+
+def compile_all(config, devices, *, log=print) -> tuple[dict, list, dict]:
+  """Compiles every program of one RL step for ``devices``; returns (phases, cost programs, summary)."""
+  hosts = tpu_topology.num_hosts(devices)
+  names, sizes = check_mesh(config, len(devices), hosts)
+  mesh = sharding.make_mesh(list(zip(names, sizes)), devices=devices)
+  rules = [tuple(r) for r in config.sharding_rules]
+  mc = builders.model_config(config, config.tokenizer.vocab_size)
+  model = Transformer(mc)
+  p_len, t_len, g = max(config.data.buckets), config.sampler.max_new_tokens, config.sampler.num_generations
+  prompts = config.train.batch_prompts * hosts
+  rows = prompts * g
+  replicated = jax.sharding.NamedSharding(mesh, jax.P())
+
+  # Abstract params and train state in their shardings (as builders.build_env lays them out).
+  dummy = jnp.zeros((1, 8), jnp.int32)
+  boxed = jax.eval_shape(lambda r: model.init(r, dummy, dummy, jnp.ones_like(dummy))["params"], jax.random.key(0))
+  param_sh = sharding.tree_shardings(sharding.logical_specs(boxed), nn.unbox(boxed), mesh, rules)
+  params = _with_shardings(nn.unbox(boxed), param_sh)
+  tx = train_state.make_optimizer(train_state.OptimConfig(**config.optim.to_dict()))
+  state_sh = train_state.state_shardings(param_sh, tx, nn.unbox(boxed), mesh)
+  state = _with_shardings(jax.eval_shape(lambda p: train_state.TrainState.create(p, tx), params), state_sh)
+  key_dtype = jax.eval_shape(lambda: jax.random.key(0)).dtype
+  rng, rng_free = jax.ShapeDtypeStruct((), key_dtype, sharding=replicated), jax.ShapeDtypeStruct((), key_dtype)
+
+  sizes_b = {"params": hbm.shard_bytes(state.params), "optimizer state": hbm.shard_bytes(state.opt_state)}
+  # The train step's input shardings are given (donated state), so its compiled layout holds these bytes.
+  ref_bytes = sizes_b["params"] if use_reference(config) else 0
+  log(f"model {config.model.preset}: {mc.num_params():,} params ({mc.param_dtype}), mesh "
+      f"{dict(zip(names, sizes))} on {len(devices)} chips / {hosts} hosts ({devices[0].device_kind})")
+
+  # The optimizer step, as rl_loop.Trainer jits it.
+  env = types.SimpleNamespace(use_reference=use_reference(config))
+  lc = builders.loop_config(config, env)
+  algo = rl_algos.ALGORITHMS[config.algo.name]
+  logp_fn = rl_loop.make_logp_fn(model.apply, completion_len=t_len, temperature=lc.temperature)
+  step = functools.partial(train_step, logp_fn=logp_fn, objective=functools.partial(algo.objective, **lc.loss_kwargs),
+                           tx=tx, num_microbatches=lc.num_microbatches, sum_microbatches=algo.sum_microbatches)
+  step_fn = jax.jit(step, donate_argnums=0, out_shardings=(state_sh, replicated))
+  arrays = example_rollout(config, rows, p_len)
+  batch = abstract_batch(example_minibatch(config, arrays, prompts), mesh, rules)
+  updates = lc.num_epochs * lc.num_minibatches
+
+  # Sampler: its own dtype copy of the params (sync_weights), the KV cache for the whole rollout.
+  s = config.sampler
+  sampler_dtype = jnp.dtype(s.dtype)
+  sampler_params = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, sampler_dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype,
+                                     sharding=x.sharding), params)
+  sc = SamplerConfig(max_new_tokens=t_len, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                     num_samples=g, prompt_buckets=tuple(config.data.buckets), batch_buckets=tuple(s.batch_buckets),
+                     keep_cache=s.keep_cache)
+  sampler = Sampler(model, sc, mesh=mesh, param_shardings=param_sh, rules=rules)
+  bb = pick_bucket(prompts, sc.batch_buckets, "batch")
+  cache_abs = jax.eval_shape(lambda: kv_cache.init_cache(mc, bb * g, p_len + t_len, sc.cache_dtype))
+  cache = _with_shardings(cache_abs, sampler._cache_shardings(cache_abs))
+  prompt = jax.ShapeDtypeStruct((bb, p_len), jnp.int32)    # placed by the program's own in_shardings
+  cache_bytes = hbm.shard_bytes(cache)
+  kept_cache = {"KV cache": cache_bytes} if s.keep_cache else {}
+  sampler_params_bytes = hbm.shard_bytes(sampler_params) if sampler_dtype != mc.jnp_param_dtype else 0
+
+  tokens = jax.ShapeDtypeStruct((rows, p_len + t_len), jnp.int32, sharding=sharding.batch_sharding(mesh, 2, rules))
+  passes = int(lc.recompute_old_logp and algo.needs_old_logp) + int(use_reference(config))
+
+  sampler_args = {"KV cache": cache_bytes}
+  sampler_args["sampler params" if sampler_params_bytes else "params"] = sampler_params_bytes or sizes_b["params"]
+  s_params = sampler_params if sampler_params_bytes else params
+  prefill_fn, prefill_args, decode_args = _prefill_and_decode(sampler, s_params, cache, prompt, mesh, rules)
+  with jax.set_mesh(mesh):
+    log("compiling the optimizer step ...")
+    train_p = _compile("train_step", step_fn, (state, batch, rng), per_step=updates,
+                       args={**sizes_b, "batch": hbm.shard_bytes(batch)})
+    log("compiling the rollout log-prob pass ...")
+    logp_fn_jit = jax.jit(logp_fn)
+    logp_p = _compile("completion_logprobs", logp_fn_jit, (params, tokens, tokens), per_step=passes,
+                      args={"params": sizes_b["params"], "rollout tokens": 2 * hbm.shard_bytes(tokens)})
+    log("compiling the sampler (prefill + decode loop) ...")
+    sample_p = _compile("sampler program", sampler.program(bb, p_len), (s_params, prompt, prompt, rng_free, cache),
+                        per_step=1, args=sampler_args)
+    chips = len(devices)
+    costs = [  # (name, matmul FLOPs per chip of one run, runs per RL step, compiled program or None)
+        ("sampler prefill", flops.traced_flops(prefill_fn, *prefill_args) / chips, 1, None),
+        ("sampler decode step", flops.traced_flops(prefill_fn, *decode_args) / chips, t_len, None),
+        ("sampler program", None, 1, sample_p),
+        ("completion_logprobs", flops.traced_flops(logp_fn_jit, params, tokens, tokens) / chips, passes, logp_p),
+        ("train_step", flops.traced_flops(step_fn, state, batch, rng) / chips, updates, train_p),
+    ]
+
+  resident_train = {"reference params": ref_bytes, **kept_cache}
+  phases = {
+      "sampling": hbm.Phase(sample_p, {"optimizer state": sizes_b["optimizer state"], "reference params": ref_bytes,
+                                       **({"params": sizes_b["params"]} if sampler_params_bytes else {})}),
+      "rollout log-probs": hbm.Phase(logp_p, {"optimizer state": sizes_b["optimizer state"],
+                                              "reference params": ref_bytes, **kept_cache}),
+      "train step": hbm.Phase(train_p, resident_train),
+  }
+  if not passes:
+    del phases["rollout log-probs"]
+  summary = dict(sizes_b, mesh=dict(zip(names, sizes)), hosts=hosts, prompts=prompts, rows=rows,
+                 minibatch_rows=batch["tokens"].shape[0], kv_cache=cache_bytes, reference=ref_bytes)
+  return phases, costs, summary
+
+
+def _compile(name: str, jitted, call_args: tuple, *, per_step: float, **kw) -> hbm.Program:
+  """Lowers and compiles ``jitted`` for ``args``; a program over HBM becomes a Program with the compiler's
+  figures (the TPU compiler refuses programs that do not fit one chip)."""
+  try:
+    compiled = jitted.lower(*call_args).compile()
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    return hbm.from_out_of_memory(name, str(e), per_step=per_step, **kw)
+  return hbm.measure(name, compiled, per_step=per_step, **kw)
+
+
+def _prefill_and_decode(sampler: Sampler, params, cache, prompt, mesh, rules):
+  """The sampler's model calls alone, for their costs: prefill of the prompt bucket and one decode step.
+
+  Returns the jitted call and the argument tuples of prefill and of one decode step."""
+  row_sh = sharding.batch_sharding(mesh, 2, rules)
+  n = prompt.shape[0] * sampler.config.num_samples
+  toks = jax.ShapeDtypeStruct((n, prompt.shape[1]), jnp.int32, sharding=row_sh)
+  one = jax.ShapeDtypeStruct((n, 1), jnp.int32, sharding=row_sh)
+  cache_sh = jax.tree.map(lambda x: x.sharding, cache)
+  # tokens, positions and mask share one shape and dtype; the cache is donated as in the decode loop.
+  jitted = jax.jit(sampler._apply, donate_argnums=(4,), out_shardings=(None, cache_sh))
+  return jitted, (params, toks, toks, toks, cache), (params, one, one, one, cache)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Entry point
+# ------------------------------------------------------------------------------------------------------------
+
+def run(config, topology: str | None = None, *, hbm_gib: float | None = None, log=print) -> tuple[bool, str]:
+  """Compiles the config for ``topology`` (default: ``config.slice``); returns (fits, report text)."""
+  if config.job != "rl":
+    raise SystemExit(f"launch.aot checks RL jobs; config key 'job' is {config.job!r}")
+  if config.algo.name not in rl_algos.ALGORITHMS:
+    raise SystemExit(f"config key 'algo.name': unknown algorithm {config.algo.name!r}")
+  try:
+    sl = tpu_topology.parse(topology or config.slice, hbm_gib=hbm_gib)
+  except ValueError as e:
+    raise SystemExit(str(e)) from None
+  devices = tpu_topology.compile_only_devices(sl)
+  phases, costs, summary = compile_all(config, devices, log=log)
+  header = (f"{sl.name} ({sl.topology_name}, {sl.num_chips} chips, {summary['hosts']} hosts, "
+            f"{hbm.gib(sl.hbm_bytes).strip()} HBM per chip), mesh {summary['mesh']}; rollout {summary['prompts']} "
+            f"prompts x {config.sampler.num_generations} = {summary['rows']} rows, "
+            f"{config.train.num_minibatches} minibatches of {summary['minibatch_rows']} rows in "
+            f"{config.train.num_microbatches} micro-batches\nper-chip HBM by phase:")
+  fits, text = hbm.report(phases, sl.hbm_bytes, header=header)
+  text += "\n" + "\n".join(hbm.cost_lines(costs))
+  return fits, text
+
+
+def check(config, topology: str | None = None, *, hbm_gib: float | None = None, log=print) -> int:
+  """Prints the report; returns the exit status (0 fits, 1 does not fit)."""
+  try:
+    fits, text = run(config, topology, hbm_gib=hbm_gib, log=log)
+  except ImportError as e:
+    raise SystemExit(str(e)) from None
+  log(text)
+  return 0 if fits else 1
+
+
+def main(argv) -> None:
+  del argv
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError("--config is required, e.g. --config configs/grpo_tpu.py")
+  jax.config.update("jax_platforms", "cpu")  # this process runs nothing: TPU devices are compile-only
+  sys.exit(check(config, _TOPOLOGY.value, hbm_gib=_HBM_GIB.value, log=functools.partial(print, flush=True)))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,139 @@
+"""launch.aot: TPU ahead-of-time compilation of an RL config, per-chip HBM accounting and the fit verdict.
+
+Needs libtpu (``pip install "jax[tpu]"``) for the compile-only TPU devices; without it the compile tests skip.
+The message parsing, topology layouts and FLOP counter are tested without libtpu.
+"""
+import jax
+import jax.numpy as jnp
+import pytest
+
+from configs import grpo_tpu
+from launch import flops, hbm, tpu_topology
+
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
+
+# ------------------------------------------------------------------------------------------ no libtpu needed
+
+@pytest.mark.parametrize("name,shape,chips", [
+    ("v5p-64", (2, 4, 4), 32), ("v5p-8", (2, 2, 1), 4), ("v4-32", (2, 2, 4), 16), ("v4-128", (4, 4, 4), 64),
+    ("v5litepod-16", (4, 4), 16), ("v5e-4", (2, 2), 4), ("v6e-8", (2, 4), 8), ("v6e-256", (16, 16), 256),
+    ("v5p:4x4x8", (4, 4, 8), 128)])
+def test_slice_layouts(name, shape, chips):
+  s = tpu_topology.parse(name)
+  assert s.shape == shape and s.num_chips == chips
+
+
+def test_slice_errors_and_capacity():
+  assert tpu_topology.parse("v5p-64").hbm_bytes == 95 * hbm.GIB
+  assert tpu_topology.parse("v5e-8").hbm_bytes == 16 * hbm.GIB
+  assert tpu_topology.parse("v5e-8", hbm_gib=0.5).hbm_bytes == hbm.GIB // 2
+  for bad in ("v5p-63", "v9-8", "v5p:2x2", "gpu-8"):
+    with pytest.raises(ValueError):
+      tpu_topology.parse(bad)
+
+
+def test_compiler_out_of_memory_messages():
+  a = hbm.from_out_of_memory("x", "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
+                             "HLO temporaries (50.81G) exceeds available HBM (15.75G).", per_step=1,
+                             args={"params": 2 * hbm.GIB})
+  assert a.temp == int(50.81 * hbm.GIB) and a.peak == a.temp + 2 * hbm.GIB and a.error
+  b = hbm.from_out_of_memory("y", "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in "
+                             "memory space hbm. Used 63.80G of 30.75G hbm. Exceeded hbm capacity by 33.05G.",
+                             per_step=1, args={"params": hbm.GIB})
+  assert b.peak == int(63.80 * hbm.GIB)
+
+
+def test_traced_flops_expand_scans():
+  def f(w, x):
+    h, _ = jax.lax.scan(lambda h, wl: (jnp.tanh(h @ wl), None), x, w)
+    return h.sum()
+  w, x = jax.ShapeDtypeStruct((3, 64, 64), jnp.float32), jax.ShapeDtypeStruct((16, 64), jnp.float32)
+  assert flops.traced_flops(jax.jit(f), w, x) == 3 * 2 * 16 * 64 * 64
+  # Gradient w.r.t. w and x: the forward plus two matmuls per layer in the backward pass.
+  assert flops.traced_flops(jax.jit(jax.grad(f, argnums=(0, 1))), w, x) == 3 * 3 * 2 * 16 * 64 * 64
+
+
+# ------------------------------------------------------------------------------------------ compiled on TPU
+
+def _devices(name):
+  pytest.importorskip("libtpu")
+  try:
+    return tpu_topology.compile_only_devices(tpu_topology.parse(name))
+  except Exception as e:  # noqa: BLE001  libtpu present but unable to describe the topology
+    pytest.skip(f"no TPU topology from libtpu: {e}")
+
+
+def _config(fsdp=-1):
+  """The runlocal GRPO job (a ~0.4M-parameter model) laid out fully sharded over the slice."""
+  c = grpo_tpu.get_config("runlocal")
+  c.mesh = [("data", -1), ("fsdp", fsdp), ("tensor", 1)] if fsdp != -1 else [("data", 1), ("fsdp", -1),
+                                                                              ("tensor", 1)]
+  c.algo.kwargs.kl_coef = 0.04   # a reference model and its log-prob pass
+  return c
+
+
+@pytest.fixture(scope="module")
+def compiled():
+  from launch import aot
+  devices = _devices("v5e-8")
+  c = _config()
+  c.sampler.max_new_tokens = 8
+  return c, aot.compile_all(c, devices, log=lambda *_: None)
+
+
+def test_breakdown_and_param_bytes(compiled):
+  from launch import builders
+  c, (phases, costs, summary) = compiled
+  assert set(phases) == {"sampling", "rollout log-probs", "train step"}
+  comps = phases["train step"].components
+  for key in ("params", "optimizer state", "reference params", "KV cache", "activations / temporaries", "batch"):
+    assert key in comps, key
+  assert "KV cache" in phases["sampling"].components
+  n = builders.model_config(c, c.tokenizer.vocab_size).num_params()
+  # Every parameter has an "embed" axis split over fsdp=8 (float32), so a chip holds 1/8 of them.
+  assert summary["params"] == pytest.approx(4 * n / 8, rel=0.02)
+  assert summary["optimizer state"] == pytest.approx(2 * summary["params"], rel=0.01)   # Adam mu and nu
+  train = phases["train step"].program
+  assert train.argument >= summary["params"] + summary["optimizer state"]   # compiled memory analysis
+  assert all(ph.total >= ph.program.peak > 0 for ph in phases.values())
+  by_name = {name: (f, k) for name, f, k, _ in costs}
+  assert by_name["train_step"][1] == c.train.num_minibatches * c.train.num_epochs
+  assert by_name["sampler decode step"][1] == c.sampler.max_new_tokens
+  # Per row, the step (forward + backward, no remat) does three times the matmuls of the log-prob forward.
+  per_row_train = by_name["train_step"][0] / summary["minibatch_rows"]
+  per_row_logp = by_name["completion_logprobs"][0] / summary["rows"]
+  assert per_row_train == pytest.approx(3 * per_row_logp, rel=0.05)
+
+
+def test_does_not_fit_names_biggest_consumer(compiled):
+  _, (phases, _, _) = compiled
+  peak = max(ph.total for ph in phases.values())
+  fits, text = hbm.report(phases, peak + 1, header="h")
+  assert fits and "FITS" in text
+  fits, text = hbm.report(phases, peak - 1, header="h")
+  assert not fits and "DOES NOT FIT" in text and "biggest consumer" in text and "fix:" in text
+
+
+@pytest.mark.slow
+def test_cli_exit_status_when_it_does_not_fit():
+  from launch import aot
+  _devices("v5e-8")
+  c = _config()
+  c.sampler.max_new_tokens = 8
+  lines = []
+  assert aot.check(c, "v5e-8", hbm_gib=1e-4, log=lines.append) == 1
+  assert "DOES NOT FIT" in lines[-1] and "biggest consumer" in lines[-1]
+
+
+def test_param_and_optimizer_bytes_fall_as_one_over_fsdp(compiled):
+  from launch import aot
+  _, (phases8, _, summary8) = compiled                      # fsdp=8
+  c = _config(2)                                             # data=4, fsdp=2
+  c.sampler.max_new_tokens = 8
+  phases2, _, summary2 = aot.compile_all(c, _devices("v5e-8"), log=lambda *_: None)
+  state = {k: s["params"] + s["optimizer state"] for k, s in ((2, summary2), (8, summary8))}
+  assert state[2] == pytest.approx(4 * state[8], rel=0.02)
+  # The compiled step's arguments (train state + a small batch) shrink with it.
+  args = {2: phases2["train step"].program.argument, 8: phases8["train step"].program.argument}
+  assert args[8] < 0.5 * args[2]
