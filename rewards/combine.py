@@ -231,7 +231,7 @@ def _run(name: str, fn: RewardFn, prompts: list, completions: list, batch: Mappi
   """
   n = len(completions)
   try:
-    col = np.asarray(fn(prompts, completions, **batch), dtype=np.float32)
+    col = np.array(fn(prompts, completions, **batch), dtype=np.float32)  # a writable copy
   except Exception as e:  # noqa: BLE001 (any failure of user code is a fault to report)
     batch_error = e
   else:

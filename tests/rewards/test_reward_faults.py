@@ -101,6 +101,16 @@ def test_batch_level_failure_when_every_row_alone_succeeds(caplog):
   assert len(warned) == 4 and "3 more of 6 rows" in warned[-1]   # three rows named, the rest counted
 
 
+def test_read_only_outputs_are_accepted():
+  """Device results come back as read-only arrays; the faulted rows are still overwritten in a copy."""
+  def frozen(prompts, completions, **_):
+    out = np.array([np.inf if c == "boom" else 1.0 for c in completions], np.float32)
+    out.flags.writeable = False
+    return out
+  out = _compute(dict(name="frozen", fn=frozen, on_error="missing"))
+  np.testing.assert_array_equal(out.component("frozen"), [[1, 1], [1, np.nan], [1, 1]])
+
+
 def test_unknown_policy_and_shape_errors_are_not_faults():
   with pytest.raises(ValueError, match="on_error='skip'"):
     combine.build([dict(name="x", fn="format", on_error="skip")])

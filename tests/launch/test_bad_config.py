@@ -1,0 +1,156 @@
+"""Bad configs stop the launch before anything is traced or compiled, with a message naming the key and the fix.
+
+A listener on jax.monitoring's compile events (tracing, lowering, XLA compilation) counts what the launch
+compiled; a control run whose error surfaces only after the model is built shows that the count sees it.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from configs import gdpo_tpu, grpo_tpu
+from launch import builders, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
+
+@pytest.fixture
+def compiles():
+  """The compile events (``/jax/core/compile/...``) recorded while the test runs."""
+  seen = []
+
+  def listener(event, duration, **_):
+    del duration
+    if event.startswith("/jax/core/compile/"):
+      seen.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  yield seen
+  jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def _config(module=grpo_tpu, **changes):
+  c = module.get_config("runlocal")
+  c.tokenizer.train_records = 200   # small enough that a check that failed to fire costs seconds, not minutes
+  c.sft.steps, c.train.total_steps, c.eval.num_prompts = 2, 2, 8
+  for key, value in changes.items():
+    node, parts = c, key.split(".")
+    for part in parts[:-1]:
+      node = node[part]
+    node[parts[-1]] = value
+  c.lock()
+  return c
+
+
+def _expect_stop(config, workdir, match, compiles):
+  with pytest.raises(SystemExit, match=match) as info:
+    train.run(config, str(workdir))
+  assert not compiles, f"compiled before the config error was reported: {compiles}"
+  assert not os.path.exists(os.path.join(str(workdir), "checkpoints"))
+  return str(info.value)
+
+
+def _rm(path):
+  return ({"name": "rm", "fn": "reward_model", "kwargs": {"path": path}},)
+
+
+CASES = {
+    # issue-listed errors
+    "mesh_vs_devices": (dict(mesh=[("data", 3), ("fsdp", 1), ("tensor", 1)]), r"'mesh'.*3 devices but 8"),
+    "batch_vs_data_parallel": (dict(**{"train.batch_prompts": 3}), r"'train\.batch_prompts'.*data-parallel size 8"),
+    "group_size": (dict(**{"sampler.num_generations": 1}), r"'sampler\.num_generations'.*needs >= 2"),
+    "rm_missing_dir": (dict(rewards=_rm("{tmp}/nowhere")), r"'rewards\[0\]\.kwargs\.path'.*does not exist.*rm_bt"),
+    "rm_empty_dir": (dict(rewards=_rm("{tmp}")), r"'rewards\[0\]\.kwargs\.path'.*no readable checkpoint"),
+    "rm_no_path": (dict(rewards=({"name": "rm", "fn": "reward_model"},)), r"'rewards\[0\]\.kwargs\.path'.*needs"),
+    "vocab_smaller_than_tokenizer": (dict(**{"tokenizer.vocab_size": 300, "model.vocab_from_tokenizer": False}),
+                                     r"'model\.vocab_from_tokenizer'.*embeds 128.*up to 300 pieces.*=True"),
+    # others found
+    "unknown_reward_fn": (dict(rewards=({"name": "c", "fn": "exact_match"},)), r"'rewards\[0\]\.fn'.*unknown reward"),
+    "reward_spec_typo": (dict(rewards=({"name": "c", "fn": "format", "wieght": 1.0},)), r"'rewards\[0\]'.*wieght"),
+    "reward_on_error": (dict(rewards=({"name": "c", "fn": "format", "on_error": "skip"},)),
+                        r"'rewards\[0\]\.on_error'.*'raise', 'missing'"),
+    "eval_reward_fn": (dict(**{"eval.rewards": ({"name": "c", "fn": "nope:f"},)}), r"'eval\.rewards\[0\]\.fn'"),
+    "rule_mesh_axis": (dict(sharding_rules=[("batch", ("dta", "fsdp"))]), r"'sharding_rules\[0\]'.*\['dta'\]"),
+    "rule_logical_axis": (dict(sharding_rules=[("bacth", "data")]), r"'sharding_rules\[0\]'.*'bacth'"),
+    "minibatches": (dict(**{"train.num_minibatches": 3}), r"'train\.batch_prompts'.*num_minibatches=3"),
+    "microbatches": (dict(**{"train.num_microbatches": 5}), r"'train\.num_microbatches'.*5 micro-batches"),
+    "sft_batch": (dict(**{"sft.batch_prompts": 12}), r"'sft\.batch_prompts'.*data-parallel size 8"),
+    "data_source": (dict(**{"data.source": "gsm9k"}), r"'data\.source'.*synthetic \| gsm8k"),
+    "tokenizer_kind": (dict(**{"tokenizer.kind": "bpe"}), r"'tokenizer\.kind'"),
+    "model_preset": (dict(**{"model.preset": "llama-9"}), r"'model\.preset'.*unknown model preset"),
+    "advantage_scale": (dict(**{"algo.advantage.scale": "grop"}), r"'algo\.advantage\.scale'"),
+    "sampler_top_p": (dict(**{"sampler.top_p": 0.0}), r"'sampler'.*top_p"),
+    "hf_without_config": (dict(**{"init.policy": "hf", "init.path": "{tmp}"}), r"'init\.path'.*no config\.json"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_config_stops_before_compiling(case, tmp_path, compiles):
+  changes, match = CASES[case]
+  fill = lambda v: v.replace("{tmp}", str(tmp_path / "in")) if isinstance(v, str) else v  # noqa: E731
+  changes = {k: (tuple({**r, "kwargs": {"path": fill(r["kwargs"]["path"])}} if "kwargs" in r else r for r in v)
+                 if k == "rewards" else fill(v)) for k, v in changes.items()}
+  (tmp_path / "in").mkdir()
+  _expect_stop(_config(gdpo_tpu if case == "group_size" else grpo_tpu, **changes), tmp_path / "run", match,
+               compiles)
+
+
+def test_vocab_against_a_tokenizer_file_and_an_hf_checkpoint(tmp_path, compiles):
+  """Smaller model vocabulary than the tokenizer's is an error; a larger one (padding up) is fine."""
+  import string
+  from rlj.data import tokenizer as tok_lib
+  letters = string.ascii_lowercase
+  corpus = [" ".join(a + b + c for b in letters[:8] for c in "xyz") for a in letters] * 3
+  tok = tok_lib.train(corpus, vocab_size=200, byte_fallback=False)
+  path = str(tmp_path / "tok.model")
+  tok.save(path)
+  assert tok.vocab_size == 200
+  c = _config(**{"tokenizer.kind": "sentencepiece", "tokenizer.path": path, "model.vocab_from_tokenizer": False})
+  _expect_stop(c, tmp_path / "run", r"'model\.vocab_from_tokenizer'.*'tiny' embeds 128.*200 pieces", compiles)
+  c.unlock()
+  c.model.overrides.vocab_size = 256                    # padded up: accepted
+  builders.validate(c)
+  hf = tmp_path / "hf"
+  hf.mkdir()
+  (hf / "config.json").write_text(json.dumps({"vocab_size": 150}))
+  c.init.policy, c.init.path = "hf", str(hf)
+  _expect_stop(c, tmp_path / "run", r"'tokenizer\.path'.*200 pieces.*embeds only 150", compiles)
+  (hf / "config.json").write_text(json.dumps({"vocab_size": 200}))
+  builders.validate(c)
+  assert not compiles
+
+
+def test_the_compile_counter_sees_an_error_raised_after_the_model_is_built(tmp_path, compiles, monkeypatch):
+  """Control: without the up-front checks the same bad data source fails only after the model was compiled."""
+  monkeypatch.setattr(builders, "validate", lambda config: None)
+  c = _config(**{"data.source": "gsm9k"})
+  with pytest.raises(SystemExit, match="data.source"):
+    train.run(c, str(tmp_path / "run"))
+  assert any(e.endswith("backend_compile_duration") for e in compiles), compiles
+
+
+def _cli(tmp_path, *overrides):
+  workdir = tmp_path / "cli"
+  proc = subprocess.run([sys.executable, "-m", "launch.train", "--config", "configs/grpo_tpu.py:runlocal",
+                         *overrides, "--workdir", str(workdir)], cwd=ROOT, capture_output=True, text=True,
+                        timeout=120)
+  assert not workdir.exists()
+  return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_cli_unknown_key_exits_nonzero_naming_it(tmp_path):
+  """The config flag is locked: a misspelt key fails while the flags are parsed, with a suggestion."""
+  rc, out = _cli(tmp_path, "--config.trian.total_steps=3")
+  assert rc != 0
+  assert "'trian'" in out and 'Did you mean "train"' in out, out[-2000:]
+
+
+def test_cli_bad_value_exits_nonzero_with_the_message(tmp_path):
+  rc, out = _cli(tmp_path, "--config.train.batch_prompts=3")
+  assert rc != 0
+  assert "config key 'train.batch_prompts'" in out, out[-2000:]
