@@ -145,3 +145,16 @@ def test_gdpo_treats_a_missing_reward_as_not_applicable():
   zero[1, 1, 1] = 0.0                                  # scoring the fault 0 instead would change group 1
   assert not np.allclose(adv[1], rl_algos.advantages("gdpo", zero, w, kw)[1], atol=1e-3)
   assert abs(adv[1, 1]) > 0.1                          # the faulted row still has the other components' signal
+
+
+def test_the_config_key_reaches_compute():
+  """``rewards[i].on_error`` / ``allow_nan`` in a job config pass validation and set the built function's policy."""
+  from configs import grpo_tpu
+  from launch import builders
+  c = grpo_tpu.get_config("runlocal")
+  c.rewards = ({"name": "correct", "fn": "math_exact_match"},
+               {"name": "parse", "fn": "math_exact_match", "on_error": "missing", "allow_nan": False})
+  builders.validate(c)
+  fns = dict(combine.build(builders.reward_specs(c)))
+  assert (fns["correct"].on_error, fns["correct"].allow_nan) == ("raise", True)
+  assert (fns["parse"].on_error, fns["parse"].allow_nan) == ("missing", False)
