@@ -60,6 +60,7 @@ def rl_base(arg: mlc.ConfigDict) -> mlc.ConfigDict:
   c.seed = 0
   c.hardware = "tpu"
   c.hardware_note = f"{arg.model} on a {arg.slice} slice"
+  c.slice = arg.slice                                       # TPU slice the job is sized for (launch.aot)
   c.mesh = [("data", 1), ("fsdp", -1), ("tensor", 1)]
   c.sharding_rules = rules_list()
   c.model = dict(preset=arg.model, vocab_from_tokenizer=False,

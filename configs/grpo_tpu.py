@@ -1,7 +1,10 @@
 r"""GRPO (DeepSeekMath, arXiv:2402.03300) on GSM8K with a Gemma-2B policy on a TPU v5p-32 slice.
 
 The default variant is a pod job: Gemma-2B (float32 params, bfloat16 compute, remat), fully sharded over 16
-chips (mesh fsdp=-1), 64 prompts x 8 completions per step, 512 new tokens, k3_ratio KL at 0.04, token-mean loss.
+chips (mesh fsdp=-1), 512 new tokens, k3_ratio KL at 0.04, token-mean loss. Per-model pod settings (``POD``:
+the slice, prompts per host and step, minibatches, micro-batches) are the ones ``launch.aot`` shows to fit:
+  python -m launch.aot --config configs/grpo_tpu.py                              # gemma-2b on v5p-32
+  python -m launch.aot --config configs/grpo_tpu.py:model=llama-3.1-8b           # on v5p-64
 
 Local debug (CPU, ~0.5M-param model, synthetic arithmetic, SFT cold start then 40 GRPO steps, ~5 min):
   python -m launch.train --config configs/grpo_tpu.py:runlocal --workdir runs/grpo-local
@@ -11,16 +14,29 @@ Pod, every worker (see README "TPU pods"):
     --config.init.path=$CKPT/gemma-2b --config.tokenizer.path=$CKPT/gemma-2b/tokenizer.model \
     --config.data.source_dir=$DATA/gsm8k --config.data.data_dir=$DATA/tfds --workdir $RUNS/grpo-gemma2b
 
-Variants: ``model=<preset>`` (gemma-2b, llama-3.1-8b, qwen2.5-0.5b, qwen2.5-7b), ``slice=<name>`` (label only),
-``runlocal``. Overrides: ``--config.algo.kwargs.clip_eps_high=0.28`` (DAPO clip-higher),
+Variants: ``model=<preset>`` (gemma-2b, llama-3.1-8b, qwen2.5-0.5b, qwen2.5-7b), ``slice=<name>`` (the TPU
+slice the job is sized for; default: the model's in ``POD``, else v5p-32), ``runlocal``. Overrides: ``--config.algo.kwargs.clip_eps_high=0.28`` (DAPO clip-higher),
 ``--config.algo.advantage.scale=none --config.algo.kwargs.agg=dr_grpo`` (Dr. GRPO).
 """
 from configs import common
 
 
+# Model -> slice and batch settings that fit its chips' HBM (checked with launch.aot; batch_prompts is per host).
+# The rollout's log-prob passes run on the whole rollout at once, so prompts per host bound the peak.
+POD = {
+    "gemma-2b": dict(slice="v5p-32", batch_prompts=2, num_minibatches=4, num_microbatches=1),
+    "llama-3.1-8b": dict(slice="v5p-64", batch_prompts=2, num_minibatches=4, num_microbatches=1),
+}
+
+
 def get_config(arg=None):
-  arg = common.parse_arg(arg, runlocal=False, model="gemma-2b", slice="v5p-32")
+  arg = common.parse_arg(arg, runlocal=False, model="gemma-2b", slice="")
+  pod = POD.get(arg.model, {})
+  arg.slice = arg.slice or pod.get("slice", "v5p-32")
   c = common.rl_base(arg)
+  for key in ("batch_prompts", "num_minibatches", "num_microbatches"):
+    if key in pod:
+      c.train[key] = pod[key]
   if arg.runlocal:
     common.apply_runlocal(c)
   return c
