@@ -3,7 +3,7 @@
 A completion is correct when ``reward_fn`` gives it a reward >= ``threshold`` (exact match gives 0/1).
 Greedy: one argmax completion per prompt. Sampled: G completions per prompt at the training temperature;
 ``sampled_accuracy`` is the mean over all samples and ``pass@G`` the fraction of prompts with at least one
-correct sample.
+correct sample. In a multi-process job each process scores its own prompts and the metrics cover all of them.
 """
 from __future__ import annotations
 
@@ -12,18 +12,27 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 
 from rewards import combine
+from rlj import host_data
 
 
 def rollout_texts(tokenizer, rollout) -> list[str]:
-  """Decodes the completion rows of a rollout (up to and excluding EOS)."""
-  completion = np.asarray(rollout.completion)
-  mask = np.asarray(rollout.mask)
+  """Decodes this process's completion rows of a rollout (up to and excluding EOS)."""
+  completion = host_data.to_local(rollout.completion)
+  mask = host_data.to_local(rollout.mask)
   return tokenizer.decode_batch(completion, mask)
 
 
 def score(reward_fn: Callable, prompts: list[str], completions: list[str], answers: list[Any],
           lengths: np.ndarray) -> np.ndarray:
   return np.asarray(reward_fn(prompts, completions, answers=answers, lengths=lengths), np.float32)
+
+
+def _every_process(values: np.ndarray) -> np.ndarray:
+  """This process's per-prompt results -> all processes' (their number may differ; order is irrelevant)."""
+  if not host_data.multiprocess():
+    return values
+  parts = host_data.allgather_json(values.tolist())
+  return np.asarray([x for part in parts for x in part], values.dtype)
 
 
 def evaluate(params: Any, batches: Iterable[Mapping[str, np.ndarray]], *, tokenizer, reward_fn: Callable,
@@ -38,17 +47,17 @@ def evaluate(params: Any, batches: Iterable[Mapping[str, np.ndarray]], *, tokeni
     answers = [str(a) for a in batch["answer"]]
     if greedy_sampler is not None:
       ro = greedy_sampler.sample(params, batch["prompt_tokens"], batch["prompt_mask"], jax.random.key(0))
-      r = score(reward_fn, prompts, rollout_texts(tokenizer, ro), answers, np.asarray(ro.lengths))
-      correct_greedy.append((r >= threshold)[valid])
+      r = score(reward_fn, prompts, rollout_texts(tokenizer, ro), answers, host_data.to_local(ro.lengths))
+      correct_greedy.append(_every_process((r >= threshold)[valid]))
     if sampled_sampler is not None:
       g = sampled_sampler.config.num_samples
       ro = sampled_sampler.sample(params, batch["prompt_tokens"], batch["prompt_mask"], jax.random.fold_in(rng, i))
       r = score(reward_fn, combine.repeat_per_prompt(prompts, g), rollout_texts(tokenizer, ro),
-                combine.repeat_per_prompt(answers, g), np.asarray(ro.lengths)).reshape(-1, g)
+                combine.repeat_per_prompt(answers, g), host_data.to_local(ro.lengths)).reshape(-1, g)
       ok = (r >= threshold)[valid]
-      correct_sampled.append(ok.mean(axis=1))
-      pass_k.append(ok.any(axis=1))
-    seen += int(valid.sum())
+      correct_sampled.append(_every_process(ok.mean(axis=1)))
+      pass_k.append(_every_process(ok.any(axis=1)))
+    seen += int(host_data.process_sum(valid.sum()))
     if max_examples is not None and seen >= max_examples:
       break
   out = {"eval/examples": float(seen)}

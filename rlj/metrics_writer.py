@@ -114,7 +114,13 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def plot_curves(workdir: str, keys=PLOT_KEYS, filename: str = "curves.png") -> str | None:
-  """Plots the main curves from ``metrics.jsonl`` into ``<workdir>/<filename>``; returns its path."""
+  """Plots the main curves from ``metrics.jsonl`` into ``<workdir>/<filename>``; returns its path.
+
+  In a multi-process job only process 0 plots (it alone writes ``metrics.jsonl``); the others return None.
+  """
+  import jax  # only for the process index; the writer itself does not need jax
+  if jax.process_index() != 0:
+    return None
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return None

@@ -30,7 +30,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from models import kv_cache
-from rlj import logprobs, sampling_filters, sharding
+from rlj import host_data, logprobs, sampling_filters, sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,11 +196,11 @@ class Sampler:
   # The compiled program.
   # --------------------------------------------------------------------------------------------------------
 
-  def _apply(self, params, tokens, positions, mask, cache):
+  def _apply(self, params, tokens, positions, mask, cache, **kwargs):
     if self.mesh is None:
-      return self.model.apply({"params": params}, tokens, positions, mask, cache=cache)
+      return self.model.apply({"params": params}, tokens, positions, mask, cache=cache, **kwargs)
     with nn.logical_axis_rules(sharding._filter_rules(self.rules, self.mesh)):
-      return self.model.apply({"params": params}, tokens, positions, mask, cache=cache)
+      return self.model.apply({"params": params}, tokens, positions, mask, cache=cache, **kwargs)
 
   def _generate(self, params, prompt, prompt_mask, rng, cache):
     """prompt [Bb, Pb] -> completion arrays for N = Bb * G rows (traced once per bucket)."""
@@ -216,7 +216,7 @@ class Sampler:
     cache = cache._replace(key_mask=jnp.zeros_like(cache.key_mask), index=jnp.zeros((), jnp.int32))
 
     positions = logprobs.positions_from_mask(prompt_mask)
-    logits, cache = self._apply(params, prompt, positions, prompt_mask, cache)     # prefill
+    logits, cache = self._apply(params, prompt, positions, prompt_mask, cache, last_only=True)   # prefill
     stop = jnp.asarray(c.stop_set or (-1,), jnp.int32)
 
     def cond(s: _LoopState):
@@ -264,7 +264,8 @@ class Sampler:
       if self.mesh is not None:
         cs = self._cache_shardings(abstract_cache)
         rep, r2 = self._replicated(), self._row_sharding(2, rows)
-        kwargs = dict(in_shardings=(self.param_shardings(), rep, rep, rep, cs),
+        pr = self._row_sharding(2, batch)
+        kwargs = dict(in_shardings=(self.param_shardings(), pr, pr, rep, cs),
                       out_shardings=(r2, r2, r2, r2, r2, rep, cs))
       self._programs[key] = jax.jit(self._generate, donate_argnums=(4,), **kwargs)
     return self._programs[key]
@@ -281,18 +282,29 @@ class Sampler:
 
     Returns:
       A ``Rollout`` with N = B * G rows and P + T columns.
+
+    Multi-process jobs: each process passes its own B_local prompts; the rollout holds the global batch of
+    B = B_local * process_count prompts (process p's prompts are those on its devices; read them with
+    ``rlj.host_data.to_local``), padded to the widest process's prompt width.
     """
     params = logprobs.as_variables(params)["params"]
     prompt_tokens = np.asarray(prompt_tokens, np.int32)
     prompt_mask = np.asarray(prompt_mask, np.int32)
-    b, p = prompt_tokens.shape
+    b_local, p_local = prompt_tokens.shape
+    b, p = self._global_shape(b_local, p_local)
     bb = pick_bucket(b, self.config.batch_buckets, "batch")
     pb = pick_bucket(p, self.config.prompt_buckets, "prompt length")
+    if b != b_local and bb != b:
+      raise ValueError(f"multi-process sampling takes whole batches: the global batch {b} must equal a batch "
+                       f"bucket (batch_buckets={self.config.batch_buckets}); use batch_buckets=() or add {b}")
     # Left-pad the prompt width to the bucket; pad the batch with copies of row 0 (dropped afterwards).
-    tok = np.full((bb, pb), self.config.pad_id, np.int32)
-    msk = np.zeros((bb, pb), np.int32)
-    tok[:b, pb - p:], msk[:b, pb - p:] = prompt_tokens, prompt_mask
-    tok[b:], msk[b:] = tok[0], msk[0]
+    tok = np.full((bb - b + b_local, pb), self.config.pad_id, np.int32)
+    msk = np.zeros_like(tok)
+    tok[:b_local, pb - p_local:], msk[:b_local, pb - p_local:] = prompt_tokens, prompt_mask
+    tok[b_local:], msk[b_local:] = tok[0], msk[0]
+    if b != b_local:  # this process's prompt rows -> rows of one global batch
+      placed = host_data.to_global({"tok": tok, "msk": msk}, self.mesh, self.rules)
+      tok, msk = placed["tok"], placed["msk"]
 
     key = (bb, pb)
     fn = self.program(bb, pb)
@@ -311,6 +323,16 @@ class Sampler:
 
     return _finish(completion, logp, mask, prompt_rep, mask_rep, steps, rows=b * self.config.num_samples,
                    pad_cols=pb - p)
+
+  def _global_shape(self, b_local: int, p_local: int) -> tuple[int, int]:
+    """(prompts, prompt width) of the global batch: with several processes, each holds ``b_local`` of the
+    prompts, and all must pad to one width (the widest process's)."""
+    n = jax.process_count()
+    if n == 1:
+      return b_local, p_local
+    if self.mesh is None:
+      raise ValueError("a multi-process job samples on a mesh over every process's devices; pass mesh=")
+    return b_local * n, host_data.process_max(p_local)
 
   def release_caches(self) -> None:
     """Drops the KV caches kept between calls (``keep_cache=True``)."""
