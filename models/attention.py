@@ -47,12 +47,16 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
   """
   b, s, h, dh = q.shape
   kvh = k.shape[2]
-  q = q.reshape(b, s, kvh, h // kvh, dh)
-  scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32) * (dh ** -0.5)
-  scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
+  g = h // kvh
+  # Head-major queries [B, KVH, G*S, Dh] (row g*S + s): the [.., G*S, T] scores and probabilities then need
+  # no transposes between the two batched matmuls; only the small q / output tensors are relaid.
+  q = q.reshape(b, s, kvh, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * s, dh)
+  scores = jnp.einsum("bkqd,btkd->bkqt", q, k, preferred_element_type=jnp.float32) * (dh ** -0.5)
+  mask = jnp.tile(mask, (1, g, 1))                                      # [B, G*S, T]
+  scores = jnp.where(mask[:, None, :, :], scores, _MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
-  return out.reshape(b, s, h, dh)
+  out = jnp.einsum("bkqt,btkd->bkqd", probs, v)                         # [B, KVH, G*S, Dh]
+  return out.reshape(b, kvh, g, s, dh).transpose(0, 3, 1, 2, 4).reshape(b, s, h, dh)
 
 
 class Attention(nn.Module):
@@ -77,26 +81,29 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, sin: jax.Array, cos: jax.Array, mask: jax.Array,
                cache: Optional[tuple[jax.Array, jax.Array]] = None,
-               index: Optional[jax.Array] = None):
+               index: Optional[jax.Array] = None, layer: Optional[jax.Array] = None):
     """Self-attention over the new tokens, or over the cache after writing them into it.
 
     Args:
       x: [B, S, D] normed hidden states.
       sin, cos: [B, S, Dh/2] RoPE angles of the S tokens.
       mask: [B, S, T] bool from ``attention_mask`` (T = S, or S_max with a cache).
-      cache: this layer's (k, v), each [B, S_max, KVH, Dh], or None.
+      cache: the stacked (k, v) of all layers, each [L, B, S_max, KVH, Dh], or None.
       index: int32 scalar slot of the first new token (with a cache).
+      layer: int32 scalar, this block's layer in the stacked cache (with a cache).
     Returns:
-      ([B, S, D] output, updated (k, v) or None).
+      ([B, S, D] output, the stacked (k, v) with this layer's new slots written in place, or None).
     """
     x = x.astype(self.dtype)
     q = apply_rope(self._project(x, "q", self.num_heads, "heads"), sin, cos)
     k = apply_rope(self._project(x, "k", self.num_kv_heads, "kv_heads"), sin, cos)
     v = self._project(x, "v", self.num_kv_heads, "kv_heads")
     if cache is not None:
-      cache = (kv_cache.write(cache[0], k, index), kv_cache.write(cache[1], v, index))
-      k, v = cache[0].astype(self.dtype), cache[1].astype(self.dtype)
-    out = dot_product_attention(q, k, v, mask)
+      cache = (kv_cache.write_layer(cache[0], k, layer, index), kv_cache.write_layer(cache[1], v, layer, index))
+      k, v = (kv_cache.read_layer(buf, layer).astype(self.dtype) for buf in cache)
+    # Rematerialised: the backward pass recomputes the [B, H, S, T] scores from q and k instead of keeping
+    # them for every layer (a buffer L times that size written, and on CPU page-faulted, every step).
+    out = jax.checkpoint(dot_product_attention)(q, k, v, mask)
     d = x.shape[-1]
     wo = param(self, "o", ("heads", "head_dim", "embed"), (self.num_heads, self.head_dim, d), self.param_dtype,
                nn.initializers.normal(stddev=(self.num_heads * self.head_dim) ** -0.5))

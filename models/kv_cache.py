@@ -53,3 +53,15 @@ def write(buffer: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
   """Writes one layer's new keys or values [B, S, KVH, Dh] into [B, S_max, KVH, Dh] at slot ``index``."""
   zero = jnp.int32(0)
   return jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), (zero, index, zero, zero))
+
+
+def write_layer(stacked: jax.Array, new: jax.Array, layer: jax.Array, index: jax.Array) -> jax.Array:
+  """Writes layer ``layer``'s new keys or values [B, S, KVH, Dh] into the stacked [L, B, S_max, KVH, Dh] at
+  slot ``index``; inside a loop over layers XLA updates the buffer in place (only the S new slots move)."""
+  zero = jnp.int32(0)
+  return jax.lax.dynamic_update_slice(stacked, new[None].astype(stacked.dtype), (layer, zero, index, zero, zero))
+
+
+def read_layer(stacked: jax.Array, layer: jax.Array) -> jax.Array:
+  """Layer ``layer`` [B, S_max, KVH, Dh] of a stacked [L, B, S_max, KVH, Dh] cache buffer."""
+  return jax.lax.dynamic_index_in_dim(stacked, layer, axis=0, keepdims=False)

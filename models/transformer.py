@@ -31,22 +31,28 @@ from models.layers import MLP, Embedder, RMSNorm, param, rope_angles, rope_inv_f
 
 
 class Block(nn.Module):
-  """One pre-norm transformer block; the scan carry is the residual stream."""
+  """One pre-norm transformer block; the scan carry is the residual stream and the stacked KV cache.
+
+  The cache of all L layers travels in the carry and each block writes its new keys/values into its own
+  layer in place (``kv_cache.write_layer``): a decode step then touches only the new slots and reads the
+  layer it attends over, instead of copying the whole cache as scanned-over inputs and outputs would.
+  """
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, cache, sin, cos, mask, index):
+  def __call__(self, carry, layer, sin, cos, mask, index):
+    x, cache = carry
     c = self.config
     dtype, pdtype = c.jnp_dtype, c.jnp_param_dtype
     norm = dict(eps=c.norm_eps, plus_one=c.norm_plus_one, dtype=dtype, param_dtype=pdtype)
     h = RMSNorm(name="attn_norm", **norm)(x)
     h, cache = Attention(c.num_heads, c.num_kv_heads, c.head_dim, qkv_bias=c.qkv_bias, dtype=dtype,
-                         param_dtype=pdtype, name="attn")(h, sin, cos, mask, cache, index)
+                         param_dtype=pdtype, name="attn")(h, sin, cos, mask, cache, index, layer)
     x = x + h
     h = RMSNorm(name="mlp_norm", **norm)(x)
     x = x + MLP(c.mlp_dim, activation=c.activation, dtype=dtype, param_dtype=pdtype, name="mlp")(h)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-    return x, cache
+    return (x, cache), None
 
 
 def _stacked_blocks(config: ModelConfig):
@@ -76,13 +82,14 @@ class Transformer(nn.Module):
     x = self.embedder.encode(tokens)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     sin, cos = rope_angles(positions, rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling))
+    layers = jnp.arange(c.num_layers, dtype=jnp.int32)   # scanned over: block l reads and writes cache layer l
     if cache is None:
       mask = attention_mask(attn_mask)
-      x, _ = self.layers(x, None, sin, cos, mask, None)
+      (x, _), _ = self.layers((x, None), layers, sin, cos, mask, None)
     else:
       key_mask = kv_cache.update_key_mask(cache.key_mask, attn_mask, cache.index)
       mask = attention_mask(attn_mask, key_mask, cache.index)
-      x, (k, v) = self.layers(x, (cache.k, cache.v), sin, cos, mask, cache.index)
+      (x, (k, v)), _ = self.layers((x, (cache.k, cache.v)), layers, sin, cos, mask, cache.index)
       cache = KVCache(k=k, v=v, key_mask=key_mask, index=cache.index + tokens.shape[1])
     return self.final_norm(x), cache
 
@@ -97,7 +104,7 @@ class Transformer(nn.Module):
     return nn.with_logical_constraint(out, ("batch", "length", "vocab"))
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, attn_mask: jax.Array,
-               cache: Optional[KVCache] = None) -> tuple[jax.Array, Optional[KVCache]]:
+               cache: Optional[KVCache] = None, last_only: bool = False) -> tuple[jax.Array, Optional[KVCache]]:
     """Logits of every position.
 
     Args:
@@ -105,10 +112,13 @@ class Transformer(nn.Module):
       positions: [B, S] int32 RoPE positions.
       attn_mask: [B, S] 1 for real tokens, 0 for padding (padding keys are never attended to).
       cache: a ``KVCache`` to write the S tokens into (at slots [index, index + S)) and attend over, or None.
+      last_only: project only the last position to logits (a prefill needs no more; skips a [B, S, V] matmul).
     Returns:
-      (logits [B, S, V] float32, updated cache or None).
+      (logits [B, S, V] float32 ([B, 1, V] with ``last_only``), updated cache or None).
     """
     hidden, cache = self._hidden(tokens, positions, attn_mask, cache)
+    if last_only:
+      hidden = hidden[:, -1:]
     return self.logits(hidden), cache
 
   def features(self, tokens: jax.Array, positions: jax.Array, attn_mask: jax.Array) -> jax.Array:
