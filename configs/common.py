@@ -78,7 +78,8 @@ def rl_base(arg: mlc.ConfigDict) -> mlc.ConfigDict:
                 dno=dict(iteration_steps=1, replay=(), min_chosen_score=1.0, min_margin=1.0, max_pairs=4,
                          win_rate=False))
   c.train = dict(total_steps=1000, batch_prompts=64, num_epochs=1, num_minibatches=4, num_microbatches=1,
-                 recompute_old_logp=True, eval_every=100, ckpt_every=50, keep_checkpoints=3)
+                 recompute_old_logp=True, eval_every=100, ckpt_every=50, ckpt_every_minutes=30.0,
+                 keep_checkpoints=3, max_consecutive_skips=10)
   c.optim = optim(learning_rate=1e-6, warmup_steps=20)
   c.sft = dict(steps=0, batch_prompts=64, eval_every=0, optim=optim(learning_rate=1e-5, warmup_steps=20))
   c.eval = dict(num_prompts=256, batch_prompts=64, sampled=False, rewards=MATH_REWARDS)

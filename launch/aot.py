@@ -44,11 +44,13 @@ from rlj import logprobs, rl_algos, rl_loop, sharding, train_state
 from rlj.sampler import Sampler, SamplerConfig, pick_bucket
 from rlj.train_step import train_step
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "RL job config (configs/*.py[:args])", lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v5p-64, v5litepod-16, v4:2x2x4; "
-                                "default: the config's slice")
-_HBM_GIB = flags.DEFINE_float("hbm_gib", None, "HBM per chip in GiB instead of the chip's (v4 32, v5e 16, "
-                              "v5p 95, v6e 32)")
+
+
+def define_flags() -> None:
+  """The command line's flags (defined only when run as a program: ``launch.train`` owns ``--config``)."""
+  config_flags.DEFINE_config_file("config", None, "RL job config (configs/*.py[:args])", lock_config=True)
+  flags.DEFINE_string("topology", None, "TPU slice, e.g. v5p-64, v5litepod-16, v4:2x2x4; default: the config's slice")
+  flags.DEFINE_float("hbm_gib", None, "HBM per chip in GiB instead of the chip's (v4 32, v5e 16, v5p 95, v6e 32)")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -309,12 +311,13 @@ def check(config, topology: str | None = None, *, hbm_gib: float | None = None, 
 
 def main(argv) -> None:
   del argv
-  config = _CONFIG.value
+  config = flags.FLAGS.config
   if config is None:
     raise app.UsageError("--config is required, e.g. --config configs/grpo_tpu.py")
   jax.config.update("jax_platforms", "cpu")  # this process runs nothing: TPU devices are compile-only
-  sys.exit(check(config, _TOPOLOGY.value, hbm_gib=_HBM_GIB.value, log=functools.partial(print, flush=True)))
+  sys.exit(check(config, flags.FLAGS.topology, hbm_gib=flags.FLAGS.hbm_gib, log=functools.partial(print, flush=True)))
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -1,11 +1,10 @@
-"""Config -> objects: validation, mesh, tokenizer, data, model, params, samplers, rewards.
+"""Config -> objects: mesh, tokenizer, data, model, params, samplers, rewards (checks: ``launch/checks.py``).
 
 Everything that reads an ml_collections config for the RL / SFT jobs lives here or in ``launch/train.py``.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -13,217 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from algorithms import grpo
-from algorithms import kl as kl_lib
+from launch.checks import GROUP_ALGOS, validate  # noqa: F401  (validate: the launcher's first step)
 from models import presets
 from models.config import ModelConfig
 from models.transformer import Transformer
 from rewards import combine
-from rlj import checkpoint, rl_algos, rl_loop, sharding, train_state
+from rlj import checkpoint, rl_loop, sharding, train_state
 from rlj.sampler import Sampler, SamplerConfig
-
-GROUP_ALGOS = ("grpo", "gdpo")
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Validation (before any compilation)
-# ------------------------------------------------------------------------------------------------------------
-
-def fail(key: str, msg: str):
-  """Stops the launch with a message that names the config key (and says how to fix it)."""
-  raise SystemExit(f"config key '{key}': {msg}")
-
-
-def validate(config) -> None:
-  """Checks an RL / SFT config before anything is built or compiled; raises SystemExit naming the key and fix.
-
-  Covers the algorithm table, group sizes, the mesh against the device count, the sharding rules against the
-  mesh, batch sizes against the data-parallel size, init / tokenizer / data choices and files, the
-  tokenizer's vocabulary against the model's, and every reward spec (function names, fault policy, reward-model
-  checkpoints). Only files are read (the tokenizer, an HF config.json, a reward model's checkpoint meta).
-  """
-  if config.job not in ("rl", "sft"):
-    return
-  if config.job == "rl":
-    _check_algo(config)
-  dp = _check_mesh_and_rules(config)
-  _check_batches(config, dp)
-  _check_sources(config)
-  tokenizer_vocab = _check_vocab(config)
-  if config.job == "rl":
-    _check_rewards(config.rewards, "rewards", tokenizer_vocab=tokenizer_vocab)
-  if config.eval.num_prompts:
-    _check_rewards(config.eval.rewards, "eval.rewards", tokenizer_vocab=tokenizer_vocab, text_only=True)
-
-
-def _check_algo(config) -> None:
-  a, g = config.algo, config.sampler.num_generations
-  if a.name not in rl_algos.ALGORITHMS:
-    fail("algo.name", f"unknown algorithm {a.name!r}; choose one of {sorted(rl_algos.ALGORITHMS)}")
-  if a.name in GROUP_ALGOS + ("dno",) and g < 2:
-    fail("sampler.num_generations", f"{a.name} compares completions of a prompt: needs >= 2, got {g}")
-  if a.name == "p3o" and g % 2:
-    fail("sampler.num_generations", f"p3o pairs completions: needs an even number, got {g}")
-  kind = a.kwargs.get("kl_estimator", None)
-  if kind is not None and kind not in kl_lib.KINDS:
-    fail("algo.kwargs.kl_estimator", f"unknown estimator {kind!r}; choose one of {kl_lib.KINDS}")
-  if a.name in GROUP_ALGOS:
-    if a.advantage.scale not in grpo.SCALES:
-      fail("algo.advantage.scale", f"{a.advantage.scale!r}; choose one of {grpo.SCALES}")
-    if a.advantage.estimator not in ("grpo", "rloo"):
-      fail("algo.advantage.estimator", f"{a.advantage.estimator!r}; choose grpo | rloo")
-  s = config.sampler
-  if s.temperature <= 0 or not 0 < s.top_p <= 1 or s.top_k < 0 or s.max_new_tokens < 1:
-    fail("sampler", f"needs temperature > 0 (got {s.temperature}), 0 < top_p <= 1 (got {s.top_p}), top_k >= 0 "
-         f"(got {s.top_k}) and max_new_tokens >= 1 (got {s.max_new_tokens})")
-
-
-def _check_mesh_and_rules(config) -> int:
-  """Resolves the mesh on this machine's devices, checks the rules' axes; returns the data-parallel size."""
-  try:
-    mesh_names, mesh_sizes = sharding.resolve_mesh_shape([tuple(x) for x in config.mesh], jax.device_count())
-  except ValueError as e:
-    fail("mesh", str(e))
-  logical = {name for name, _ in sharding.DEFAULT_RULES}
-  batch_axes = ()
-  for i, (name, axes) in enumerate(config.sharding_rules):
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    if name not in logical:
-      fail(f"sharding_rules[{i}]", f"unknown logical axis {name!r}; the models name {sorted(logical)}")
-    unknown = [a for a in axes if a not in mesh_names]
-    if unknown:
-      fail(f"sharding_rules[{i}]", f"{name!r} maps to mesh axes {unknown} that config key 'mesh' does not have "
-           f"({list(mesh_names)}); use those names or None")
-    if name == "batch":
-      batch_axes = axes
-  dp = int(np.prod([size for name, size in zip(mesh_names, mesh_sizes) if name in batch_axes]))
-  if dp % jax.process_count():
-    fail("mesh", f"the batch axes ({dp} ways) must split evenly over {jax.process_count()} processes")
-  return dp
-
-
-def _check_batches(config, dp: int) -> None:
-  t = config.train
-  if config.job == "rl":
-    if t.num_minibatches < 1 or t.num_microbatches < 1:
-      fail("train.num_minibatches", f"num_minibatches ({t.num_minibatches}) and num_microbatches "
-           f"({t.num_microbatches}) must be >= 1")
-    rows = t.batch_prompts * config.sampler.num_generations * jax.process_count()
-    unit = rl_algos.ALGORITHMS[config.algo.name].unit
-    per_mb = rows // t.num_minibatches
-    if config.algo.name != "dno" and (rows % t.num_minibatches or per_mb % dp):
-      fail("train.batch_prompts", f"{rows} rows (batch_prompts x num_generations) must split into "
-           f"train.num_minibatches={t.num_minibatches} minibatches of a multiple of the data-parallel size {dp}")
-    if per_mb % (t.num_microbatches * unit):
-      fail("train.num_microbatches", f"a minibatch of {per_mb} rows does not split into "
-           f"{t.num_microbatches} micro-batches of whole {'pairs' if unit == 2 else 'rows'}")
-  runs_sft = config.job == "sft" or config.init.policy == "sft"
-  if runs_sft and config.sft.steps and (config.sft.batch_prompts * jax.process_count()) % dp:
-    fail("sft.batch_prompts", f"{config.sft.batch_prompts} prompts per step must be a multiple of the "
-         f"data-parallel size {dp}")
-
-
-def _check_sources(config) -> None:
-  if config.init.policy not in ("scratch", "hf", "rlj", "sft"):
-    fail("init.policy", f"{config.init.policy!r}; choose scratch | hf | rlj | sft")
-  if config.init.policy in ("hf", "rlj") and not os.path.isdir(config.init.path):
-    fail("init.path", f"{config.init.path!r} is not a directory (needed by init.policy={config.init.policy!r})")
-  if config.init.policy == "hf" and not os.path.isfile(os.path.join(config.init.path, "config.json")):
-    fail("init.path", f"{config.init.path!r} has no config.json: init.policy='hf' needs a Hugging Face model folder")
-  t = config.tokenizer
-  if t.kind not in ("sentencepiece", "train_synthetic"):
-    fail("tokenizer.kind", f"{t.kind!r}; choose sentencepiece | train_synthetic")
-  if t.kind == "sentencepiece" and not os.path.isfile(t.path):
-    fail("tokenizer.path", f"{t.path!r} is not a sentencepiece .model file")
-  if t.kind == "train_synthetic" and t.vocab_size < 8:
-    fail("tokenizer.vocab_size", f"train_synthetic needs the vocabulary size to train, got {t.vocab_size}")
-  if config.data.source not in ("synthetic", "gsm8k", "generic"):
-    fail("data.source", f"{config.data.source!r}; choose synthetic | gsm8k | generic")
-  if config.init.policy != "hf":
-    try:
-      presets.get(config.model.preset)
-    except ValueError as e:
-      fail("model.preset", str(e))
-
-
-def _check_vocab(config) -> int | None:
-  """Checks that the model's embedding covers the tokenizer (larger is fine: padding up); returns the
-  tokenizer's vocabulary size when a file gives it (None for ``train_synthetic``)."""
-  t = config.tokenizer
-  if t.kind == "sentencepiece":
-    from rlj.data import tokenizer as tok_lib
-    vocab = tok_lib.Tokenizer.from_file(t.path).vocab_size
-    pieces = f"the tokenizer has {vocab} pieces"
-  else:  # train_synthetic trains at most tokenizer.vocab_size pieces
-    vocab = int(t.vocab_size)
-    pieces = f"tokenizer.vocab_size allows up to {vocab} pieces"
-  if config.init.policy == "hf":
-    with open(os.path.join(config.init.path, "config.json")) as f:
-      model_vocab = int(json.load(f)["vocab_size"])
-    if model_vocab < vocab:
-      fail("tokenizer.path", f"{pieces} but the checkpoint in init.path embeds only {model_vocab}; use the "
-           f"tokenizer that came with the checkpoint")
-  elif not config.model.vocab_from_tokenizer:
-    model_vocab = int(dict(config.model.overrides).get("vocab_size", presets.get(config.model.preset).vocab_size))
-    if model_vocab < vocab:
-      fail("model.vocab_from_tokenizer", f"model {config.model.preset!r} embeds {model_vocab} tokens but "
-           f"{pieces}; set model.vocab_from_tokenizer=True (or a model.overrides.vocab_size >= {vocab}), or "
-           f"use the tokenizer that matches the preset")
-  return vocab if t.kind == "sentencepiece" else None
-
-
-def _check_rewards(specs, key: str, *, tokenizer_vocab: int | None, text_only: bool = False) -> None:
-  """Every spec: known fields, unique names, a fault policy, a function that resolves (or a reward model)."""
-  if not specs:
-    fail(key, "needs at least one reward spec")
-  fields = [f.name for f in dataclasses.fields(combine.RewardSpec)]
-  seen = set()
-  for i, r in enumerate(specs):
-    k, spec = f"{key}[{i}]", dict(r)
-    unknown = sorted(set(spec) - set(fields))
-    if unknown or "name" not in spec or "fn" not in spec:
-      fail(k, f"a reward spec has the fields {fields} (name and fn required); got {sorted(spec)}")
-    if spec["name"] in seen:
-      fail(f"{k}.name", f"{spec['name']!r} appears twice; reward names must be unique")
-    seen.add(spec["name"])
-    if spec.get("on_error", "raise") not in combine.ON_ERROR:
-      fail(f"{k}.on_error", f"{spec['on_error']!r}; choose one of {combine.ON_ERROR}")
-    if spec["fn"] == "reward_model":
-      if text_only:
-        fail(f"{k}.fn", "'reward_model' scores sampled token rows; held-out evaluation takes text rewards")
-      meta = reward_model_meta(spec, k)
-      rm_vocab = meta["reward_model"]["model_config"]["vocab_size"]
-      if tokenizer_vocab is not None and rm_vocab < tokenizer_vocab:
-        fail(f"{k}.kwargs.path", f"the reward model embeds {rm_vocab} tokens but the policy's tokenizer has "
-             f"{tokenizer_vocab}; the policy and the reward model must share a tokenizer")
-      continue
-    try:
-      combine.resolve(spec["fn"])
-    except (ValueError, ImportError, AttributeError) as e:
-      fail(f"{k}.fn", str(e))
-
-
-def reward_model_meta(spec: dict, key: str) -> dict:
-  """The checkpoint meta of a ``fn="reward_model"`` spec's ``kwargs.path``; SystemExit when it is no RM run."""
-  kwargs, name = dict(spec.get("kwargs", {})), spec.get("name")
-  if "path" not in kwargs:
-    fail(f"{key}.kwargs.path", f"reward {name!r} with fn='reward_model' needs kwargs.path, the reward-model "
-         f"run's workdir")
-  path = kwargs["path"]
-  from rlj import rm_reward
-  if kwargs.get("scalarize", "mean") not in rm_reward.SCALARIZE:
-    fail(f"{key}.kwargs.scalarize", f"{kwargs['scalarize']!r}; choose one of {sorted(rm_reward.SCALARIZE)}")
-  train_one = "train one with `python -m launch.train --config configs/rm_bt.py` (or rm_iqn.py) and pass its workdir"
-  if not os.path.isdir(path):
-    fail(f"{key}.kwargs.path", f"reward model checkpoint {path!r} of reward {name!r} does not exist; {train_one}")
-  try:
-    meta = rm_reward.read_meta(rm_reward.checkpoint_dir(path))
-  except Exception as e:  # noqa: BLE001 (orbax raises several kinds for a folder that is not a checkpoint)
-    fail(f"{key}.kwargs.path", f"{path!r} of reward {name!r} holds no readable checkpoint ({e}); {train_one}")
-  if "reward_model" not in meta:
-    fail(f"{key}.kwargs.path", f"{path!r} of reward {name!r} is not a reward-model run (its checkpoint has no "
-         f"reward_model record); {train_one}")
-  return meta
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -426,7 +221,7 @@ def loop_config(config, env: Env) -> rl_loop.LoopConfig:
       num_generations=s.num_generations, temperature=s.temperature, max_new_tokens=s.max_new_tokens,
       num_epochs=t.num_epochs, num_minibatches=t.num_minibatches, num_microbatches=t.num_microbatches,
       recompute_old_logp=t.recompute_old_logp, use_reference=env.use_reference and a.name != "dno",
-      eval_every=t.eval_every, ckpt_every=t.ckpt_every, seed=config.seed,
+      eval_every=t.eval_every, seed=config.seed, max_consecutive_skips=t.max_consecutive_skips,
       dno_iteration_steps=a.dno.iteration_steps, dno_replay=tuple(a.dno.replay),
       dno_select=dict(min_chosen_score=a.dno.min_chosen_score, min_margin=a.dno.min_margin,
                       max_pairs=a.dno.max_pairs, win_rate=a.dno.win_rate))

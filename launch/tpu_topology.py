@@ -109,16 +109,23 @@ def compile_only_devices(s: Slice) -> list:
   from jax._src import cloud_tpu_init
   from jax.experimental import topologies
 
+  saved = dict(os.environ)  # restored below (jax's TPU set-up writes some variables too)
   if cloud_tpu_init.get_tpu_library_path() is None:
     raise ImportError('libtpu is not installed: pip install "jax[tpu]" (needed for TPU ahead-of-time compilation)')
-  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")     # compile-only: no chips to hold a lock on
-  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-  os.environ.setdefault("TPU_ACCELERATOR_TYPE", s.accelerator_type)
   kwargs = {"chip_config_name": "megacore"} if s.chip == "v4" else {}
   if len(s.shape) == 2 and s.num_chips <= 8:  # v5e / v6e slices up to 8 chips are one VM
     kwargs["chips_per_host_bounds"] = (s.shape[0], s.shape[1], 1)
-  devices = list(topologies.get_topology_desc(s.topology_name, "tpu", **kwargs).devices)
+  # Set only while libtpu starts: child processes (a training job launched from here) must not inherit a
+  # TPU worker's identity, or they would take themselves for a multi-host TPU job.
+  try:
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")     # compile-only: no chips to hold a lock on
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", s.accelerator_type)
+    devices = list(topologies.get_topology_desc(s.topology_name, "tpu", **kwargs).devices)
+  finally:
+    os.environ.clear()
+    os.environ.update(saved)
   if len(devices) != s.num_chips:
     raise RuntimeError(f"libtpu described {len(devices)} devices for {s.topology_name}, expected {s.num_chips}")
   kind = CHIPS[s.chip][4]

@@ -11,14 +11,16 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+from typing import Callable
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 import jax
 
-from launch import builders
-from rlj import checkpoint, metrics_writer, rl_loop, sft, train_state
+from launch import builders, distributed
+from rewards import combine
+from rlj import checkpoint, host_data, metrics_writer, preemption, rl_loop, sft, train_state
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "job config file (configs/*.py[:args])", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run folder; default: runs/<config>-<time>. An existing one resumes.")
@@ -61,13 +63,41 @@ def default_workdir() -> str:
 # Jobs
 # ------------------------------------------------------------------------------------------------------------
 
-def run_sft_stage(config, env, state, workdir: str):
-  """Runs (or resumes) the SFT job in ``workdir``; returns the trained state."""
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.train.keep_checkpoints)
+class Stopped(Exception):
+  """A stop request (SIGTERM / preemption) ended the job at a step boundary after a checkpoint."""
+
+
+def make_checkpointer(config, workdir: str) -> checkpoint.Checkpointer:
+  t = config.train
+  return checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=t.keep_checkpoints,
+                                 every_steps=t.ckpt_every, every_minutes=t.ckpt_every_minutes)
+
+
+def step_end_hook(ckpt, stop, *, total_steps: int, save: Callable[[int], None], log_stop: str):
+  """``on_step_end`` of the loops: save when due, on the final step and on a stop request; True stops."""
+  def hook(done: int) -> bool:
+    stopping = stop.requested(done, ckpt.reached_preemption) and done < total_steps
+    if stopping or done == total_steps or ckpt.due(done):
+      save(done)
+    if stopping:
+      ckpt.wait()
+      print(f"stopped at step {done} of {total_steps} ({log_stop}): checkpoint saved in {ckpt.directory}; "
+            f"relaunch with the same --workdir to resume", flush=True)
+    return stopping
+  return hook
+
+
+def run_sft_stage(config, env, state, workdir: str, stop):
+  """Runs (or resumes) the SFT job in ``workdir``; returns the trained state.
+
+  Raises:
+    Stopped: when a stop request ended the stage early (after saving).
+  """
+  ckpt = make_checkpointer(config, workdir)
   start = 0
   restored = ckpt.restore_latest(builders.ckpt_tree(state))
   if restored is not None:
-    start, tree, _ = restored
+    start, tree, meta = restored
     state = builders.state_from_tree(state, tree)
     if start >= config.sft.steps:
       logging.info("SFT stage in %s already finished at step %d", workdir, start)
@@ -77,33 +107,51 @@ def run_sft_stage(config, env, state, workdir: str):
                                         start_step=start)
   data = builders.prompt_iterator(config, env, split="train", batch_prompts=config.sft.batch_prompts,
                                   seed=config.seed + 1)
+  if restored is not None and restored[2].get("data") is not None:
+    data.set_state(host_data.own_entry(restored[2]["data"]))
   eval_fn = builders.eval_fn(config, env)
 
-  def save(step, st):
-    ckpt.save(step, builders.ckpt_tree(st), {"job": "sft", "step": step}, force=True)
+  current = {}
+  hook = step_end_hook(ckpt, stop, total_steps=config.sft.steps, log_stop="SFT stage", save=lambda step: ckpt.save(
+      step, builders.ckpt_tree(current["state"]),
+      {"job": "sft", "step": step, "data": host_data.allgather_json(data.get_state())}))  # one per process
 
-  state, _ = sft.run_sft(state, model=env.model, tx=env.sft_tx, mesh=env.mesh, rules=env.rules,
-                         state_shardings=env.state_shardings, tokenizer=env.tokenizer, train_iter=data,
-                         completion_len=config.sampler.max_new_tokens, steps=config.sft.steps, writer=writer,
-                         start_step=start, eval_fn=eval_fn, eval_every=config.sft.eval_every, save_fn=save,
-                         ckpt_every=config.train.ckpt_every, seed=config.seed)
-  ckpt.close()
-  writer.close()
+  def on_step_end(done, st):
+    current["state"] = st
+    return hook(done)
+
+  try:
+    state, history = sft.run_sft(
+        state, model=env.model, tx=env.sft_tx, mesh=env.mesh, rules=env.rules,
+        state_shardings=env.state_shardings, tokenizer=env.tokenizer, train_iter=data,
+        completion_len=config.sampler.max_new_tokens, steps=config.sft.steps, writer=writer, start_step=start,
+        eval_fn=eval_fn, eval_every=config.sft.eval_every, on_step_end=on_step_end,
+        max_consecutive_skips=config.train.max_consecutive_skips, seed=config.seed)
+  finally:
+    ckpt.close()
+    writer.close()
   metrics_writer.plot_curves(workdir)
+  if history and history[-1]["step"] < config.sft.steps:
+    raise Stopped()
   return state
 
 
-def run_rl(config, env, workdir: str) -> list[dict]:
+def run_rl(config, env, workdir: str, stop) -> list[dict]:
+  """Runs (or resumes) the RL job in ``workdir``; returns the logged records.
+
+  Raises:
+    Stopped: when a stop request ended the job early (after saving).
+  """
   state = env.state
   if config.init.policy == "sft":
-    sft_state = run_sft_stage(config, env, state, os.path.join(workdir, "sft"))
+    sft_state = run_sft_stage(config, env, state, os.path.join(workdir, "sft"), stop)
     # RL starts from the SFT weights with a fresh optimizer.
     state = train_state.TrainState.create(sft_state.params, env.tx)
     state = jax.device_put(state, env.state_shardings)
   # A copy: the state's buffers are donated to the train step, the reference must outlive them.
   ref_params = jax.tree.map(jax.numpy.copy, state.params) if env.use_reference else None
 
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.train.keep_checkpoints)
+  ckpt = make_checkpointer(config, workdir)
   start = 0
   restored = ckpt.restore_latest(builders.ckpt_tree(state, ref_params))
   data = builders.prompt_iterator(config, env, split="train", batch_prompts=config.train.batch_prompts,
@@ -113,22 +161,32 @@ def run_rl(config, env, workdir: str) -> list[dict]:
     state = builders.state_from_tree(state, tree)
     ref_params = tree.get("ref_params", ref_params)
     if meta.get("data") is not None:
-      data.set_state(meta["data"])
+      data.set_state(host_data.own_entry(meta["data"]))
     logging.info("resumed from step %d in %s", start, workdir)
   writer = metrics_writer.MetricsWriter(workdir, total_steps=config.train.total_steps,
                                         enabled=jax.process_index() == 0, start_step=start)
   comps = builders.rl_components(config, env, data, writer)
   trainer = rl_loop.Trainer(comps, builders.loop_config(config, env))
+  if restored is not None and "host" in restored[2]:
+    trainer.load_host_state(restored[2]["host"])
+  current = {}
+  hook = step_end_hook(ckpt, stop, total_steps=config.train.total_steps, log_stop="RL", save=lambda step: ckpt.save(
+      step, builders.ckpt_tree(current["state"], current["ref"] if env.use_reference else None),
+      {"job": "rl", "step": step, "data": host_data.allgather_json(data.get_state())}, host=trainer.host_state()))
 
-  def save(step, st, ref):
-    ckpt.save(step, builders.ckpt_tree(st, ref if env.use_reference else None),
-              {"job": "rl", "step": step, "data": data.get_state()}, force=True)
+  def on_step_end(done, st, ref):
+    current.update(state=st, ref=ref)
+    return hook(done)
 
-  _, _, history = trainer.run(state, ref_params, start_step=start, save_fn=save)
-  ckpt.close()
-  writer.close()
+  try:
+    _, _, history = trainer.run(state, ref_params, start_step=start, on_step_end=on_step_end)
+  finally:
+    ckpt.close()
+    writer.close()
   png = metrics_writer.plot_curves(workdir)
   logging.info("curves: %s", png)
+  if history and history[-1]["step"] < config.train.total_steps:
+    raise Stopped()
   return history
 
 
@@ -148,10 +206,16 @@ def run(config, workdir: str) -> list[dict]:
     rm.run(config, workdir)
     return []
   env = builders.build_env(config, workdir)
-  if config.job == "sft":
-    run_sft_stage(config, env, env.state, workdir)
-    return []
-  history = run_rl(config, env, workdir)
+  with preemption.StopRequest() as stop:
+    try:
+      if config.job == "sft":
+        run_sft_stage(config, env, env.state, workdir, stop)
+        return []
+      history = run_rl(config, env, workdir, stop)
+    except Stopped:
+      return []
+    except (rl_loop.NonFiniteUpdates, combine.RewardError) as e:
+      raise SystemExit(f"training stopped: {e}") from e
   evals = [h for h in history if "eval/accuracy" in h]
   if len(evals) > 1:
     print(f"held-out greedy accuracy: before {evals[0]['eval/accuracy']:.3f} -> after "
@@ -163,11 +227,24 @@ def main(argv) -> None:
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
+  distributed.initialize_from_flags()  # multi-host jobs: join before anything touches a device
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config configs/grpo_tpu.py:runlocal")
   run(config, _WORKDIR.value or default_workdir())
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a bad ``--config.<key>`` override reported in one line (exit status 1)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:  # a value that does not parse, an unknown flag
+    raise SystemExit(f"bad command line: {e}") from None
+  except (KeyError, AttributeError) as e:  # an override of a key the (locked) config does not have
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    raise SystemExit(f"bad command-line override: {msg} (the config is locked: every key must exist; see the "
+                     f"config file's get_config)") from None
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -133,9 +133,10 @@ def p3o_batch(rollout: Mapping[str, np.ndarray], values: np.ndarray, weights: np
 def dno_pairs(rollout: Mapping[str, np.ndarray], values: np.ndarray, weights: np.ndarray, *,
               min_chosen_score: float, min_margin: float, max_pairs: int, win_rate: bool) -> tuple[Batch, dict]:
   """Large-margin (chosen, rejected) pairs of one rollout, as interleaved rows with a ``pair_valid`` mask."""
-  scores = np.nan_to_num(scalar_rewards(values, weights), nan=-np.inf)
+  scores = scalar_rewards(values, weights)
+  missing = np.isnan(scores)             # every component missing: the completion is in no pair
   if win_rate:
-    scores = group_win_rates(scores)
+    scores = np.where(missing, np.nan, group_win_rates(np.where(missing, -np.inf, scores)))
   b, g = scores.shape
   chosen, rejected, valid = (np.asarray(x) for x in _select(
       jnp.asarray(scores), min_chosen_score=float(min_chosen_score), min_margin=float(min_margin),
@@ -143,8 +144,8 @@ def dno_pairs(rollout: Mapping[str, np.ndarray], values: np.ndarray, weights: np
   base = (np.arange(b) * g)[:, None]
   rows = np.stack([base + chosen, base + rejected], axis=-1).reshape(-1)       # [B*M*2] interleaved
   batch = {k: rollout[k][rows] for k in ("tokens", "attn_mask", "mask")}
-  sc = np.take_along_axis(scores, chosen, 1), np.take_along_axis(scores, rejected, 1)
-  batch["pair_scores"] = np.stack(sc, -1).reshape(-1, 2).astype(np.float32)
+  sc = np.stack([np.take_along_axis(scores, chosen, 1), np.take_along_axis(scores, rejected, 1)], -1)
+  batch["pair_scores"] = np.where(valid[..., None], sc, 0.0).reshape(-1, 2).astype(np.float32)
   batch["pair_valid"] = valid.reshape(-1).astype(np.float32)
   return batch, {"dno/valid_pairs": float(valid.sum()), "dno/prompts_with_pairs": float(valid.any(1).mean())}
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rewards import combine
-from rlj import evaluation, logprobs, rl_algos, sharding
+from rlj import evaluation, host_data, logprobs, rl_algos, sharding
 from rlj.train_step import train_step
 
 
@@ -43,11 +43,11 @@ class LoopConfig:
   recompute_old_logp: bool = False
   use_reference: bool = False
   eval_every: int = 0
-  ckpt_every: int = 0
   seed: int = 0
   dno_iteration_steps: int = 1
   dno_replay: Sequence[float] = ()
   dno_select: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  max_consecutive_skips: int = 0       # abort after this many non-finite updates in a row (0: never)
 
 
 @dataclasses.dataclass
@@ -70,6 +70,10 @@ class Components:
   sampler_dtype: Any = None
 
 
+class NonFiniteUpdates(RuntimeError):
+  """Too many optimizer updates in a row had a non-finite loss or gradient."""
+
+
 def make_logp_fn(apply_fn, *, completion_len: int, temperature: float):
   """``(params, tokens [N, P+T], attn_mask) -> logp [N, T]`` with P taken from the tokens' width."""
   def fn(params, tokens, attn_mask):
@@ -79,16 +83,9 @@ def make_logp_fn(apply_fn, *, completion_len: int, temperature: float):
 
 
 def place_batch(batch: Mapping[str, np.ndarray], mesh, rules) -> dict:
-  """Host arrays -> device arrays: leading dim over the batch axes when it divides, scalars replicated."""
-  dp = sharding.data_parallel_size(mesh, rules)
-  out = {}
-  for k, v in batch.items():
-    v = np.asarray(v)
-    if v.ndim and v.shape[0] % dp == 0:
-      out[k] = jax.device_put(v, sharding.batch_sharding(mesh, v.ndim, rules))
-    else:
-      out[k] = jax.device_put(v, jax.sharding.NamedSharding(mesh, jax.P()))
-  return out
+  """Whole host arrays (the same on every process) -> device arrays: leading dim over the batch axes when it
+  divides, scalars replicated (``rlj.host_data.from_host``)."""
+  return host_data.from_host(batch, mesh, rules)
 
 
 class Trainer:
@@ -107,6 +104,8 @@ class Trainer:
     self.root = jax.random.key(cfg.seed)
     self.dno_history: list[dict] = []      # pair pools of finished DNO iterations (newest last)
     self.dno_current: list[dict] = []
+    self.skips_in_row = 0                   # non-finite updates in a row (carried across steps)
+    self.skips_total = 0
 
   # ---------------------------------------------------------------------------------------------- rollout
   def sampler_params(self, params):
@@ -115,26 +114,40 @@ class Trainer:
     shard = self.c.sampler_shardings or jax.tree.map(lambda x: x.sharding, params)
     return sharding.sync_weights(params, shard, dtype=self.c.sampler_dtype)
 
+  def host_logp(self, params, tokens: np.ndarray, attn_mask: np.ndarray) -> np.ndarray:
+    """Teacher-forced log-probs [N, T] of whole host rows (the same on every process), as numpy."""
+    placed = place_batch({"tokens": tokens, "attn_mask": attn_mask}, self.c.mesh, self.c.rules)
+    with jax.set_mesh(self.c.mesh):
+      return host_data.gather(self.logp_fn(params, placed["tokens"], placed["attn_mask"]))
+
   def rollout(self, state, ref_params, prompts: Mapping[str, np.ndarray], rng) -> tuple[dict, Any, dict]:
     c, cfg, g = self.c, self.cfg, self.cfg.num_generations
     t0 = time.perf_counter()
+    # This process's prompts -> the global batch's rollout (multi-process: every process samples its rows).
     ro = c.sampler.sample(self.sampler_params(state.params), prompts["prompt_tokens"], prompts["prompt_mask"], rng)
-    arrays = {"tokens": np.asarray(ro.tokens), "attn_mask": np.asarray(ro.attn_mask),
-              "mask": np.asarray(ro.mask, np.float32), "old_logp": np.asarray(ro.logp, np.float32)}
-    lengths = np.asarray(ro.lengths)
+    # Rewards of this process's rows (its own prompts, all G completions of each), then of every row.
+    local = {"tokens": host_data.to_local(ro.tokens), "attn_mask": host_data.to_local(ro.attn_mask),
+             "mask": host_data.to_local(ro.mask).astype(np.float32)}
     t1 = time.perf_counter()
     texts = evaluation.rollout_texts(c.tokenizer, ro)
     prompt_texts = combine.repeat_per_prompt([str(p) for p in prompts["prompt"]], g)
     answers = combine.repeat_per_prompt([str(a) for a in prompts["answer"]], g)
     rewards = combine.compute(c.reward_fns, prompt_texts, texts, num_generations=g, answers=answers,
-                              lengths=lengths, tokens=arrays["tokens"], attn_mask=arrays["attn_mask"],
-                              completion_mask=arrays["mask"])
+                              lengths=host_data.to_local(ro.lengths), tokens=local["tokens"],
+                              attn_mask=local["attn_mask"], completion_mask=local["mask"])
+    values = host_data.gather_rows(rewards.values.reshape((-1,) + rewards.values.shape[2:]), c.mesh, c.rules)
+    rewards = rewards._replace(values=values.reshape((-1,) + rewards.values.shape[1:]))    # [B, G, K] global
     t2 = time.perf_counter()
+    # The whole batch on every process: advantages, pairs and minibatches are then those of one process.
+    arrays = {"tokens": host_data.gather(ro.tokens), "attn_mask": host_data.gather(ro.attn_mask),
+              "mask": host_data.gather(ro.mask).astype(np.float32),
+              "old_logp": host_data.gather(ro.logp).astype(np.float32)}
+    lengths = host_data.gather(ro.lengths)
     tokens, attn = arrays["tokens"], arrays["attn_mask"]
     if cfg.recompute_old_logp and self.algo.needs_old_logp:
-      arrays["old_logp"] = np.asarray(self.logp_fn(state.params, tokens, attn))
+      arrays["old_logp"] = self.host_logp(state.params, tokens, attn)
     if cfg.use_reference:  # without a KL term no reference forward pass runs (and no KL is reported)
-      arrays["ref_logp"] = np.asarray(self.logp_fn(ref_params, tokens, attn))
+      arrays["ref_logp"] = self.host_logp(ref_params, tokens, attn)
     t3 = time.perf_counter()
     metrics = {"time/sample": t1 - t0, "time/reward": t2 - t1, "time/reference": t3 - t2,
                "response_len/mean": float(lengths.mean()), "response_len/max": float(lengths.max()),
@@ -145,6 +158,7 @@ class Trainer:
       metrics[f"reward/{name}"] = float(np.nanmean(rewards.values[..., k]))
     constant = np.nanstd(summed, axis=1) == 0
     metrics["frac_reward_zero_std"] = float(constant.mean())
+    metrics.update({k: host_data.process_sum(v) for k, v in rewards.fault_metrics().items()})  # on_error="missing"
     return arrays, rewards, metrics
 
   # ---------------------------------------------------------------------------------------------- batches
@@ -178,7 +192,7 @@ class Trainer:
       m[f"dno/replay_pairs_{back + 1}"] = float(want)
     batch = rl_algos.concat_batches(parts, c.tokenizer.pad_id) if len(parts) > 1 else batch
     # Reference log-probs under pi_t, also for replayed pairs of earlier iterations.
-    batch["ref_logp"] = np.asarray(self.logp_fn(ref_params, batch["tokens"], batch["attn_mask"]))
+    batch["ref_logp"] = self.host_logp(ref_params, batch["tokens"], batch["attn_mask"])
     return batch, m
 
   def dno_advance(self, state) -> Any:
@@ -193,20 +207,50 @@ class Trainer:
   def update(self, state, batch: dict, rng, step: int) -> tuple[Any, dict]:
     cfg, c = self.cfg, self.c
     shuffle_rng = np.random.default_rng([cfg.seed, step, 1])
-    sums: dict[str, float] = {}
-    count = 0
+    per_update = []
     for epoch in range(cfg.num_epochs):
       for i, mb in enumerate(rl_algos.minibatches(batch, num_minibatches=cfg.num_minibatches, unit=self.algo.unit,
                                                   rng=shuffle_rng)):
         with jax.set_mesh(c.mesh):
           state, m = self.step_fn(state, place_batch(mb, c.mesh, c.rules),
                                   jax.random.fold_in(rng, epoch * cfg.num_minibatches + i))
-        for k, v in m.items():
-          sums[k] = sums.get(k, 0.0) + v
-        count += 1
-    metrics = {k: float(v) / count for k, v in jax.device_get(sums).items()}
-    metrics["skipped"] = metrics.get("skipped", 0.0) * count
+        per_update.append(m)
+    per_update = jax.device_get(per_update)  # one transfer per RL step, after every update was dispatched
+    metrics = {k: float(np.mean([m[k] for m in per_update])) for k in per_update[0]}
+    self.count_skips([float(m["skipped"]) for m in per_update], step)
+    metrics["skipped"] = float(sum(m["skipped"] for m in per_update))
+    metrics["skipped_total"] = float(self.skips_total)
     return state, metrics
+
+  def count_skips(self, skipped: Sequence[float], step: int) -> None:
+    """Counts skipped (non-finite) updates; raises after ``max_consecutive_skips`` in a row."""
+    for s in skipped:
+      self.skips_in_row = self.skips_in_row + 1 if s else 0
+      self.skips_total += int(bool(s))
+      limit = self.cfg.max_consecutive_skips
+      if limit and self.skips_in_row >= limit:
+        raise NonFiniteUpdates(
+            f"{self.skips_in_row} optimizer updates in a row had a non-finite loss or gradient (the last in RL "
+            f"step {step + 1}); each was skipped, so the params and the checkpoints stay finite. Check the "
+            f"rewards and advantages for NaN/Inf, lower optim.learning_rate, or raise "
+            f"train.max_consecutive_skips (now {limit}).")
+
+  # ---------------------------------------------------------------------------------------------- host state
+  def host_state(self) -> dict[str, np.ndarray]:
+    """This process's loop state that is not in the train state: DNO replay pools and skip counters."""
+    out = {"skips_in_row": np.int64(self.skips_in_row), "skips_total": np.int64(self.skips_total),
+           "dno_pools": np.int64(len(self.dno_history)), "dno_current": np.int64(len(self.dno_current))}
+    for name, pools in (("hist", self.dno_history), ("cur", self.dno_current)):
+      for j, pool in enumerate(pools):
+        out.update({f"dno_{name}{j}/{k}": np.asarray(v) for k, v in pool.items()})
+    return out
+
+  def load_host_state(self, host: Mapping[str, np.ndarray]) -> None:
+    self.skips_in_row, self.skips_total = int(host["skips_in_row"]), int(host["skips_total"])
+    def pools(name, n):
+      return [{k.split("/", 1)[1]: v for k, v in host.items() if k.startswith(f"dno_{name}{j}/")} for j in range(n)]
+    self.dno_history = pools("hist", int(host["dno_pools"]))
+    self.dno_current = pools("cur", int(host["dno_current"]))
 
   # ---------------------------------------------------------------------------------------------- eval
   def evaluate(self, params, step: int) -> dict:
@@ -215,7 +259,15 @@ class Trainer:
     return self.c.eval_fn(self.sampler_params(params), step)
 
   # ---------------------------------------------------------------------------------------------- loop
-  def run(self, state, ref_params, *, start_step: int = 0, save_fn=None) -> tuple[Any, Any, list[dict]]:
+  def run(self, state, ref_params, *, start_step: int = 0, on_step_end=None) -> tuple[Any, Any, list[dict]]:
+    """Runs RL steps ``start_step + 1 .. total_steps``; returns ``(state, ref_params, history)``.
+
+    ``on_step_end(done, state, ref_params) -> bool`` runs after each step's metrics are written (the
+    launcher saves checkpoints there); True stops the loop at that step boundary (a stop request).
+
+    Raises:
+      NonFiniteUpdates: after ``max_consecutive_skips`` non-finite updates in a row.
+    """
     cfg, c = self.cfg, self.c
     history = []
     if start_step == 0 and cfg.eval_every:
@@ -248,6 +300,6 @@ class Trainer:
         metrics.update(self.evaluate(state.params, done))
       c.writer.write(done, metrics)
       history.append({"step": done, **metrics})
-      if save_fn is not None and ((cfg.ckpt_every and done % cfg.ckpt_every == 0) or done == cfg.total_steps):
-        save_fn(done, state, ref_params)
+      if on_step_end is not None and on_step_end(done, state, ref_params):
+        break
     return state, ref_params, history

@@ -13,8 +13,8 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from rlj import rl_algos
-from rlj.rl_loop import make_logp_fn, place_batch
+from rlj import host_data, rl_algos
+from rlj.rl_loop import NonFiniteUpdates, make_logp_fn
 from rlj.train_step import train_step
 
 
@@ -37,29 +37,39 @@ def sft_batch(prompts: Mapping[str, np.ndarray], tokenizer, completion_len: int)
 
 
 def run_sft(state, *, model, tx, mesh, rules, state_shardings, tokenizer, train_iter, completion_len: int,
-            steps: int, writer, start_step: int = 0, eval_fn=None, eval_every: int = 0, save_fn=None,
-            ckpt_every: int = 0, seed: int = 0, log_prefix: str = "sft/") -> tuple[Any, list[dict]]:
-  """Runs ``steps`` SFT updates; returns the final state and the logged records."""
+            steps: int, writer, start_step: int = 0, eval_fn=None, eval_every: int = 0, on_step_end=None,
+            max_consecutive_skips: int = 0, seed: int = 0, log_prefix: str = "sft/") -> tuple[Any, list[dict]]:
+  """Runs SFT updates ``start_step + 1 .. steps``; returns the final state and the logged records.
+
+  ``on_step_end(done, state) -> bool`` runs after each step (the launcher saves there); True stops at that
+  step boundary. A non-finite update is skipped by ``train_step``; ``max_consecutive_skips`` in a row raise
+  ``rl_loop.NonFiniteUpdates``.
+  """
   logp_fn = make_logp_fn(model.apply, completion_len=completion_len, temperature=1.0)
   step = functools.partial(train_step, logp_fn=logp_fn, objective=rl_algos.sft_objective, tx=tx)
   replicated = jax.sharding.NamedSharding(mesh, jax.P())
   step_fn = jax.jit(step, donate_argnums=0, out_shardings=(state_shardings, replicated))
   root = jax.random.key(seed)
   history = []
+  skips_in_row = 0
   for i in range(start_step, steps):
     t0 = time.perf_counter()
     batch = sft_batch(next(train_iter), tokenizer, completion_len)
     with jax.set_mesh(mesh):
-      state, m = step_fn(state, place_batch(batch, mesh, rules), jax.random.fold_in(root, i))
+      state, m = step_fn(state, host_data.to_global(batch, mesh, rules), jax.random.fold_in(root, i))
     m = {log_prefix + k: float(v) for k, v in jax.device_get(m).items()}
     m["loss"] = m[log_prefix + "loss"]
     dt = time.perf_counter() - t0
-    m["tokens_per_s"] = float(batch["attn_mask"].sum()) / max(dt, 1e-9)
+    m["tokens_per_s"] = host_data.process_sum(batch["attn_mask"].sum()) / max(dt, 1e-9)
     done = i + 1
     if eval_fn is not None and eval_every and (done % eval_every == 0 or done == steps):
       m.update(eval_fn(state.params, done))
     writer.write(done, m)
     history.append({"step": done, **m})
-    if save_fn is not None and ((ckpt_every and done % ckpt_every == 0) or done == steps):
-      save_fn(done, state)
+    skips_in_row = skips_in_row + 1 if m[log_prefix + "skipped"] else 0
+    if max_consecutive_skips and skips_in_row >= max_consecutive_skips:
+      raise NonFiniteUpdates(f"{skips_in_row} SFT updates in a row had a non-finite loss or gradient (the last "
+                             f"at step {done}); lower sft.optim.learning_rate or check the data")
+    if on_step_end is not None and on_step_end(done, state):
+      break
   return state, history

@@ -158,3 +158,19 @@ def test_the_config_key_reaches_compute():
   fns = dict(combine.build(builders.reward_specs(c)))
   assert (fns["correct"].on_error, fns["correct"].allow_nan) == ("raise", True)
   assert (fns["parse"].on_error, fns["parse"].allow_nan) == ("missing", False)
+
+
+def test_dno_pairs_leave_out_completions_with_a_missing_reward():
+  """A NaN (missing) reward puts its completion in no pair; the pair scores stay finite."""
+  b, g, t = 2, 4, 3
+  values = np.array([[[1.0], [0.0], [np.nan], [0.5]], [[np.nan], [np.nan], [2.0], [0.0]]], np.float32)
+  rollout = {"tokens": np.arange(b * g * t).reshape(b * g, t), "attn_mask": np.ones((b * g, t), np.int32),
+             "mask": np.ones((b * g, t), np.float32)}
+  batch, _ = rl_algos.dno_pairs(rollout, values, np.ones(1, np.float32), min_chosen_score=-10.0, min_margin=0.1,
+                                max_pairs=3, win_rate=False)
+  valid = batch["pair_valid"] > 0
+  assert valid.any() and np.isfinite(batch["pair_scores"]).all()
+  used = batch["tokens"][:, 0].reshape(-1, 2)[valid] // t    # row index of each chosen / rejected completion
+  assert not set(used.ravel()) & {2, 4, 5}
+  best = batch["pair_scores"][valid]
+  assert (best[:, 0] > best[:, 1]).all()

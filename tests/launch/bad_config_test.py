@@ -138,6 +138,7 @@ def _cli(tmp_path, *overrides):
   workdir = tmp_path / "cli"
   proc = subprocess.run([sys.executable, "-m", "launch.train", "--config", "configs/grpo_tpu.py:runlocal",
                          *overrides, "--workdir", str(workdir)], cwd=ROOT, capture_output=True, text=True,
+                        env=dict(os.environ),  # not the C-level environment libtpu may have written to
                         timeout=120)
   assert not workdir.exists()
   return proc.returncode, proc.stdout + proc.stderr
