@@ -24,8 +24,8 @@ from configs import common
 # Model -> slice and batch settings that fit its chips' HBM (checked with launch.aot; batch_prompts is per host).
 # The rollout's log-prob passes run on the whole rollout at once, so prompts per host bound the peak.
 POD = {
-    "gemma-2b": dict(slice="v5p-32", batch_prompts=2, num_minibatches=4, num_microbatches=1),
-    "llama-3.1-8b": dict(slice="v5p-64", batch_prompts=2, num_minibatches=4, num_microbatches=1),
+    "gemma-2b": dict(slice="v5p-32", batch_prompts=8, num_minibatches=4, num_microbatches=1),
+    "llama-3.1-8b": dict(slice="v5p-64", batch_prompts=8, num_minibatches=4, num_microbatches=1),
 }
 
 

@@ -179,7 +179,8 @@ def compile_all(config, devices, *, log=print) -> tuple[dict, list, dict]:
   env = types.SimpleNamespace(use_reference=use_reference(config))
   lc = builders.loop_config(config, env)
   algo = rl_algos.ALGORITHMS[config.algo.name]
-  logp_fn = rl_loop.make_logp_fn(model.apply, completion_len=t_len, temperature=lc.temperature)
+  logp_fn = rl_loop.make_logp_fn(model.apply, completion_len=t_len, temperature=lc.temperature, mesh=mesh,
+                                 rules=rules)
   step = functools.partial(train_step, logp_fn=logp_fn, objective=functools.partial(algo.objective, **lc.loss_kwargs),
                            tx=tx, num_microbatches=lc.num_microbatches, sum_microbatches=algo.sum_microbatches)
   step_fn = jax.jit(step, donate_argnums=0, out_shardings=(state_sh, replicated))

@@ -13,6 +13,7 @@ fractions (their reference log-probs are recomputed under pi_t). ALGORITHMS.md Â
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -74,11 +75,18 @@ class NonFiniteUpdates(RuntimeError):
   """Too many optimizer updates in a row had a non-finite loss or gradient."""
 
 
-def make_logp_fn(apply_fn, *, completion_len: int, temperature: float):
-  """``(params, tokens [N, P+T], attn_mask) -> logp [N, T]`` with P taken from the tokens' width."""
+def make_logp_fn(apply_fn, *, completion_len: int, temperature: float, mesh=None, rules=None):
+  """``(params, tokens [N, P+T], attn_mask) -> logp [N, T]`` with P taken from the tokens' width.
+
+  With ``mesh`` (and ``rules``) the model's activation constraints apply (``sharding.activation_rules``), so
+  the batch stays split over the batch axes through the logits instead of being gathered onto every device.
+  """
   def fn(params, tokens, attn_mask):
-    return logprobs.completion_logprobs(apply_fn, params, tokens, attn_mask, tokens.shape[1] - completion_len,
-                                        temperature=temperature)
+    with contextlib.ExitStack() as stack:
+      if mesh is not None:
+        stack.enter_context(sharding.activation_rules(mesh, sharding.DEFAULT_RULES if rules is None else rules))
+      return logprobs.completion_logprobs(apply_fn, params, tokens, attn_mask, tokens.shape[1] - completion_len,
+                                          temperature=temperature)
   return fn
 
 
@@ -94,7 +102,8 @@ class Trainer:
   def __init__(self, comps: Components, cfg: LoopConfig):
     self.c, self.cfg = comps, cfg
     self.algo = rl_algos.pick(rl_algos.ALGORITHMS, cfg.algo, "algorithm (config key algo.name)")
-    logp_fn = make_logp_fn(comps.model.apply, completion_len=cfg.max_new_tokens, temperature=cfg.temperature)
+    logp_fn = make_logp_fn(comps.model.apply, completion_len=cfg.max_new_tokens, temperature=cfg.temperature,
+                           mesh=comps.mesh, rules=comps.rules)
     objective = functools.partial(self.algo.objective, **dict(cfg.loss_kwargs))
     step = functools.partial(train_step, logp_fn=logp_fn, objective=objective, tx=comps.tx,
                              num_microbatches=cfg.num_microbatches, sum_microbatches=self.algo.sum_microbatches)

@@ -199,7 +199,7 @@ class Sampler:
   def _apply(self, params, tokens, positions, mask, cache, **kwargs):
     if self.mesh is None:
       return self.model.apply({"params": params}, tokens, positions, mask, cache=cache, **kwargs)
-    with nn.logical_axis_rules(sharding._filter_rules(self.rules, self.mesh)):
+    with sharding.activation_rules(self.mesh, self.rules):
       return self.model.apply({"params": params}, tokens, positions, mask, cache=cache, **kwargs)
 
   def _generate(self, params, prompt, prompt_mask, rng, cache):

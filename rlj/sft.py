@@ -45,7 +45,7 @@ def run_sft(state, *, model, tx, mesh, rules, state_shardings, tokenizer, train_
   step boundary. A non-finite update is skipped by ``train_step``; ``max_consecutive_skips`` in a row raise
   ``rl_loop.NonFiniteUpdates``.
   """
-  logp_fn = make_logp_fn(model.apply, completion_len=completion_len, temperature=1.0)
+  logp_fn = make_logp_fn(model.apply, completion_len=completion_len, temperature=1.0, mesh=mesh, rules=rules)
   step = functools.partial(train_step, logp_fn=logp_fn, objective=rl_algos.sft_objective, tx=tx)
   replicated = jax.sharding.NamedSharding(mesh, jax.P())
   step_fn = jax.jit(step, donate_argnums=0, out_shardings=(state_shardings, replicated))

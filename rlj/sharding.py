@@ -72,6 +72,15 @@ def make_mesh(spec: MeshSpec = DEFAULT_MESH, devices: Sequence[jax.Device] | Non
   return jax.make_mesh(sizes, names, axis_types=(AxisType.Auto,) * len(names), devices=devices)
 
 
+def activation_rules(mesh: Mesh, rules: Rules = DEFAULT_RULES):
+  """Context in which the models' ``nn.with_logical_constraint`` calls shard activations over ``mesh``.
+
+  Without it those constraints are no-ops and XLA alone decides the activations' layout; with FSDP it may then
+  gather the whole batch onto every device (e.g. full-batch [N, S, V] logits per chip).
+  """
+  return nn.logical_axis_rules(_filter_rules(rules, mesh))
+
+
 def _filter_rules(rules: Rules, mesh: Mesh) -> list[tuple[str, Any]]:
   """Drops mesh axes that the mesh does not have (so one rules list serves 1-, 2- and 3-axis meshes)."""
   out = []
