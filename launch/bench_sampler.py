@@ -86,15 +86,21 @@ def hf_generate(params, config, prompts, mask, *, new_tokens: int, workdir: str)
   return run, f"transformers {transformers.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
+def _setup(model_name: str, dtype: str, batch: int, prompt_len: int):
+  """The preset at ``dtype``, its module, random unpadded prompts [batch, prompt_len] and seeded params."""
+  config = dataclasses.replace(presets.get(model_name), dtype=dtype)
+  model = Transformer(config)
+  prompts = np.random.default_rng(0).integers(1, config.vocab_size, size=(batch, prompt_len)).astype(np.int32)
+  mask = np.ones((batch, prompt_len), np.int32)
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), prompts[:1], prompts[:1] * 0, mask[:1])["params"])
+  return config, model, prompts, mask, params
+
+
 def compare(model_name: str, *, batch: int, prompt_len: int, new_tokens: int, repeats: int, skip_hf: bool = False,
             dtype: str = "float32", verbose: bool = True) -> list[dict]:
   """Times the three contenders on the same weights and prompts; one row per contender."""
-  config = dataclasses.replace(presets.get(model_name), dtype=dtype)
-  model = Transformer(config)
+  config, model, prompts, mask, params = _setup(model_name, dtype, batch, prompt_len)
   b, p, t = batch, prompt_len, new_tokens
-  prompts = np.random.default_rng(0).integers(1, config.vocab_size, size=(b, p)).astype(np.int32)
-  mask = np.ones((b, p), np.int32)
-  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), prompts[:1], prompts[:1] * 0, mask[:1])["params"])
   if verbose:
     print(f"model {model_name} ({config.num_params() / 1e6:.1f}M params), batch {b}, prompt {p}, new tokens {t}, "
           f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.devices()[0].device_kind}), "
@@ -147,12 +153,8 @@ def decode(model_name: str, *, batch: int, prompt_len: int, new_tokens: int, rep
   subtracted, over T - 1 steps. The bound of one step is (parameter bytes + KV bytes it must read) / copy
   bandwidth, both measured in this process.
   """
-  config = dataclasses.replace(presets.get(model_name), dtype=dtype)
-  model = Transformer(config)
+  config, model, prompts, mask, params = _setup(model_name, dtype, batch, prompt_len)
   b, p, t = batch, prompt_len, new_tokens
-  prompts = np.random.default_rng(0).integers(1, config.vocab_size, size=(b, p)).astype(np.int32)
-  mask = np.ones((b, p), np.int32)
-  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), prompts[:1], prompts[:1] * 0, mask[:1])["params"])
   params = jax.tree.map(lambda x: x.astype(config.jnp_dtype), params)   # the trainer's sampler dtype
   secs = {}
   for steps in (1, t):
