@@ -68,9 +68,8 @@ def _check_overflow(overflow: str) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class PromptEncoder:
-  """Record ``{"prompt", "answer", "index"}`` -> element ``{"tokens", "prompt", "answer", "index",
-  "truncated", "too_long"}``; ``tokens`` = BOS (if ``add_bos``) + tokens of the rendered prompt."""
+class _Encoder:
+  """What both encoders share: the tokenizer, the length bound and the rendering of a record's prompt."""
   tokenizer: Tokenizer
   max_len: int
   template: str = "{prompt}"
@@ -80,9 +79,19 @@ class PromptEncoder:
   def __post_init__(self):
     _check_overflow(self.overflow)
 
-  def __call__(self, record: dict) -> dict:
+  def encode_prompt(self, record: dict) -> tuple[str, list[int]]:
+    """The record's prompt rendered with ``template`` and its token ids (BOS first when ``add_bos``)."""
     prompt = render(self.template, text(record["prompt"]))
-    ids = self.tokenizer.encode(prompt, add_bos=self.add_bos)
+    return prompt, self.tokenizer.encode(prompt, add_bos=self.add_bos)
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptEncoder(_Encoder):
+  """Record ``{"prompt", "answer", "index"}`` -> element ``{"tokens", "prompt", "answer", "index",
+  "truncated", "too_long"}``; ``tokens`` = BOS (if ``add_bos``) + tokens of the rendered prompt."""
+
+  def __call__(self, record: dict) -> dict:
+    prompt, ids = self.encode_prompt(record)
     too_long = len(ids) > self.max_len
     return {"tokens": np.asarray(fit(ids, self.max_len, keep_first=self.add_bos), np.int32),
             "prompt": prompt, "answer": text(record["answer"]), "index": int(record["index"]),
@@ -112,22 +121,13 @@ def collate_prompts(elements: Sequence[dict], *, batch_size: int, buckets: Seque
 
 
 @dataclasses.dataclass(frozen=True)
-class PreferenceEncoder:
+class PreferenceEncoder(_Encoder):
   """Record ``{"prompt", "chosen", "rejected", "index"}`` -> element with, for ``c`` in chosen/rejected,
   ``{c}_tokens`` = BOS + prompt tokens + response tokens + EOS and ``{c}_loss`` (1 on response tokens and
   EOS); ``truncated``/``too_long`` when either sequence exceeds ``max_len``."""
-  tokenizer: Tokenizer
-  max_len: int
-  template: str = "{prompt}"
-  add_bos: bool = True
-  overflow: str = "truncate"
-
-  def __post_init__(self):
-    _check_overflow(self.overflow)
 
   def __call__(self, record: dict) -> dict:
-    prompt = render(self.template, text(record["prompt"]))
-    prompt_ids = self.tokenizer.encode(prompt, add_bos=self.add_bos)
+    prompt, prompt_ids = self.encode_prompt(record)
     out = {"prompt": prompt, "index": int(record["index"])}
     too_long = False
     for name in ("chosen", "rejected"):
