@@ -37,10 +37,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from launch import builders, flops, hbm, tpu_topology
+from launch import builders, checks, flops, hbm, tpu_topology
 from models import kv_cache
 from models.transformer import Transformer
-from rlj import logprobs, rl_algos, rl_loop, sharding, train_state
+from rlj import rl_algos, rl_loop, sharding, train_state
 from rlj.sampler import Sampler, SamplerConfig, pick_bucket
 from rlj.train_step import train_step
 
@@ -68,27 +68,8 @@ class Shapes:
 
 
 def check_mesh(config, num_devices: int, hosts: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
-  """The config's mesh on ``num_devices`` chips and the batch-split checks of ``builders.validate``."""
-  try:
-    names, sizes = sharding.resolve_mesh_shape([tuple(x) for x in config.mesh], num_devices)
-  except ValueError as e:
-    raise SystemExit(f"config key 'mesh': {e}") from None
-  rules = dict((n, a) for n, a in config.sharding_rules)
-  axes = rules.get("batch") or ()
-  axes = (axes,) if isinstance(axes, str) else tuple(axes)
-  dp = int(np.prod([s for n, s in zip(names, sizes) if n in axes]))
-  rows = config.train.batch_prompts * config.sampler.num_generations * hosts
-  unit = rl_algos.ALGORITHMS[config.algo.name].unit
-  per_mb = rows // config.train.num_minibatches
-  if dp % hosts:
-    raise SystemExit(f"config key 'mesh': the batch axes ({dp} ways) must split evenly over {hosts} hosts")
-  if config.algo.name != "dno" and (rows % config.train.num_minibatches or per_mb % dp):
-    raise SystemExit(f"config key 'train.batch_prompts': {rows} rollout rows ({hosts} hosts) must split into "
-                     f"train.num_minibatches={config.train.num_minibatches} minibatches of a multiple of the "
-                     f"data-parallel size {dp}")
-  if per_mb % (config.train.num_microbatches * unit):
-    raise SystemExit(f"config key 'train.num_microbatches': a minibatch of {per_mb} rows does not split into "
-                     f"{config.train.num_microbatches} micro-batches")
+  """The config's mesh on ``num_devices`` chips of ``hosts`` hosts, with the launcher's layout checks."""
+  names, sizes, _ = checks.check_layout(config, num_devices=num_devices, num_processes=hosts)
   return names, sizes
 
 

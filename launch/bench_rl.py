@@ -58,10 +58,10 @@ def runlocal_config(*, total_steps: int, overrides: dict | None = None):
 
 def measure(*, steps: int, warmup: int = 2, overrides: dict | None = None) -> tuple[dict, dict]:
   """Runs ``warmup + steps`` RL steps; returns (mean seconds per key over the timed steps, config facts)."""
-  from launch import builders  # pylint: disable=g-import-not-at-top
+  from launch import builders, checks  # pylint: disable=g-import-not-at-top
   from rlj import rl_loop  # pylint: disable=g-import-not-at-top
   config = runlocal_config(total_steps=warmup + steps, overrides=overrides)
-  builders.validate(config)
+  checks.validate(config)
   with tempfile.TemporaryDirectory() as workdir:
     env = builders.build_env(config, workdir)
     data = builders.prompt_iterator(config, env, split="train", batch_prompts=config.train.batch_prompts,

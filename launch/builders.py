@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from launch.checks import GROUP_ALGOS, validate  # noqa: F401  (validate: the launcher's first step)
+from launch.checks import GROUP_ALGOS
 from models import presets
 from models.config import ModelConfig
 from models.transformer import Transformer

@@ -39,8 +39,7 @@ def validate(config) -> None:
     return
   if config.job == "rl":
     _check_algo(config)
-  dp = _check_mesh_and_rules(config)
-  _check_batches(config, dp)
+  check_layout(config, num_devices=jax.device_count(), num_processes=jax.process_count())
   _check_sources(config)
   tokenizer_vocab = _check_vocab(config)
   if config.job == "rl":
@@ -71,10 +70,19 @@ def _check_algo(config) -> None:
          f"(got {s.top_k}) and max_new_tokens >= 1 (got {s.max_new_tokens})")
 
 
-def _check_mesh_and_rules(config) -> int:
-  """Resolves the mesh on this machine's devices, checks the rules' axes; returns the data-parallel size."""
+def check_layout(config, *, num_devices: int, num_processes: int) -> tuple[tuple[str, ...], tuple[int, ...], int]:
+  """The mesh, sharding rules and batch sizes against a device and process count (this machine's in
+  ``validate``, a TPU slice's in ``launch.aot``); returns the mesh axis names, their sizes and the
+  data-parallel size."""
+  names, sizes, dp = _check_mesh_and_rules(config, num_devices, num_processes)
+  _check_batches(config, dp, num_processes)
+  return names, sizes, dp
+
+
+def _check_mesh_and_rules(config, num_devices: int, num_processes: int):
+  """Resolves the mesh on ``num_devices``, checks the rules' axes; returns (names, sizes, data-parallel size)."""
   try:
-    mesh_names, mesh_sizes = sharding.resolve_mesh_shape([tuple(x) for x in config.mesh], jax.device_count())
+    mesh_names, mesh_sizes = sharding.resolve_mesh_shape([tuple(x) for x in config.mesh], num_devices)
   except ValueError as e:
     fail("mesh", str(e))
   logical = {name for name, _ in sharding.DEFAULT_RULES}
@@ -90,18 +98,18 @@ def _check_mesh_and_rules(config) -> int:
     if name == "batch":
       batch_axes = axes
   dp = int(np.prod([size for name, size in zip(mesh_names, mesh_sizes) if name in batch_axes]))
-  if dp % jax.process_count():
-    fail("mesh", f"the batch axes ({dp} ways) must split evenly over {jax.process_count()} processes")
-  return dp
+  if dp % num_processes:
+    fail("mesh", f"the batch axes ({dp} ways) must split evenly over {num_processes} processes")
+  return mesh_names, mesh_sizes, dp
 
 
-def _check_batches(config, dp: int) -> None:
+def _check_batches(config, dp: int, num_processes: int) -> None:
   t = config.train
   if config.job == "rl":
     if t.num_minibatches < 1 or t.num_microbatches < 1:
       fail("train.num_minibatches", f"num_minibatches ({t.num_minibatches}) and num_microbatches "
            f"({t.num_microbatches}) must be >= 1")
-    rows = t.batch_prompts * config.sampler.num_generations * jax.process_count()
+    rows = t.batch_prompts * config.sampler.num_generations * num_processes
     unit = rl_algos.ALGORITHMS[config.algo.name].unit
     per_mb = rows // t.num_minibatches
     if config.algo.name != "dno" and (rows % t.num_minibatches or per_mb % dp):
@@ -111,7 +119,7 @@ def _check_batches(config, dp: int) -> None:
       fail("train.num_microbatches", f"a minibatch of {per_mb} rows does not split into "
            f"{t.num_microbatches} micro-batches of whole {'pairs' if unit == 2 else 'rows'}")
   runs_sft = config.job == "sft" or config.init.policy == "sft"
-  if runs_sft and config.sft.steps and (config.sft.batch_prompts * jax.process_count()) % dp:
+  if runs_sft and config.sft.steps and (config.sft.batch_prompts * num_processes) % dp:
     fail("sft.batch_prompts", f"{config.sft.batch_prompts} prompts per step must be a multiple of the "
          f"data-parallel size {dp}")
 

@@ -17,7 +17,6 @@ import os
 import time
 from typing import Any, Iterator
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -219,27 +218,23 @@ def ckpt_tree(state) -> dict:
 # Job
 # ------------------------------------------------------------------------------------------------------------
 
-class _SkipCounter:
-  """Counts non-finite (skipped) steps in a row, reading each step's flag one step late so the host never
-  waits for the device; raises SystemExit after ``limit`` in a row (0: never)."""
+class _LaggedSkips:
+  """``train_state.SkipCounter`` fed each step's device flag one step late, so the host never waits for the
+  device; ``flush`` reads the pending flag (before a checkpoint)."""
 
   def __init__(self, limit: int):
-    self.limit, self.in_row, self._pending = limit, 0, None
+    self.counter = train_state.SkipCounter(limit, what="steps", hint="Lower optim.learning_rate")
+    self._pending = None
 
   def add(self, step: int, skipped: jax.Array) -> None:
     self.flush()
     self._pending = (step, skipped)
 
   def flush(self) -> None:
-    if self._pending is None:
-      return
-    step, skipped = self._pending
-    self._pending = None
-    self.in_row = self.in_row + 1 if float(skipped) else 0
-    if self.limit and self.in_row >= self.limit:
-      raise SystemExit(f"training stopped: {self.in_row} steps in a row had a non-finite loss or gradient (the "
-                       f"last at step {step}); each was skipped, so the checkpoints stay finite. Lower "
-                       f"optim.learning_rate or raise train.max_consecutive_skips (now {self.limit}).")
+    if self._pending is not None:
+      step, skipped = self._pending
+      self._pending = None
+      self.counter.add(float(skipped), f"at step {step}")
 
 
 def _train_batches(it, mesh, rules) -> Iterator[PreferenceBatch]:
@@ -301,16 +296,19 @@ def run(config, workdir: str) -> dict:
     writer.write(step, {f"eval/{k}": v for k, v in held_out.items()})
     return held_out
 
-  def save(step, held_out):
+  def save(step):
+    skips.flush()
     meta = {"job": "rm", "step": step, "data": it.get_state(), "reward_model": rm_meta, "eval": held_out}
-    ckpt.save(step, ckpt_tree(state), meta, force=True)
+    ckpt.save(step, ckpt_tree(state), meta)
 
   held_out = None
   batches = _train_batches(it, mesh, rules)
   t0, pairs = time.time(), 0
-  skips = _SkipCounter(t.max_consecutive_skips)
+  skips = _LaggedSkips(t.max_consecutive_skips)
   stopped = False
   with preemption.StopRequest() as stop:
+    on_step_end = preemption.checkpoint_hook(ckpt, stop, total_steps=t.total_steps, save=save,
+                                             label="reward model")
     for step in range(start + 1, t.total_steps + 1):
       batch = next(batches)
       state, metrics = train_fn(state, batch, jax.random.fold_in(root, step))
@@ -324,13 +322,8 @@ def run(config, workdir: str) -> dict:
       last = step == t.total_steps
       if last or (t.eval_every and step % t.eval_every == 0):
         held_out = evaluate(step)
-      stopped = not last and stop.requested(step, ckpt.reached_preemption)
-      if last or stopped or ckpt.due(step):
-        skips.flush()
-        save(step, held_out)
+      stopped = on_step_end(step)
       if stopped:
-        print(f"stopped at step {step} of {t.total_steps}: checkpoint saved in {ckpt.directory}; relaunch with "
-              f"the same --workdir to resume", flush=True)
         break
   ckpt.close()
   writer.close()

@@ -11,14 +11,13 @@ from __future__ import annotations
 import datetime
 import os
 import sys
-from typing import Callable
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 import jax
 
-from launch import builders, distributed
+from launch import builders, checks, distributed
 from rewards import combine
 from rlj import checkpoint, host_data, metrics_writer, preemption, rl_loop, sft, train_state
 
@@ -73,20 +72,6 @@ def make_checkpointer(config, workdir: str) -> checkpoint.Checkpointer:
                                  every_steps=t.ckpt_every, every_minutes=t.ckpt_every_minutes)
 
 
-def step_end_hook(ckpt, stop, *, total_steps: int, save: Callable[[int], None], log_stop: str):
-  """``on_step_end`` of the loops: save when due, on the final step and on a stop request; True stops."""
-  def hook(done: int) -> bool:
-    stopping = stop.requested(done, ckpt.reached_preemption) and done < total_steps
-    if stopping or done == total_steps or ckpt.due(done):
-      save(done)
-    if stopping:
-      ckpt.wait()
-      print(f"stopped at step {done} of {total_steps} ({log_stop}): checkpoint saved in {ckpt.directory}; "
-            f"relaunch with the same --workdir to resume", flush=True)
-    return stopping
-  return hook
-
-
 def run_sft_stage(config, env, state, workdir: str, stop):
   """Runs (or resumes) the SFT job in ``workdir``; returns the trained state.
 
@@ -111,15 +96,11 @@ def run_sft_stage(config, env, state, workdir: str, stop):
     data.set_state(host_data.own_entry(restored[2]["data"]))
   eval_fn = builders.eval_fn(config, env)
 
-  current = {}
-  hook = step_end_hook(ckpt, stop, total_steps=config.sft.steps, log_stop="SFT stage", save=lambda step: ckpt.save(
-      step, builders.ckpt_tree(current["state"]),
-      {"job": "sft", "step": step, "data": host_data.allgather_json(data.get_state())}))  # one per process
+  def save(step, st):
+    ckpt.save(step, builders.ckpt_tree(st),
+              {"job": "sft", "step": step, "data": host_data.allgather_json(data.get_state())})  # one per process
 
-  def on_step_end(done, st):
-    current["state"] = st
-    return hook(done)
-
+  on_step_end = preemption.checkpoint_hook(ckpt, stop, total_steps=config.sft.steps, save=save, label="SFT stage")
   try:
     state, history = sft.run_sft(
         state, model=env.model, tx=env.sft_tx, mesh=env.mesh, rules=env.rules,
@@ -169,15 +150,12 @@ def run_rl(config, env, workdir: str, stop) -> list[dict]:
   trainer = rl_loop.Trainer(comps, builders.loop_config(config, env))
   if restored is not None and "host" in restored[2]:
     trainer.load_host_state(restored[2]["host"])
-  current = {}
-  hook = step_end_hook(ckpt, stop, total_steps=config.train.total_steps, log_stop="RL", save=lambda step: ckpt.save(
-      step, builders.ckpt_tree(current["state"], current["ref"] if env.use_reference else None),
-      {"job": "rl", "step": step, "data": host_data.allgather_json(data.get_state())}, host=trainer.host_state()))
+  def save(step, st, ref):
+    ckpt.save(step, builders.ckpt_tree(st, ref if env.use_reference else None),
+              {"job": "rl", "step": step, "data": host_data.allgather_json(data.get_state())},
+              host=trainer.host_state())
 
-  def on_step_end(done, st, ref):
-    current.update(state=st, ref=ref)
-    return hook(done)
-
+  on_step_end = preemption.checkpoint_hook(ckpt, stop, total_steps=config.train.total_steps, save=save, label="RL")
   try:
     _, _, history = trainer.run(state, ref_params, start_step=start, on_step_end=on_step_end)
   finally:
@@ -195,27 +173,27 @@ def run(config, workdir: str) -> list[dict]:
   if config.job not in JOBS:
     raise SystemExit(f"config key 'job' is {config.job!r}; choose one of {JOBS}")
   check_hardware(config)
-  builders.validate(config)
+  checks.validate(config)
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
   print(f"workdir: {os.path.abspath(workdir)}", flush=True)
-  if config.job == "rm":
-    from launch import rm  # reward-model job
-    rm.run(config, workdir)
-    return []
-  env = builders.build_env(config, workdir)
-  with preemption.StopRequest() as stop:
-    try:
+  try:
+    if config.job == "rm":
+      from launch import rm  # reward-model job
+      rm.run(config, workdir)
+      return []
+    env = builders.build_env(config, workdir)
+    with preemption.StopRequest() as stop:
       if config.job == "sft":
         run_sft_stage(config, env, env.state, workdir, stop)
         return []
       history = run_rl(config, env, workdir, stop)
-    except Stopped:
-      return []
-    except (rl_loop.NonFiniteUpdates, combine.RewardError) as e:
-      raise SystemExit(f"training stopped: {e}") from e
+  except Stopped:
+    return []
+  except (train_state.NonFiniteUpdates, combine.RewardError) as e:
+    raise SystemExit(f"training stopped: {e}") from e
   evals = [h for h in history if "eval/accuracy" in h]
   if len(evals) > 1:
     print(f"held-out greedy accuracy: before {evals[0]['eval/accuracy']:.3f} -> after "

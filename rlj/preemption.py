@@ -76,3 +76,27 @@ class StopRequest:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def checkpoint_hook(ckpt, stop: StopRequest, *, total_steps: int, save: Callable[..., None], label: str):
+  """The loops' ``on_step_end(done, *state) -> bool``: ``save(done, *state)`` when ``ckpt.due(done)``, on the
+  final step and on a stop request; after a stop request it waits for the save, says how to resume and
+  returns True (stop at this step boundary).
+
+  Args:
+    ckpt: a ``rlj.checkpoint.Checkpointer`` (save policy and the runtime's preemption notice).
+    stop: this process's stop request.
+    total_steps: the run's last step.
+    save: writes the checkpoint of step ``done`` from the loop's state arguments.
+    label: names the job in the stop message.
+  """
+  def hook(done: int, *state) -> bool:
+    stopping = stop.requested(done, ckpt.reached_preemption) and done < total_steps
+    if stopping or done == total_steps or ckpt.due(done):
+      save(done, *state)
+    if stopping:
+      ckpt.wait()
+      print(f"stopped at step {done} of {total_steps} ({label}): checkpoint saved in {ckpt.directory}; "
+            f"relaunch with the same --workdir to resume", flush=True)
+    return stopping
+  return hook

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rewards import combine
-from rlj import evaluation, host_data, logprobs, rl_algos, sharding
+from rlj import evaluation, host_data, logprobs, rl_algos, sharding, train_state
 from rlj.train_step import train_step
 
 
@@ -71,10 +71,6 @@ class Components:
   sampler_dtype: Any = None
 
 
-class NonFiniteUpdates(RuntimeError):
-  """Too many optimizer updates in a row had a non-finite loss or gradient."""
-
-
 def make_logp_fn(apply_fn, *, completion_len: int, temperature: float, mesh=None, rules=None):
   """``(params, tokens [N, P+T], attn_mask) -> logp [N, T]`` with P taken from the tokens' width.
 
@@ -113,8 +109,9 @@ class Trainer:
     self.root = jax.random.key(cfg.seed)
     self.dno_history: list[dict] = []      # pair pools of finished DNO iterations (newest last)
     self.dno_current: list[dict] = []
-    self.skips_in_row = 0                   # non-finite updates in a row (carried across steps)
-    self.skips_total = 0
+    self.skips = train_state.SkipCounter(
+        cfg.max_consecutive_skips, what="optimizer updates",
+        hint="Check the rewards and advantages for NaN/Inf, lower optim.learning_rate")
 
   # ---------------------------------------------------------------------------------------------- rollout
   def sampler_params(self, params):
@@ -226,28 +223,16 @@ class Trainer:
         per_update.append(m)
     per_update = jax.device_get(per_update)  # one transfer per RL step, after every update was dispatched
     metrics = {k: float(np.mean([m[k] for m in per_update])) for k in per_update[0]}
-    self.count_skips([float(m["skipped"]) for m in per_update], step)
+    for m in per_update:
+      self.skips.add(float(m["skipped"]), f"in RL step {step + 1}")
     metrics["skipped"] = float(sum(m["skipped"] for m in per_update))
-    metrics["skipped_total"] = float(self.skips_total)
+    metrics["skipped_total"] = float(self.skips.total)
     return state, metrics
-
-  def count_skips(self, skipped: Sequence[float], step: int) -> None:
-    """Counts skipped (non-finite) updates; raises after ``max_consecutive_skips`` in a row."""
-    for s in skipped:
-      self.skips_in_row = self.skips_in_row + 1 if s else 0
-      self.skips_total += int(bool(s))
-      limit = self.cfg.max_consecutive_skips
-      if limit and self.skips_in_row >= limit:
-        raise NonFiniteUpdates(
-            f"{self.skips_in_row} optimizer updates in a row had a non-finite loss or gradient (the last in RL "
-            f"step {step + 1}); each was skipped, so the params and the checkpoints stay finite. Check the "
-            f"rewards and advantages for NaN/Inf, lower optim.learning_rate, or raise "
-            f"train.max_consecutive_skips (now {limit}).")
 
   # ---------------------------------------------------------------------------------------------- host state
   def host_state(self) -> dict[str, np.ndarray]:
     """This process's loop state that is not in the train state: DNO replay pools and skip counters."""
-    out = {"skips_in_row": np.int64(self.skips_in_row), "skips_total": np.int64(self.skips_total),
+    out = {"skips_in_row": np.int64(self.skips.in_row), "skips_total": np.int64(self.skips.total),
            "dno_pools": np.int64(len(self.dno_history)), "dno_current": np.int64(len(self.dno_current))}
     for name, pools in (("hist", self.dno_history), ("cur", self.dno_current)):
       for j, pool in enumerate(pools):
@@ -255,7 +240,7 @@ class Trainer:
     return out
 
   def load_host_state(self, host: Mapping[str, np.ndarray]) -> None:
-    self.skips_in_row, self.skips_total = int(host["skips_in_row"]), int(host["skips_total"])
+    self.skips.in_row, self.skips.total = int(host["skips_in_row"]), int(host["skips_total"])
     def pools(name, n):
       return [{k.split("/", 1)[1]: v for k, v in host.items() if k.startswith(f"dno_{name}{j}/")} for j in range(n)]
     self.dno_history = pools("hist", int(host["dno_pools"]))
@@ -275,7 +260,7 @@ class Trainer:
     launcher saves checkpoints there); True stops the loop at that step boundary (a stop request).
 
     Raises:
-      NonFiniteUpdates: after ``max_consecutive_skips`` non-finite updates in a row.
+      train_state.NonFiniteUpdates: after ``max_consecutive_skips`` non-finite updates in a row.
     """
     cfg, c = self.cfg, self.c
     history = []

@@ -13,8 +13,8 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from rlj import host_data, rl_algos
-from rlj.rl_loop import NonFiniteUpdates, make_logp_fn
+from rlj import host_data, rl_algos, train_state
+from rlj.rl_loop import make_logp_fn
 from rlj.train_step import train_step
 
 
@@ -43,7 +43,7 @@ def run_sft(state, *, model, tx, mesh, rules, state_shardings, tokenizer, train_
 
   ``on_step_end(done, state) -> bool`` runs after each step (the launcher saves there); True stops at that
   step boundary. A non-finite update is skipped by ``train_step``; ``max_consecutive_skips`` in a row raise
-  ``rl_loop.NonFiniteUpdates``.
+  ``train_state.NonFiniteUpdates``.
   """
   logp_fn = make_logp_fn(model.apply, completion_len=completion_len, temperature=1.0, mesh=mesh, rules=rules)
   step = functools.partial(train_step, logp_fn=logp_fn, objective=rl_algos.sft_objective, tx=tx)
@@ -51,7 +51,8 @@ def run_sft(state, *, model, tx, mesh, rules, state_shardings, tokenizer, train_
   step_fn = jax.jit(step, donate_argnums=0, out_shardings=(state_shardings, replicated))
   root = jax.random.key(seed)
   history = []
-  skips_in_row = 0
+  skips = train_state.SkipCounter(max_consecutive_skips, what="SFT updates",
+                                  hint="Lower sft.optim.learning_rate or check the data")
   for i in range(start_step, steps):
     t0 = time.perf_counter()
     batch = sft_batch(next(train_iter), tokenizer, completion_len)
@@ -66,10 +67,7 @@ def run_sft(state, *, model, tx, mesh, rules, state_shardings, tokenizer, train_
       m.update(eval_fn(state.params, done))
     writer.write(done, m)
     history.append({"step": done, **m})
-    skips_in_row = skips_in_row + 1 if m[log_prefix + "skipped"] else 0
-    if max_consecutive_skips and skips_in_row >= max_consecutive_skips:
-      raise NonFiniteUpdates(f"{skips_in_row} SFT updates in a row had a non-finite loss or gradient (the last "
-                             f"at step {done}); lower sft.optim.learning_rate or check the data")
+    skips.add(m[log_prefix + "skipped"], f"at step {done}")
     if on_step_end is not None and on_step_end(done, state):
       break
   return state, history

@@ -81,6 +81,35 @@ def apply_if_finite(state: TrainState, grads: Any, loss: jax.Array,
   return new_state, grad_norm, (~finite).astype(jnp.float32)
 
 
+class NonFiniteUpdates(RuntimeError):
+  """Too many updates in a row had a non-finite loss or gradient."""
+
+
+class SkipCounter:
+  """Counts the updates ``apply_if_finite`` skipped: in a row and in total.
+
+  Args:
+    limit: raise ``NonFiniteUpdates`` after this many skips in a row (0: never); config key
+      ``train.max_consecutive_skips``.
+    what: what one update is called in the message ("optimizer updates", "SFT updates", ...).
+    hint: the fix the message suggests.
+  """
+
+  def __init__(self, limit: int, *, what: str, hint: str):
+    self.limit, self.what, self.hint = int(limit), what, hint
+    self.in_row = self.total = 0
+
+  def add(self, skipped: float, where: str) -> None:
+    """Records one update's ``skipped`` flag; ``where`` names it in the message (e.g. "at step 7")."""
+    self.in_row = self.in_row + 1 if skipped else 0
+    self.total += int(bool(skipped))
+    if self.limit and self.in_row >= self.limit:
+      raise NonFiniteUpdates(
+          f"{self.in_row} {self.what} in a row had a non-finite loss or gradient (the last {where}); each was "
+          f"skipped, so the params and the checkpoints stay finite. {self.hint}, or raise "
+          f"train.max_consecutive_skips (now {self.limit}).")
+
+
 def state_shardings(params_shardings: Any, tx: optax.GradientTransformation, params_abstract: Any, mesh) -> Any:
   """Shardings for a TrainState: optimizer moments follow their parameter, scalars are replicated."""
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

@@ -12,7 +12,7 @@ import jax
 import pytest
 
 from configs import gdpo_tpu, grpo_tpu
-from launch import builders, train
+from launch import checks, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -114,20 +114,20 @@ def test_vocab_against_a_tokenizer_file_and_an_hf_checkpoint(tmp_path, compiles)
   _expect_stop(c, tmp_path / "run", r"'model\.vocab_from_tokenizer'.*'tiny' embeds 128.*200 pieces", compiles)
   c.unlock()
   c.model.overrides.vocab_size = 256                    # padded up: accepted
-  builders.validate(c)
+  checks.validate(c)
   hf = tmp_path / "hf"
   hf.mkdir()
   (hf / "config.json").write_text(json.dumps({"vocab_size": 150}))
   c.init.policy, c.init.path = "hf", str(hf)
   _expect_stop(c, tmp_path / "run", r"'tokenizer\.path'.*200 pieces.*embeds only 150", compiles)
   (hf / "config.json").write_text(json.dumps({"vocab_size": 200}))
-  builders.validate(c)
+  checks.validate(c)
   assert not compiles
 
 
 def test_the_compile_counter_sees_an_error_raised_after_the_model_is_built(tmp_path, compiles, monkeypatch):
   """Control: without the up-front checks the same bad data source fails only after the model was compiled."""
-  monkeypatch.setattr(builders, "validate", lambda config: None)
+  monkeypatch.setattr(checks, "validate", lambda config: None)
   c = _config(**{"data.source": "gsm9k"})
   with pytest.raises(SystemExit, match="data.source"):
     train.run(c, str(tmp_path / "run"))
