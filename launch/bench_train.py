@@ -4,17 +4,19 @@ The step is the one ``rlj.rl_loop.Trainer`` compiles (``Trainer(...).step_fn``: 
 the completions, the GRPO clipped surrogate with the runlocal loss options, AdamW, donated state), on a
 batch of N rows of S tokens whose last T are the completion, data-parallel over every device.
 
-FLOPs of one step (forward + backward, the PaLM convention of arXiv:2204.02311, App. B):
+FLOPs of one step (forward + backward, the PaLM convention of arXiv:2204.02311, App. B), counting only what
+the step needs:
 
-  FLOPs = 6 · P_mm · N · S  +  12 · L · H · Dh · N · S²
+  FLOPs = 6 · P_layers · N · S  +  6 · D · V · N · T  +  6 · L · H · Dh · N · S · (S + 1)
 
-- P_mm, the parameters that multiply activations: per layer D·Dh·(2H + 2KVH) (q, k, v, o) and 3·D·F (gated
-  MLP), plus D·V for the output projection (tied or not). The input embedding is a gather and the norm
-  scales are elementwise, so neither counts. 2·P_mm FLOPs per token forward, twice that backward.
-- Attention: q·kᵀ and p·v cost 2·S·S·H·Dh each per layer and row forward (the implementation computes every
-  query-key pair and masks, so no causal halving), times 3 for forward + backward.
-- The logits are computed at all S positions (the trainer slices the completion afterwards), so every
-  token counts.
+- P_layers, the block parameters that multiply activations: per layer D·Dh·(2H + 2KVH) (q, k, v, o) and
+  3·D·F (gated MLP). 2·P_layers FLOPs per token forward, twice that backward. The input embedding is a
+  gather and the norm scales are elementwise, so neither counts.
+- The output projection (D·V, tied or not) runs only at the T positions that predict completion tokens
+  (``Transformer(..., logits_at=...)``); the prompt's logits are never computed, so they do not count.
+- Attention: q·kᵀ and p·v cost 2·Dh each per (query, key) pair and head forward, times 3 for forward +
+  backward, over the S·(S + 1)/2 causal pairs of a row (``causal_self_attention`` skips most of the masked
+  pairs; the ones it still computes, and the remat recomputation, are not counted).
 
 MFU = FLOPs / (best step seconds) / (matmul peak at the same dtype, measured in the same process before and
 after the steps, the larger of the two).
@@ -39,18 +41,19 @@ from rlj import rl_loop, sharding, train_state
 LOSS_KWARGS = dict(clip_eps=0.2, kl_coef=0.0, agg="token_mean", kl_estimator="k3_ratio")
 
 
-def matmul_params(c: ModelConfig) -> int:
-  """P_mm: parameters that multiply activations (see the module docstring)."""
+def layer_params(c: ModelConfig) -> int:
+  """P_layers: block parameters that multiply activations (see the module docstring)."""
   attn = c.embed_dim * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
   mlp = 3 * c.embed_dim * c.mlp_dim
-  return c.num_layers * (attn + mlp) + c.embed_dim * c.vocab_size
+  return c.num_layers * (attn + mlp)
 
 
-def train_step_flops(c: ModelConfig, rows: int, seq_len: int) -> int:
+def train_step_flops(c: ModelConfig, rows: int, seq_len: int, completion_len: int) -> int:
   """FLOPs of one forward + backward step over ``rows`` x ``seq_len`` tokens (module docstring)."""
-  dense = 6 * matmul_params(c) * rows * seq_len
-  attention = 12 * c.num_layers * c.num_heads * c.head_dim * rows * seq_len ** 2
-  return dense + attention
+  blocks = 6 * layer_params(c) * rows * seq_len
+  logits = 6 * c.embed_dim * c.vocab_size * rows * completion_len
+  attention = 6 * c.num_layers * c.num_heads * c.head_dim * rows * seq_len * (seq_len + 1)
+  return blocks + logits + attention
 
 
 def build_step(config: ModelConfig, *, completion_len: int, mesh):
@@ -103,9 +106,9 @@ def measure(config: ModelConfig, *, rows: int, seq_len: int, completion_len: int
   # The larger of the peaks measured before and after the steps: a load spike during one of them cannot
   # lower the peak and flatter the MFU.
   peak = max(peak_before, bench.matmul_peak(config.dtype, sizes=peak_sizes))
-  flops = train_step_flops(config, rows, seq_len)
+  flops = train_step_flops(config, rows, seq_len, completion_len)
   best = min(times)
-  return {"rows x tokens": f"{rows} x {seq_len}", "dtype": config.dtype, "P_mm": matmul_params(config),
+  return {"rows x tokens": f"{rows} x {seq_len}", "dtype": config.dtype, "P_layers": layer_params(config),
           "GFLOP/step": flops / 1e9, "step s (best)": best, "step s (median)": float(np.median(times)),
           "tokens/s": rows * seq_len / best, "achieved GFLOP/s": flops / best / 1e9,
           "matmul peak GFLOP/s": peak / 1e9, "MFU": flops / best / peak, "skipped": skipped}
@@ -122,7 +125,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
     n, s = args.batch or n, args.seq or s
     row = measure(config, rows=n, seq_len=s, completion_len=s // 2, repeats=args.repeats)
     rows.append({"model": name, **row})
-  notes = ["FLOPs = 6 * P_mm * N * S + 12 * L * H * Dh * N * S^2 (launch/bench_train.py); MFU = FLOPs / best "
+  notes = ["FLOPs = 6 * P_layers * N * S + 6 * D * V * N * T + 6 * L * H * Dh * N * S * (S + 1): blocks, output "
+           "projection at the T completion positions, causal attention pairs (launch/bench_train.py); MFU = FLOPs / best "
            "step time / best matmul peak (measured in this process before and after the steps, at the row's "
            "dtype).",
            "Step: rlj.rl_loop.Trainer.step_fn (GRPO token-mean loss, AdamW, donated state), completions are the "

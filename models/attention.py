@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from models import kv_cache
-from models.layers import apply_rope, param
+from models.layers import apply_rope, dense, param
 
 # Finite "minus infinity": a query with no valid key (a padding row) gets a uniform softmax, not NaN.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -59,6 +59,37 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
   return out.reshape(b, kvh, g, s, dh).transpose(0, 3, 1, 2, 4).reshape(b, s, h, dh)
 
 
+# Query block of ``causal_self_attention``: on CPU (small-50m, 4 x 512 tokens) blocks of 128 took the attention's
+# forward + backward from 1.03 s to 0.68 s per step (256: 0.62 s, 64: 0.73 s in the same run).
+CAUSAL_BLOCK = 128
+
+
+def causal_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                          block: int = CAUSAL_BLOCK) -> jax.Array:
+  """``dot_product_attention`` of S tokens over themselves, in query blocks that skip the keys after the block.
+
+  A query in block [a, e) may only see keys < e (the mask is causal), so block i attends over keys [0, e)
+  instead of [0, S): about half of the S² scores (S·(S + block)/2) are computed, with the same result for
+  every query that sees at least one key. A query that sees none (a left-padding position) gets the mean of
+  the block's values instead of all values; nothing reads it, since no real token attends to padding.
+
+  Args:
+    q: [B, S, H, Dh]; k, v: [B, S, KVH, Dh] of the same S tokens.
+    mask: [B, S, S] bool, causal (``attention_mask`` without a cache).
+    block: query block length.
+  Returns:
+    [B, S, H, Dh].
+  """
+  s = q.shape[1]
+  if s <= block:
+    return dot_product_attention(q, k, v, mask)
+  outs = []
+  for a in range(0, s, block):
+    e = min(a + block, s)
+    outs.append(dot_product_attention(q[:, a:e], k[:, :e], v[:, :e], mask[:, a:e, :e]))
+  return jnp.concatenate(outs, axis=1)
+
+
 class Attention(nn.Module):
   """Multi-head attention with H query and KVH key/value heads (GQA), RoPE and optional q/k/v bias."""
   num_heads: int
@@ -71,7 +102,7 @@ class Attention(nn.Module):
   def _project(self, x, name, heads, heads_axis):
     d = x.shape[-1]
     w = param(self, name, ("embed", heads_axis, "head_dim"), (d, heads, self.head_dim), self.param_dtype)
-    y = jnp.einsum("bsd,dhk->bshk", x, w.astype(self.dtype))
+    y = dense(x, w, dtype=self.dtype)
     if self.qkv_bias:
       bias = param(self, f"{name}_bias", (heads_axis, "head_dim"), (heads, self.head_dim), self.param_dtype,
                    nn.initializers.zeros)
@@ -103,8 +134,9 @@ class Attention(nn.Module):
       k, v = (kv_cache.read_layer(buf, layer).astype(self.dtype) for buf in cache)
     # Rematerialised: the backward pass recomputes the [B, H, S, T] scores from q and k instead of keeping
     # them for every layer (a buffer L times that size written, and on CPU page-faulted, every step).
-    out = jax.checkpoint(dot_product_attention)(q, k, v, mask)
+    attend = dot_product_attention if cache is not None else causal_self_attention
+    out = jax.checkpoint(attend)(q, k, v, mask)
     d = x.shape[-1]
     wo = param(self, "o", ("heads", "head_dim", "embed"), (self.num_heads, self.head_dim, d), self.param_dtype,
                nn.initializers.normal(stddev=(self.num_heads * self.head_dim) ** -0.5))
-    return jnp.einsum("bshk,hkd->bsd", out, wo.astype(self.dtype)), cache
+    return dense(out, wo, contract=2, dtype=self.dtype), cache

@@ -26,6 +26,36 @@ def param(module: nn.Module, name: str, names: tuple[str, ...], shape: tuple[int
   return module.param(name, nn.with_logical_partitioning(init, names), shape, dtype)
 
 
+def dense(x: jax.Array, w: jax.Array, contract: int = 1, *, dtype: Optional[Dtype] = None,
+          preferred_element_type: Optional[Dtype] = None) -> jax.Array:
+  """y[..., o...] = Σ_k x[..., k...] · w[k..., o...] over the last ``contract`` dims of x and the first of w.
+
+  Computed as one 2-D matmul [prod(lead), prod(k)] x [prod(k), prod(o)] with reshapes around it (bitcasts).
+  The equivalent einsum (e.g. "bsd,dhk->bshk") gives the same values, but its weight gradient contracts over
+  two batch dims (b, s), and XLA:CPU then transposes the [B, S, F] cotangent into a [F, B·S] copy before
+  the matmul, every layer, every step: measured on a small-50m MLP forward + backward, 2.30 s with
+  einsums vs 1.39 s with 2-D matmuls. On TPU/GPU both forms compile to the same matmuls.
+
+  Args:
+    x: [..., *k] activations.
+    w: [*k, *o] kernel (cast to ``dtype`` when given).
+    contract: how many trailing dims of x (leading dims of w) are contracted.
+    dtype: compute dtype of x and w (default: unchanged).
+    preferred_element_type: accumulation / output dtype (default: the inputs').
+  Returns:
+    [..., *o].
+  """
+  k_shape, o_shape = w.shape[:contract], w.shape[contract:]
+  if tuple(x.shape[x.ndim - contract:]) != tuple(k_shape):
+    raise ValueError(f"dense: x {x.shape} and kernel {w.shape} disagree on the {contract} contracted dims")
+  if dtype is not None:
+    x, w = x.astype(dtype), w.astype(dtype)
+  lead = x.shape[:x.ndim - contract]
+  k = math.prod(k_shape)
+  y = jnp.matmul(x.reshape(-1, k), w.reshape(k, -1), preferred_element_type=preferred_element_type)
+  return y.reshape(*lead, *o_shape)
+
+
 class RMSNorm(nn.Module):
   """Root-mean-square norm: y = x / sqrt(mean(x²) + eps) · w   (Gemma: · (1 + w), w initialised at 0).
 
@@ -112,14 +142,13 @@ class MLP(nn.Module):
     gate = param(self, "gate", ("embed", "mlp"), (d, self.mlp_dim), self.param_dtype)
     up = param(self, "up", ("embed", "mlp"), (d, self.mlp_dim), self.param_dtype)
     down = param(self, "down", ("mlp", "embed"), (self.mlp_dim, d), self.param_dtype)
-    x = x.astype(self.dtype)
-    g = jnp.einsum("bsd,df->bsf", x, gate.astype(self.dtype))
-    u = jnp.einsum("bsd,df->bsf", x, up.astype(self.dtype))
+    g = dense(x, gate, dtype=self.dtype)
+    u = dense(x, up, dtype=self.dtype)
     if self.activation == "silu":
       g = jax.nn.silu(g)
     else:
       g = jax.nn.gelu(g, approximate=True)
-    return jnp.einsum("bsf,fd->bsd", g * u, down.astype(self.dtype))
+    return dense(g * u, down, dtype=self.dtype)
 
 
 class Embedder(nn.Module):
@@ -144,5 +173,4 @@ class Embedder(nn.Module):
 
   def decode(self, x: jax.Array) -> jax.Array:
     """[B, S, D] -> [B, S, V] float32 logits."""
-    return jnp.einsum("bsd,vd->bsv", x.astype(self.dtype), self.embedding.astype(self.dtype),
-                      preferred_element_type=jnp.float32)
+    return dense(x, self.embedding.T, dtype=self.dtype, preferred_element_type=jnp.float32)

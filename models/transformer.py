@@ -27,7 +27,7 @@ from models import kv_cache
 from models.attention import Attention, attention_mask
 from models.config import ModelConfig
 from models.kv_cache import KVCache
-from models.layers import MLP, Embedder, RMSNorm, param, rope_angles, rope_inv_freq
+from models.layers import MLP, Embedder, RMSNorm, dense, param, rope_angles, rope_inv_freq
 
 
 class Block(nn.Module):
@@ -98,13 +98,12 @@ class Transformer(nn.Module):
     if self.config.tie_embeddings:
       out = self.embedder.decode(hidden)
     else:
-      dtype = self.config.jnp_dtype
-      out = jnp.einsum("bsd,dv->bsv", hidden.astype(dtype), self.lm_head.astype(dtype),
-                       preferred_element_type=jnp.float32)
+      out = dense(hidden, self.lm_head, dtype=self.config.jnp_dtype, preferred_element_type=jnp.float32)
     return nn.with_logical_constraint(out, ("batch", "length", "vocab"))
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, attn_mask: jax.Array,
-               cache: Optional[KVCache] = None, last_only: bool = False) -> tuple[jax.Array, Optional[KVCache]]:
+               cache: Optional[KVCache] = None, last_only: bool = False,
+               logits_at: Optional[slice] = None) -> tuple[jax.Array, Optional[KVCache]]:
     """Logits of every position.
 
     Args:
@@ -113,12 +112,17 @@ class Transformer(nn.Module):
       attn_mask: [B, S] 1 for real tokens, 0 for padding (padding keys are never attended to).
       cache: a ``KVCache`` to write the S tokens into (at slots [index, index + S)) and attend over, or None.
       last_only: project only the last position to logits (a prefill needs no more; skips a [B, S, V] matmul).
+      logits_at: project only the positions ``hidden[:, logits_at]`` (a static slice), e.g. the completion's
+        when scoring one: the prompt positions' [B, P, V] logits are never computed.
     Returns:
-      (logits [B, S, V] float32 ([B, 1, V] with ``last_only``), updated cache or None).
+      (logits [B, S, V] float32 ([B, 1, V] with ``last_only``, [B, len(logits_at), V] with ``logits_at``),
+      updated cache or None).
     """
     hidden, cache = self._hidden(tokens, positions, attn_mask, cache)
     if last_only:
       hidden = hidden[:, -1:]
+    elif logits_at is not None:
+      hidden = hidden[:, logits_at]
     return self.logits(hidden), cache
 
   def features(self, tokens: jax.Array, positions: jax.Array, attn_mask: jax.Array) -> jax.Array:

@@ -229,7 +229,8 @@ def as_variables(params: Any) -> dict:
 
 
 def completion_logprobs(apply_fn: Callable, params: Any, tokens: jax.Array, attn_mask: jax.Array,
-                        prompt_len: int, *, temperature, chunk_size: int | None = None) -> jax.Array:
+                        prompt_len: int, *, temperature, chunk_size: int | None = None,
+                        logits_window: bool = False) -> jax.Array:
   """Runs the model on prompt + completion and returns the completion tokens' log-probs.
 
   logp[:, t] = log_softmax(logits[:, P - 1 + t] / temperature)[tokens[:, P + t]]   (ALGORITHMS.md §1.1),
@@ -245,14 +246,22 @@ def completion_logprobs(apply_fn: Callable, params: Any, tokens: jax.Array, attn
     prompt_len: P, the (padded) prompt width; a Python int.
     temperature: > 0, divides the logits.
     chunk_size: optional time block for the log-softmax.
+    logits_window: ``apply_fn`` takes ``logits_at`` (a slice of positions) and projects only those to logits,
+      as ``models.transformer.Transformer`` does: then only the T predicting positions [P - 1, P + T - 1) are
+      projected, and the prompt's [N, P - 1, V] logits (and their share of the output matmul, forward and
+      backward) are never computed. Same values as without it.
 
   Returns:
     logp: [N, T] float32 (values on completion padding are meaningless; weight them with ``mask``).
   """
   check_temperature(temperature)
-  out = apply_fn(as_variables(params), tokens, positions_from_mask(attn_mask), attn_mask)
-  logits = out[0] if isinstance(out, tuple) else out                  # [N, P + T, V]
-  p = int(prompt_len)
-  if not 1 <= p < tokens.shape[1]:
-    raise ValueError(f"prompt_len {p} must be in [1, {tokens.shape[1]})")
-  return token_logprobs(logits[:, p - 1:-1], tokens[:, p:], temperature=temperature, chunk_size=chunk_size)
+  p, s = int(prompt_len), tokens.shape[1]
+  if not 1 <= p < s:
+    raise ValueError(f"prompt_len {p} must be in [1, {s})")
+  window = slice(p - 1, s - 1)
+  extra = {"logits_at": window} if logits_window else {}
+  out = apply_fn(as_variables(params), tokens, positions_from_mask(attn_mask), attn_mask, **extra)
+  logits = out[0] if isinstance(out, tuple) else out                  # [N, P + T, V], or [N, T, V] if windowed
+  if not logits_window:
+    logits = logits[:, window]
+  return token_logprobs(logits, tokens[:, p:], temperature=temperature, chunk_size=chunk_size)

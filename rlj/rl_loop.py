@@ -74,6 +74,9 @@ class Components:
 def make_logp_fn(apply_fn, *, completion_len: int, temperature: float, mesh=None, rules=None):
   """``(params, tokens [N, P+T], attn_mask) -> logp [N, T]`` with P taken from the tokens' width.
 
+  ``apply_fn`` is a ``Transformer``'s apply: only the T positions that predict the completion are projected
+  to logits (``logits_at``).
+
   With ``mesh`` (and ``rules``) the model's activation constraints apply (``sharding.activation_rules``), so
   the batch stays split over the batch axes through the logits instead of being gathered onto every device.
   """
@@ -82,7 +85,7 @@ def make_logp_fn(apply_fn, *, completion_len: int, temperature: float, mesh=None
       if mesh is not None:
         stack.enter_context(sharding.activation_rules(mesh, sharding.DEFAULT_RULES if rules is None else rules))
       return logprobs.completion_logprobs(apply_fn, params, tokens, attn_mask, tokens.shape[1] - completion_len,
-                                          temperature=temperature)
+                                          temperature=temperature, logits_window=True)
   return fn
 
 

@@ -20,25 +20,28 @@ def _finite_positive(row, *keys):
 
 
 def test_flops_formula_against_a_hand_count():
-  # Per layer: q 32*4*8 + k 32*2*8 + v 32*2*8 + o 4*8*32 = 3072; MLP 3*32*64 = 6144; output 32*128.
-  p_mm = 2 * (3072 + 6144) + 32 * 128
-  assert bench_train.matmul_params(TINY) == p_mm == 22_528
-  # The rest of num_params: the input embedding (a gather) and the norm scales (elementwise).
-  assert TINY.num_params() - p_mm == 128 * 32 + 2 * 2 * 32 + 32
-  rows, seq = 3, 10
-  attention = 3 * 2 * rows * (2 * seq * seq * 4 * 8) * 2   # (fwd + 2 bwd) x layers x rows x (qk + pv)
-  assert bench_train.train_step_flops(TINY, rows, seq) == 6 * p_mm * rows * seq + attention
+  # Per layer: q 32*4*8 + k 32*2*8 + v 32*2*8 + o 4*8*32 = 3072; MLP 3*32*64 = 6144.
+  p_layers = 2 * (3072 + 6144)
+  assert bench_train.layer_params(TINY) == p_layers == 18_432
+  # The rest of num_params: the input embedding (a gather), the output projection (counted per completion
+  # token, below) and the norm scales (elementwise).
+  assert TINY.num_params() - p_layers == 128 * 32 + 32 * 128 + 2 * 2 * 32 + 32
+  rows, seq, completion = 3, 10, 4
+  causal_pairs = seq * (seq + 1) // 2                      # query i sees keys 0..i
+  attention = 3 * 2 * rows * causal_pairs * 4 * (2 * 8 + 2 * 8)  # (fwd + 2 bwd) x layers x rows x pairs x heads x (qk + pv)
+  logits = 6 * 32 * 128 * rows * completion
+  assert bench_train.train_step_flops(TINY, rows, seq, completion) == 6 * p_layers * rows * seq + logits + attention
 
 
-def test_flops_of_a_tied_model_count_the_output_projection_once():
+def test_flops_of_a_tied_model_are_the_same():
   tied = dataclasses.replace(TINY, tie_embeddings=True)
-  assert bench_train.matmul_params(tied) == bench_train.matmul_params(TINY)
-  assert tied.num_params() - bench_train.matmul_params(tied) == 2 * 2 * 32 + 32
+  assert bench_train.train_step_flops(tied, 3, 10, 4) == bench_train.train_step_flops(TINY, 3, 10, 4)
+  assert TINY.num_params() - tied.num_params() == 32 * 128
 
 
 def test_train_step_case_row():
   row = bench_train.measure(TINY, rows=8, seq_len=16, completion_len=8, repeats=1, peak_sizes=(64,))
-  assert row["GFLOP/step"] == pytest.approx(bench_train.train_step_flops(TINY, 8, 16) / 1e9)
+  assert row["GFLOP/step"] == pytest.approx(bench_train.train_step_flops(TINY, 8, 16, 8) / 1e9)
   assert row["skipped"] == 0.0
   _finite_positive(row, "step s (best)", "achieved GFLOP/s", "matmul peak GFLOP/s", "MFU", "tokens/s")
   assert row["MFU"] == pytest.approx(row["achieved GFLOP/s"] / row["matmul peak GFLOP/s"])

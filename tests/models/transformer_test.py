@@ -72,3 +72,63 @@ def test_rms_norm_reference():
     out = layers.RMSNorm(eps=1e-6, plus_one=plus_one).apply({"params": {"scale": w}}, x)
     ref = x / np.sqrt((x ** 2).mean(-1, keepdims=True) + 1e-6) * ((1 + w) if plus_one else w)
     np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_dense_is_the_einsum_values_and_grads():
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal((2, 3, 4, 5)), jnp.float32)
+  w1 = jnp.asarray(rng.standard_normal((5, 6, 7)), jnp.float32)    # [k, *o]: "...k,kho->...ho"
+  w2 = jnp.asarray(rng.standard_normal((4, 5, 6)), jnp.float32)    # [*k, o]: "...hk,hko->...o"
+  cases = [(lambda x, w: layers.dense(x, w), lambda x, w: jnp.einsum("bsgk,kho->bsgho", x, w), w1),
+           (lambda x, w: layers.dense(x, w, contract=2), lambda x, w: jnp.einsum("bshk,hko->bso", x, w), w2)]
+  for fast, slow, w in cases:
+    np.testing.assert_allclose(fast(x, w), slow(x, w), rtol=1e-5, atol=1e-5)
+    gf = jax.grad(lambda x, w: jnp.sum(jnp.sin(fast(x, w))), argnums=(0, 1))(x, w)
+    gs = jax.grad(lambda x, w: jnp.sum(jnp.sin(slow(x, w))), argnums=(0, 1))(x, w)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), gf, gs)
+  assert layers.dense(x, w1, dtype=jnp.bfloat16).dtype == jnp.bfloat16
+  assert layers.dense(x, w1, dtype=jnp.bfloat16, preferred_element_type=jnp.float32).dtype == jnp.float32
+
+
+def test_causal_blocks_match_full_attention_on_real_tokens():
+  """Query blocks of 8 over 21 tokens (8, 8, 5), with left padding: same outputs and grads on real tokens."""
+  from models import attention  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(2)
+  b, s, h, kvh, dh = 2, 21, 4, 2, 8
+  q = jnp.asarray(rng.standard_normal((b, s, h, dh)), jnp.float32)
+  k, v = (jnp.asarray(rng.standard_normal((b, s, kvh, dh)), jnp.float32) for _ in range(2))
+  attn_mask = np.ones((b, s), np.int32)
+  attn_mask[1, :6] = 0
+  mask = attention.attention_mask(jnp.asarray(attn_mask))
+  real = jnp.asarray(attn_mask, jnp.float32)[:, :, None, None]
+  weights = jnp.asarray(rng.standard_normal((b, s, h, dh)), jnp.float32) * real
+
+  def loss(fn):
+    return lambda q, k, v: jnp.sum(fn(q, k, v, mask) * weights)
+  blocked = lambda q, k, v, m: attention.causal_self_attention(q, k, v, m, block=8)  # noqa: E731
+  full_out = attention.dot_product_attention(q, k, v, mask)
+  np.testing.assert_allclose(blocked(q, k, v, mask) * real, full_out * real, rtol=1e-6, atol=1e-6)
+  g_blocked = jax.grad(loss(blocked), argnums=(0, 1, 2))(q, k, v)
+  g_full = jax.grad(loss(attention.dot_product_attention), argnums=(0, 1, 2))(q, k, v)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g_blocked, g_full)
+  # A slow reference for one real query: softmax over the keys it may see.
+  bi, si, hi = 1, 13, 3
+  kh = hi // (h // kvh)
+  keys = np.arange(6, si + 1)
+  sc = np.asarray(k)[bi, keys, kh] @ np.asarray(q)[bi, si, hi] / np.sqrt(dh)
+  p = np.exp(sc - sc.max()) / np.exp(sc - sc.max()).sum()
+  np.testing.assert_allclose(np.asarray(blocked(q, k, v, mask))[bi, si, hi], p @ np.asarray(v)[bi, keys, kh],
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_logits_at_projects_only_those_positions():
+  rng = np.random.default_rng(3)
+  tokens = rng.integers(0, CONFIG.vocab_size, size=(2, 9)).astype(np.int32)
+  mask = np.ones((2, 9), np.int32)
+  positions = np.broadcast_to(np.arange(9, dtype=np.int32), (2, 9))
+  model = Transformer(CONFIG)
+  params = nn.unbox(model.init(jax.random.key(0), tokens, positions, mask)["params"])
+  full, _ = model.apply({"params": params}, tokens, positions, mask)
+  part, _ = model.apply({"params": params}, tokens, positions, mask, logits_at=slice(4, 8))
+  assert part.shape == (2, 4, CONFIG.vocab_size)
+  np.testing.assert_allclose(part, full[:, 4:8], rtol=1e-5, atol=1e-5)

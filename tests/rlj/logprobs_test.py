@@ -192,3 +192,7 @@ def test_completion_logprobs_invariant_to_left_padding():
     out.append(logprobs.completion_logprobs(model.apply, params, tokens, mask, pad + 3, temperature=0.7))
   np.testing.assert_allclose(out[0], out[1], rtol=1e-5, atol=1e-5)
   assert out[0].shape == (2, 5)
+  # The model projecting only the completion's predicting positions gives the same log-probs.
+  windowed = logprobs.completion_logprobs(model.apply, params, tokens, mask, pad + 3, temperature=0.7,
+                                          logits_window=True)
+  np.testing.assert_allclose(windowed, out[1], rtol=1e-5, atol=1e-5)
