@@ -18,6 +18,10 @@ Cases live in ``launch/bench_*.py``; each is ``run(args) -> list of row dicts`` 
 """
 from __future__ import annotations
 
+if __name__ == "__main__":   # on CPU, re-run with the host-allocator settings before JAX starts
+  from launch import malloc_env
+  malloc_env.reexec()
+
 import argparse
 import dataclasses
 import datetime
@@ -122,6 +126,13 @@ def versions() -> str:
           f"flax {flax.__version__}")
 
 
+def host_allocator() -> str:
+  """The glibc malloc settings in effect (``launch/malloc_env.py`` adds them on CPU hosts)."""
+  from launch import malloc_env  # pylint: disable=g-import-not-at-top
+  set_ = [f"{k}={os.environ[k]}" for k in malloc_env.SETTINGS if k in os.environ]
+  return " ".join(set_) if set_ else "glibc defaults"
+
+
 def load_average() -> float:
   try:
     return os.getloadavg()[0]
@@ -167,6 +178,7 @@ def markdown_section(case: str, description: str, rows: list[dict], *, command: 
          f"- Command: `{command}`",
          f"- Hardware: {hardware()}",
          f"- Software: {versions()}",
+         f"- Host allocator: {host_allocator()}",
          f"- Load average (1 min) before / after: {load_before:.2f} / {load_after:.2f}"]
   out += [f"- {n}" for n in notes]
   return "\n".join(out + ["", table(rows), ""])

@@ -8,6 +8,10 @@ Sections: flags -> checks (before any compilation) -> mesh, tokenizer, data -> m
 """
 from __future__ import annotations
 
+if __name__ == "__main__":   # on CPU, re-run with the host-allocator settings before JAX starts
+  from launch import malloc_env
+  malloc_env.reexec()
+
 import datetime
 import os
 import sys

@@ -25,7 +25,7 @@ multi-host job sees the data of a one-host job with ``n`` times its per-host bat
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import grain
 import numpy as np

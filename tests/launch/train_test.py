@@ -1,7 +1,6 @@
 """Smoke tests of the main job: every runlocal config runs end to end for two steps; bad configs fail fast."""
 import os
 
-import jax
 import numpy as np
 import pytest
 
