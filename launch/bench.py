@@ -127,10 +127,13 @@ def versions() -> str:
 
 
 def host_allocator() -> str:
-  """The glibc malloc settings in effect (``launch/malloc_env.py`` adds them on CPU hosts)."""
+  """The preloaded allocator or the glibc malloc settings in effect (``launch/malloc_env.py`` on CPU hosts)."""
   from launch import malloc_env  # pylint: disable=g-import-not-at-top
+  preload = [lib for lib in os.environ.get("LD_PRELOAD", "").split() if "malloc" in lib]
+  if preload:
+    return "LD_PRELOAD " + " ".join(os.path.basename(lib) for lib in preload)
   set_ = [f"{k}={os.environ[k]}" for k in malloc_env.SETTINGS if k in os.environ]
-  return " ".join(set_) if set_ else "glibc defaults"
+  return "glibc " + " ".join(set_) if set_ else "glibc defaults"
 
 
 def load_average() -> float:

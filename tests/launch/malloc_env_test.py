@@ -9,26 +9,34 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def _clean(**extra):
-  env = {k: v for k, v in os.environ.items() if k not in malloc_env.SETTINGS and k != malloc_env.SWITCH}
-  return {**env, **extra}
+  drop = {*malloc_env.SETTINGS, malloc_env.SWITCH, "LD_PRELOAD"}
+  return {**{k: v for k, v in os.environ.items() if k not in drop}, **extra}
 
 
 def test_tuned_env_rules():
   cpu = _clean(JAX_PLATFORMS="cpu")
-  assert malloc_env.tuned_env(cpu) == {**cpu, **malloc_env.SETTINGS}
-  assert malloc_env.tuned_env(_clean(JAX_PLATFORMS="tpu")) is None
-  assert malloc_env.tuned_env(_clean(JAX_PLATFORMS="cuda,cpu")) is None
-  assert malloc_env.tuned_env(_clean(JAX_PLATFORMS="cpu", RLJ_MALLOC_TUNING="0")) is None
-  assert malloc_env.tuned_env({**cpu, **malloc_env.SETTINGS}) is None             # already applied: no loop
-  mine = malloc_env.tuned_env({**cpu, "MALLOC_ARENA_MAX": "4"})                   # a user's value is kept
+  no_tcmalloc = lambda: None  # noqa: E731
+  assert malloc_env.tuned_env(cpu, no_tcmalloc) == {**cpu, **malloc_env.SETTINGS}
+  assert malloc_env.tuned_env(cpu, lambda: "libtcmalloc_minimal.so.4") == {
+      **cpu, "LD_PRELOAD": "libtcmalloc_minimal.so.4"}
+  assert malloc_env.tuned_env({**cpu, "LD_PRELOAD": "libfoo.so"}, lambda: "libtcmalloc.so.4")["LD_PRELOAD"] == (
+      "libfoo.so libtcmalloc.so.4")
+  for env in (_clean(JAX_PLATFORMS="tpu"), _clean(JAX_PLATFORMS="cuda,cpu"),
+              _clean(JAX_PLATFORMS="cpu", RLJ_MALLOC_TUNING="0"),
+              {**cpu, **malloc_env.SETTINGS},                                     # already applied: no loop
+              {**cpu, "LD_PRELOAD": "/usr/lib/libtcmalloc_minimal.so.4"}):
+    assert malloc_env.tuned_env(env, lambda: "libtcmalloc_minimal.so.4") is None, env
+  mine = malloc_env.tuned_env({**cpu, "MALLOC_ARENA_MAX": "4"}, no_tcmalloc)      # a user's value is kept
   assert mine["MALLOC_ARENA_MAX"] == "4" and mine["MALLOC_MMAP_MAX_"] == "0"
 
 
 def test_reexec_runs_the_same_command_with_the_settings():
   code = ("import os, sys; from launch import malloc_env; print('start', flush=True); malloc_env.reexec(); "
-          "print(os.environ.get('MALLOC_MMAP_MAX_'), os.environ.get('MALLOC_ARENA_MAX'), sys.argv[1:])")
+          "print(os.environ.get('MALLOC_MMAP_MAX_'), 'malloc' in os.environ.get('LD_PRELOAD', ''), sys.argv[1:])")
   run = lambda env: subprocess.run([sys.executable, "-c", code, "a", "b"], cwd=ROOT, env=env,  # noqa: E731
                                    capture_output=True, text=True, check=True).stdout.split("\n")
   out = run(_clean(JAX_PLATFORMS="cpu"))
-  assert out[:3] == ["start", "start", "0 1 ['a', 'b']"]                          # ran twice, then tuned
-  assert run(_clean(JAX_PLATFORMS="cpu", RLJ_MALLOC_TUNING="0"))[:2] == ["start", "None None ['a', 'b']"]
+  assert out[:2] == ["start", "start"]                                            # ran twice ...
+  tuned = "0 False ['a', 'b']" if malloc_env.find_tcmalloc() is None else "None True ['a', 'b']"
+  assert out[2] == tuned                                                          # ... the second time tuned
+  assert run(_clean(JAX_PLATFORMS="cpu", RLJ_MALLOC_TUNING="0"))[:2] == ["start", "None False ['a', 'b']"]
