@@ -40,22 +40,22 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
 
   Args:
     q: [B, S, H, Dh] queries.
-    k, v: [B, T, KVH, Dh] keys and values.
+    k, v: [B, KVH, T, Dh] keys and values, head-major (the KV cache's layout).
     mask: [B, S, T] bool.
   Returns:
     [B, S, H, Dh] in q's dtype; scores and softmax in float32.
   """
   b, s, h, dh = q.shape
-  kvh = k.shape[2]
+  kvh = k.shape[1]
   g = h // kvh
   # Head-major queries [B, KVH, G*S, Dh] (row g*S + s): the [.., G*S, T] scores and probabilities then need
   # no transposes between the two batched matmuls; only the small q / output tensors are relaid.
   q = q.reshape(b, s, kvh, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * s, dh)
-  scores = jnp.einsum("bkqd,btkd->bkqt", q, k, preferred_element_type=jnp.float32) * (dh ** -0.5)
+  scores = jnp.einsum("bkqd,bktd->bkqt", q, k, preferred_element_type=jnp.float32) * (dh ** -0.5)
   mask = jnp.tile(mask, (1, g, 1))                                      # [B, G*S, T]
   scores = jnp.where(mask[:, None, :, :], scores, _MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkqt,btkd->bkqd", probs, v)                         # [B, KVH, G*S, Dh]
+  out = jnp.einsum("bkqt,bktd->bkqd", probs, v)                         # [B, KVH, G*S, Dh]
   return out.reshape(b, kvh, g, s, dh).transpose(0, 3, 1, 2, 4).reshape(b, s, h, dh)
 
 
@@ -74,7 +74,7 @@ def causal_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
   the block's values instead of all values; nothing reads it, since no real token attends to padding.
 
   Args:
-    q: [B, S, H, Dh]; k, v: [B, S, KVH, Dh] of the same S tokens.
+    q: [B, S, H, Dh]; k, v: [B, KVH, S, Dh] of the same S tokens.
     mask: [B, S, S] bool, causal (``attention_mask`` without a cache).
     block: query block length.
   Returns:
@@ -86,7 +86,7 @@ def causal_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
   outs = []
   for a in range(0, s, block):
     e = min(a + block, s)
-    outs.append(dot_product_attention(q[:, a:e], k[:, :e], v[:, :e], mask[:, a:e, :e]))
+    outs.append(dot_product_attention(q[:, a:e], k[:, :, :e], v[:, :, :e], mask[:, a:e, :e]))
   return jnp.concatenate(outs, axis=1)
 
 
@@ -119,7 +119,7 @@ class Attention(nn.Module):
       x: [B, S, D] normed hidden states.
       sin, cos: [B, S, Dh/2] RoPE angles of the S tokens.
       mask: [B, S, T] bool from ``attention_mask`` (T = S, or S_max with a cache).
-      cache: the stacked (k, v) of all layers, each [L, B, S_max, KVH, Dh], or None.
+      cache: the stacked (k, v) of all layers, each [L, B, KVH, S_max, Dh], or None.
       index: int32 scalar slot of the first new token (with a cache).
       layer: int32 scalar, this block's layer in the stacked cache (with a cache).
     Returns:
@@ -129,6 +129,7 @@ class Attention(nn.Module):
     q = apply_rope(self._project(x, "q", self.num_heads, "heads"), sin, cos)
     k = apply_rope(self._project(x, "k", self.num_kv_heads, "kv_heads"), sin, cos)
     v = self._project(x, "v", self.num_kv_heads, "kv_heads")
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)           # head-major [B, KVH, S, Dh]
     if cache is not None:
       cache = (kv_cache.write_layer(cache[0], k, layer, index), kv_cache.write_layer(cache[1], v, layer, index))
       k, v = (kv_cache.read_layer(buf, layer).astype(self.dtype) for buf in cache)

@@ -196,11 +196,26 @@ class Sampler:
   # The compiled program.
   # --------------------------------------------------------------------------------------------------------
 
-  def _apply(self, params, tokens, positions, mask, cache, **kwargs):
+  def _apply(self, params, tokens, positions, mask, cache, model=None, **kwargs):
+    model = self.model if model is None else model
     if self.mesh is None:
-      return self.model.apply({"params": params}, tokens, positions, mask, cache=cache, **kwargs)
+      return model.apply({"params": params}, tokens, positions, mask, cache=cache, **kwargs)
     with sharding.activation_rules(self.mesh, self.rules):
-      return self.model.apply({"params": params}, tokens, positions, mask, cache=cache, **kwargs)
+      return model.apply({"params": params}, tokens, positions, mask, cache=cache, **kwargs)
+
+  def _decoding_model(self, params):
+    """(model, params) to decode with: a tied model becomes an untied one whose ``lm_head`` [D, V] is the
+    embedding table transposed once per call (inside the program, outside the decode loop).
+
+    The [N, D] x [V, D]ᵀ output projection of a tied table is the biggest matmul of a decode step; XLA:CPU ran
+    it at 6.4 ms for small-50m at N = 32 against 4.7 ms with the table laid out [D, V]. Same values.
+    """
+    mc = getattr(self.model, "config", None)
+    if not getattr(mc, "tie_embeddings", False):
+      return self.model, params
+    table = params["embedder"]["embedding"]
+    lm_head = jax.lax.optimization_barrier(jnp.transpose(table))      # materialised, not folded into the dot
+    return self.model.clone(config=dataclasses.replace(mc, tie_embeddings=False)), {**params, "lm_head": lm_head}
 
   def _generate(self, params, prompt, prompt_mask, rng, cache):
     """prompt [Bb, Pb] -> completion arrays for N = Bb * G rows (traced once per bucket)."""
@@ -215,8 +230,9 @@ class Sampler:
       prompt_mask = jax.lax.with_sharding_constraint(prompt_mask, self._row_sharding(2, n))
     cache = cache._replace(key_mask=jnp.zeros_like(cache.key_mask), index=jnp.zeros((), jnp.int32))
 
+    model, params = self._decoding_model(params)
     positions = logprobs.positions_from_mask(prompt_mask)
-    logits, cache = self._apply(params, prompt, positions, prompt_mask, cache, last_only=True)   # prefill
+    logits, cache = self._apply(params, prompt, positions, prompt_mask, cache, model, last_only=True)  # prefill
     stop = jnp.asarray(c.stop_set or (-1,), jnp.int32)
 
     def cond(s: _LoopState):
@@ -232,7 +248,7 @@ class Sampler:
       write = lambda buf, x: jax.lax.dynamic_update_slice(buf, x[:, None].astype(buf.dtype), (0, s.step))
       done = s.done | (live & jnp.any(tok[:, None] == stop[None, :], axis=-1))
       next_logits, cache = self._apply(params, tok[:, None], s.positions[:, None],
-                                       jnp.ones((n, 1), jnp.int32), s.cache)
+                                       jnp.ones((n, 1), jnp.int32), s.cache, model)
       return _LoopState(step=s.step + 1, cache=cache, logits=next_logits[:, 0], positions=s.positions + 1,
                         done=done, tokens=write(s.tokens, tok), logp=write(s.logp, lp),
                         mask=write(s.mask, live))

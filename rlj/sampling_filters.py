@@ -58,6 +58,18 @@ def filter_logits(logits: jax.Array, *, temperature: float, top_k: int = 0, top_
   return jnp.where(z >= threshold, z, -jnp.inf)
 
 
+def first_argmax(x: jax.Array) -> jax.Array:
+  """``jnp.argmax(x, axis=-1)`` (first maximum; NaN counts as the maximum) as two vectorised reductions.
+
+  XLA:CPU lowers argmax to one reduction over (value, index) pairs that does not vectorise: 2.5 ms for
+  [32, 32000] against 0.8 ms for a max and a min here, once per decode step.
+  """
+  top = jnp.max(x, axis=-1, keepdims=True)
+  hit = (x == top) | jnp.isnan(x)
+  iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+  return jnp.min(jnp.where(hit, iota, x.shape[-1]), axis=-1)
+
+
 def sample_token(rng: jax.Array, logits: jax.Array, *, temperature: float, top_k: int = 0, top_p: float = 1.0,
                  greedy: bool = False) -> tuple[jax.Array, jax.Array]:
   """Draws one token per row and returns its log-prob under the filtered distribution.
@@ -73,10 +85,9 @@ def sample_token(rng: jax.Array, logits: jax.Array, *, temperature: float, top_k
   """
   z = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
   if greedy:
-    token = jnp.argmax(z, axis=-1)
-  else:
-    token = jax.random.categorical(rng, z, axis=-1)
-  token = token.astype(jnp.int32)
+    token = first_argmax(z)
+  else:                                  # Gumbel-max, as jax.random.categorical draws, with the faster argmax
+    token = first_argmax(z + jax.random.gumbel(rng, z.shape, jnp.float32))
   log_q = jax.nn.log_softmax(z, axis=-1)
   logp = jnp.take_along_axis(log_q, token[:, None], axis=-1)[:, 0]
   return token, logp

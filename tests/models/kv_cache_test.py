@@ -64,7 +64,8 @@ def test_cached_decoding_matches_full_forward():
   assert int(cache.index) == P + T
   np.testing.assert_array_equal(np.asarray(cache.key_mask[:, :P + T]), mask.astype(bool))
   assert not np.asarray(cache.key_mask[:, P + T:]).any()
-  assert not np.asarray(cache.k[:, :, P + T:]).any()  # unwritten slots untouched
+  assert not np.asarray(cache.k[:, :, :, P + T:]).any()  # unwritten slots untouched
+  assert np.asarray(cache.k[:, :, :, :P + T]).any()
   valid = mask.astype(bool)
   np.testing.assert_allclose(cached[valid], np.asarray(full)[valid], atol=2e-5, rtol=2e-5)
 

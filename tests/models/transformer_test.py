@@ -96,7 +96,7 @@ def test_causal_blocks_match_full_attention_on_real_tokens():
   rng = np.random.default_rng(2)
   b, s, h, kvh, dh = 2, 21, 4, 2, 8
   q = jnp.asarray(rng.standard_normal((b, s, h, dh)), jnp.float32)
-  k, v = (jnp.asarray(rng.standard_normal((b, s, kvh, dh)), jnp.float32) for _ in range(2))
+  k, v = (jnp.asarray(rng.standard_normal((b, kvh, s, dh)), jnp.float32) for _ in range(2))
   attn_mask = np.ones((b, s), np.int32)
   attn_mask[1, :6] = 0
   mask = attention.attention_mask(jnp.asarray(attn_mask))
@@ -115,9 +115,9 @@ def test_causal_blocks_match_full_attention_on_real_tokens():
   bi, si, hi = 1, 13, 3
   kh = hi // (h // kvh)
   keys = np.arange(6, si + 1)
-  sc = np.asarray(k)[bi, keys, kh] @ np.asarray(q)[bi, si, hi] / np.sqrt(dh)
+  sc = np.asarray(k)[bi, kh, keys] @ np.asarray(q)[bi, si, hi] / np.sqrt(dh)
   p = np.exp(sc - sc.max()) / np.exp(sc - sc.max()).sum()
-  np.testing.assert_allclose(np.asarray(blocked(q, k, v, mask))[bi, si, hi], p @ np.asarray(v)[bi, keys, kh],
+  np.testing.assert_allclose(np.asarray(blocked(q, k, v, mask))[bi, si, hi], p @ np.asarray(v)[bi, kh, keys],
                              rtol=1e-5, atol=1e-6)
 
 

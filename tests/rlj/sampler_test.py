@@ -148,3 +148,25 @@ def test_first_token_frequencies_match_filtered_model_distribution(params):
   assert np.all(np.abs(freq - q) <= 5 * np.sqrt(q * (1 - q) / g) + 1e-12), (freq[keep], q[keep])
   assert freq[q == 0].sum() == 0
   np.testing.assert_allclose(r.logp[:, 0], np.log(q[np.asarray(r.completion[:, 0])]), rtol=1e-5, atol=1e-5)
+
+
+def test_tied_model_decodes_with_a_transposed_table_same_tokens_and_logp():
+  """A tied model samples with lm_head = embeddingᵀ made once per call; tokens and log-probs are unchanged."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  tied = Transformer(dataclasses.replace(CFG, tie_embeddings=True))
+  d = jnp.zeros((1, 4), jnp.int32)
+  p = nn.unbox(tied.init(jax.random.key(1), d, d, d + 1)["params"])
+  assert "lm_head" not in p
+  cfg = sampler.SamplerConfig(max_new_tokens=T_NEW, temperature=0.8, prompt_buckets=(BUCKET,))
+  fast = sampler.Sampler(tied, cfg)
+  model, dp = fast._decoding_model(p)
+  assert not model.config.tie_embeddings and dp["lm_head"].shape == (CFG.embed_dim, CFG.vocab_size)
+  plain = sampler.Sampler(tied, cfg)
+  plain._decoding_model = lambda q: (tied, q)
+  a, b = (s.sample(p, PROMPTS, PROMPT_MASK, jax.random.key(4)) for s in (fast, plain))
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  np.testing.assert_allclose(a.logp, b.logp, rtol=1e-5, atol=1e-5)
+  tf = logprobs.completion_logprobs(tied.apply, p, a.tokens, a.attn_mask, a.tokens.shape[1] - T_NEW,
+                                   temperature=0.8)
+  m = np.asarray(a.mask, np.float32)
+  np.testing.assert_allclose(np.asarray(a.logp) * m, np.asarray(tf) * m, rtol=1e-5, atol=1e-5)

@@ -72,3 +72,15 @@ def test_invalid_settings_raise():
     sampling_filters.filter_logits(jnp.zeros((1, 4)), temperature=0.0)
   with pytest.raises(ValueError, match="top_p"):
     sampling_filters.filter_logits(jnp.zeros((1, 4)), temperature=1.0, top_p=0.0)
+
+
+def test_first_argmax_is_argmax_with_ties_infs_and_nans():
+  rng = np.random.default_rng(7)
+  x = rng.integers(-3, 3, size=(64, 50)).astype(np.float32)        # many ties: the first maximum wins
+  x[0] = -np.inf
+  x[1, 10] = np.inf
+  x[2, [5, 9]] = np.nan                                             # NaN counts as the maximum, first one
+  x[3, 7] = np.nan
+  x[3, 8] = np.inf
+  np.testing.assert_array_equal(sampling_filters.first_argmax(jnp.asarray(x)), np.argmax(x, axis=-1))
+  assert int(sampling_filters.first_argmax(jnp.asarray(x))[2]) == 5
