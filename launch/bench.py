@@ -129,11 +129,7 @@ def versions() -> str:
 def host_allocator() -> str:
   """The preloaded allocator or the glibc malloc settings in effect (``launch/malloc_env.py`` on CPU hosts)."""
   from launch import malloc_env  # pylint: disable=g-import-not-at-top
-  preload = [lib for lib in os.environ.get("LD_PRELOAD", "").split() if "malloc" in lib]
-  if preload:
-    return "LD_PRELOAD " + " ".join(os.path.basename(lib) for lib in preload)
-  set_ = [f"{k}={os.environ[k]}" for k in malloc_env.SETTINGS if k in os.environ]
-  return "glibc " + " ".join(set_) if set_ else "glibc defaults"
+  return malloc_env.in_effect(os.environ)
 
 
 def load_average() -> float:

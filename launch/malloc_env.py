@@ -57,17 +57,30 @@ def find_tcmalloc() -> Optional[str]:
   return None
 
 
+def preloaded_allocators(environ: Mapping[str, str]) -> list[str]:
+  """The allocator libraries (tcmalloc, jemalloc, ...) that ``LD_PRELOAD`` names."""
+  return [lib for lib in environ.get("LD_PRELOAD", "").split() if "malloc" in lib]
+
+
+def in_effect(environ: Mapping[str, str]) -> str:
+  """One line naming the host allocator set up in ``environ`` (for benchmark records)."""
+  preload = preloaded_allocators(environ)
+  if preload:
+    return "LD_PRELOAD " + " ".join(os.path.basename(lib) for lib in preload)
+  glibc = [f"{k}={environ[k]}" for k in SETTINGS if k in environ]
+  return "glibc " + " ".join(glibc) if glibc else "glibc defaults"
+
+
 def tuned_env(environ: Mapping[str, str],
               find: Callable[[], Optional[str]] = find_tcmalloc) -> Optional[dict[str, str]]:
   """The environment to re-execute with, or None when nothing is to change."""
   if environ.get(SWITCH, "1") == "0" or not cpu_only(environ):
     return None
-  preload = environ.get("LD_PRELOAD", "")
-  if "malloc" in preload or all(k in environ for k in SETTINGS):
+  if preloaded_allocators(environ) or all(k in environ for k in SETTINGS):
     return None                                  # an allocator is preloaded, or glibc is set up already
   lib = find()
   if lib:
-    return {**environ, "LD_PRELOAD": f"{preload} {lib}".strip()}
+    return {**environ, "LD_PRELOAD": f"{environ.get('LD_PRELOAD', '')} {lib}".strip()}
   return {**environ, **{k: v for k, v in SETTINGS.items() if k not in environ}}
 
 

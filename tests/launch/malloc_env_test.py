@@ -40,3 +40,11 @@ def test_reexec_runs_the_same_command_with_the_settings():
   tuned = "0 False ['a', 'b']" if malloc_env.find_tcmalloc() is None else "None True ['a', 'b']"
   assert out[2] == tuned                                                          # ... the second time tuned
   assert run(_clean(JAX_PLATFORMS="cpu", RLJ_MALLOC_TUNING="0"))[:2] == ["start", "None False ['a', 'b']"]
+
+
+def test_in_effect_names_the_allocator():
+  assert malloc_env.in_effect(_clean()) == "glibc defaults"
+  assert malloc_env.in_effect(_clean(**malloc_env.SETTINGS)) == (
+      "glibc MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1099511627776")
+  assert malloc_env.in_effect(_clean(LD_PRELOAD="/usr/lib/libfoo.so /usr/lib/libtcmalloc_minimal.so.4")) == (
+      "LD_PRELOAD libtcmalloc_minimal.so.4")
