@@ -251,7 +251,8 @@ def _prefill_and_decode(sampler: Sampler, params, cache, prompt, mesh, rules):
   one = jax.ShapeDtypeStruct((n, 1), jnp.int32, sharding=row_sh)
   cache_sh = jax.tree.map(lambda x: x.sharding, cache)
   # tokens, positions and mask share one shape and dtype; the cache is donated as in the decode loop.
-  jitted = jax.jit(sampler._apply, donate_argnums=(4,), out_shardings=(None, cache_sh))
+  jitted = jax.jit(functools.partial(sampler._apply, sampler.model), donate_argnums=(4,),
+                   out_shardings=(None, cache_sh))
   return jitted, (params, toks, toks, toks, cache), (params, one, one, one, cache)
 
 

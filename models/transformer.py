@@ -102,7 +102,7 @@ class Transformer(nn.Module):
     return nn.with_logical_constraint(out, ("batch", "length", "vocab"))
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, attn_mask: jax.Array,
-               cache: Optional[KVCache] = None, last_only: bool = False,
+               cache: Optional[KVCache] = None,
                logits_at: Optional[slice] = None) -> tuple[jax.Array, Optional[KVCache]]:
     """Logits of every position.
 
@@ -111,17 +111,14 @@ class Transformer(nn.Module):
       positions: [B, S] int32 RoPE positions.
       attn_mask: [B, S] 1 for real tokens, 0 for padding (padding keys are never attended to).
       cache: a ``KVCache`` to write the S tokens into (at slots [index, index + S)) and attend over, or None.
-      last_only: project only the last position to logits (a prefill needs no more; skips a [B, S, V] matmul).
-      logits_at: project only the positions ``hidden[:, logits_at]`` (a static slice), e.g. the completion's
-        when scoring one: the prompt positions' [B, P, V] logits are never computed.
+      logits_at: project only the positions ``hidden[:, logits_at]`` (a static slice) to logits, skipping the
+        rest of the [B, S, V] matmul: ``slice(-1, None)`` for a prefill, the completion's positions when
+        scoring one.
     Returns:
-      (logits [B, S, V] float32 ([B, 1, V] with ``last_only``, [B, len(logits_at), V] with ``logits_at``),
-      updated cache or None).
+      (logits [B, S, V] float32 ([B, len(logits_at), V] with ``logits_at``), updated cache or None).
     """
     hidden, cache = self._hidden(tokens, positions, attn_mask, cache)
-    if last_only:
-      hidden = hidden[:, -1:]
-    elif logits_at is not None:
+    if logits_at is not None:
       hidden = hidden[:, logits_at]
     return self.logits(hidden), cache
 
