@@ -180,7 +180,7 @@ def compile_all(config, devices, *, log=print) -> tuple[dict, list, dict]:
                      keep_cache=s.keep_cache)
   sampler = Sampler(model, sc, mesh=mesh, param_shardings=param_sh, rules=rules)
   bb = pick_bucket(prompts, sc.batch_buckets, "batch")
-  cache_abs = jax.eval_shape(lambda: kv_cache.init_cache(mc, bb * g, p_len + t_len, sc.cache_dtype))
+  cache_abs = jax.eval_shape(lambda: kv_cache.init_cache(sampler.decode_model.config, bb * g, p_len + t_len, sc.cache_dtype))
   cache = _with_shardings(cache_abs, sampler._cache_shardings(cache_abs))
   prompt = jax.ShapeDtypeStruct((bb, p_len), jnp.int32)    # placed by the program's own in_shardings
   cache_bytes = hbm.shard_bytes(cache)
@@ -199,7 +199,9 @@ def compile_all(config, devices, *, log=print) -> tuple[dict, list, dict]:
     train_p = _compile("train_step", step_fn, (state, batch, rng), per_step=updates,
                        args={**sizes_b, "batch": hbm.shard_bytes(batch)})
     log("compiling the rollout log-prob pass ...")
-    logp_fn_jit = jax.jit(logp_fn)
+    logp_fn_jit = jax.jit(rl_loop.make_logp_fn(  # the Trainer's rollout pass: chunks of one micro-batch
+        model.apply, completion_len=t_len, temperature=lc.temperature, mesh=mesh, rules=rules,
+        num_chunks=lc.num_minibatches * lc.num_microbatches))
     logp_p = _compile("completion_logprobs", logp_fn_jit, (params, tokens, tokens), per_step=passes,
                       args={"params": sizes_b["params"], "rollout tokens": 2 * hbm.shard_bytes(tokens)})
     log("compiling the sampler (prefill + decode loop) ...")
@@ -251,8 +253,8 @@ def _prefill_and_decode(sampler: Sampler, params, cache, prompt, mesh, rules):
   one = jax.ShapeDtypeStruct((n, 1), jnp.int32, sharding=row_sh)
   cache_sh = jax.tree.map(lambda x: x.sharding, cache)
   # tokens, positions and mask share one shape and dtype; the cache is donated as in the decode loop.
-  jitted = jax.jit(functools.partial(sampler._apply, sampler.model), donate_argnums=(4,),
-                   out_shardings=(None, cache_sh))
+  apply = lambda p, *args: sampler._apply(sampler.decode_model, sampler.decode_params(p), *args)
+  jitted = jax.jit(apply, donate_argnums=(4,), out_shardings=(None, cache_sh))
   return jitted, (params, toks, toks, toks, cache), (params, one, one, one, cache)
 
 

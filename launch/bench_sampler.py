@@ -42,9 +42,12 @@ def _timed(fn, repeats: int) -> tuple[float, object]:
   return statistics.median(times), out
 
 
-def python_loop_generate(model, params, prompts, mask, *, new_tokens: int):
-  """Baseline (a): jitted prefill, then one jitted decode step per token called from Python."""
+def python_loop_generate(s: sampler.Sampler, params, prompts, mask, *, new_tokens: int):
+  """Baseline (a): jitted prefill, then one jitted decode step per token called from Python; the model and
+  weights the sampler ``s`` decodes with (``decode_model``, converted once before the loop)."""
   n, p = prompts.shape
+  model = s.decode_model
+  params = jax.jit(s.decode_params)(params)
   apply = lambda prm, tok, pos, m, cache: model.apply({"params": prm}, tok, pos, m, cache=cache)
 
   @jax.jit
@@ -112,7 +115,7 @@ def compare(model_name: str, *, batch: int, prompt_len: int, new_tokens: int, re
   secs, ours = _timed(run_ours, repeats)
   results["rlj compiled sampler (while_loop)"] = secs
 
-  secs, loop_tokens = _timed(python_loop_generate(model, params, prompts, mask, new_tokens=t), repeats)
+  secs, loop_tokens = _timed(python_loop_generate(s, params, prompts, mask, new_tokens=t), repeats)
   results["(a) Python loop over jitted step"] = secs
   agree = {"rlj compiled sampler (while_loop)": 1.0,
            "(a) Python loop over jitted step": float(np.mean(loop_tokens == ours))}

@@ -51,7 +51,13 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
   # Head-major queries [B, KVH, G*S, Dh] (row g*S + s): the [.., G*S, T] scores and probabilities then need
   # no transposes between the two batched matmuls; only the small q / output tensors are relaid.
   q = q.reshape(b, s, kvh, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * s, dh)
-  scores = jnp.einsum("bkqd,bktd->bkqt", q, k, preferred_element_type=jnp.float32) * (dh ** -0.5)
+  if s == 1:
+    # One new token per row (a decode step): the G scores of each (row, KV head) as a broadcast multiply and
+    # a sum over Dh, which streams the keys once. XLA:CPU ran the einsum as B·KVH tiny [G, Dh] x [Dh, T]
+    # matmuls: small-50m, 32 rows, 480-slot cache, 40-51 ms per decode step with it, 34-35 ms without.
+    scores = jnp.sum(q[:, :, :, None, :].astype(jnp.float32) * k[:, :, None, :, :], axis=-1) * (dh ** -0.5)
+  else:
+    scores = jnp.einsum("bkqd,bktd->bkqt", q, k, preferred_element_type=jnp.float32) * (dh ** -0.5)
   mask = jnp.tile(mask, (1, g, 1))                                      # [B, G*S, T]
   scores = jnp.where(mask[:, None, :, :], scores, _MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -120,11 +126,12 @@ class Attention(nn.Module):
       x: [B, S, D] normed hidden states.
       sin, cos: [B, S, Dh/2] RoPE angles of the S tokens.
       mask: [B, S, T] bool from ``attention_mask`` (T = S, or S_max with a cache).
-      cache: the stacked (k, v) of all layers, each [L, B, KVH, S_max, Dh], or None.
+      cache: the stacked (k, v) of all layers, each [L, B, KVH, S_max, Dh]; with ``layer`` None this layer's
+        own (k, v), each [B, KVH, S_max, Dh]; or None.
       index: int32 scalar slot of the first new token (with a cache).
-      layer: int32 scalar, this block's layer in the stacked cache (with a cache).
+      layer: int32 scalar, this block's layer in a stacked cache.
     Returns:
-      ([B, S, D] output, the stacked (k, v) with this layer's new slots written in place, or None).
+      ([B, S, D] output, the cache as given with this layer's new slots written in place, or None).
     """
     x = x.astype(self.dtype)
     q = apply_rope(self._project(x, "q", self.num_heads, "heads"), sin, cos)

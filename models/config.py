@@ -28,7 +28,7 @@ class ModelConfig:
 
   Attributes:
     vocab_size: V, rows of the embedding table.
-    num_layers: L, transformer blocks (stacked on one leading "layers" axis).
+    num_layers: L, transformer blocks (stacked on one leading "layers" axis unless ``scan_layers`` is False).
     embed_dim: D, width of the residual stream.
     num_heads: H, query heads.
     num_kv_heads: KVH, key/value heads (grouped-query attention; H must divide by KVH).
@@ -46,6 +46,11 @@ class ModelConfig:
     param_dtype: storage dtype of the parameters ("float32" or "bfloat16").
     dtype: compute dtype of activations and matmuls; logits are always float32.
     remat: rematerialise each block in the backward pass (saves activation memory).
+    scan_layers: the L blocks are one ``nn.scan`` over parameters stacked [L, ...] (compile time independent
+      of depth; what training and checkpoints use). False unrolls them into modules ``layers_0`` ..
+      ``layers_{L-1}`` with a parameter tree and a KV cache array per layer (``models.transformer.unstack_layers``
+      converts the parameters): the sampler's CPU decode program, where reading a layer out of a stacked
+      buffer is a copy every step.
   """
   vocab_size: int
   num_layers: int
@@ -65,6 +70,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   dtype: str = "float32"
   remat: bool = False
+  scan_layers: bool = True
 
   def __post_init__(self):
     if self.activation not in ACTIVATIONS:

@@ -5,7 +5,9 @@
   logits = norm(x_L) · Wₒᵤₜ         (Wₒᵤₜ = embeddingᵀ when tied), float32
 
 The L blocks are one ``nn.scan`` (parameters stacked on a leading "layers" axis), so compile time does not
-grow with depth; ``config.remat`` wraps each block in ``nn.remat``.
+grow with depth; ``config.remat`` wraps each block in ``nn.remat``. With ``config.scan_layers=False`` they
+are L modules ``layers_0`` .. with a parameter tree and KV cache buffer each (``unstack_layers`` converts a
+scanned model's parameters); the sampler decodes that way on CPU.
 
 Usage:
   model = Transformer(config)
@@ -31,11 +33,12 @@ from models.layers import MLP, Embedder, RMSNorm, dense, param, rope_angles, rop
 
 
 class Block(nn.Module):
-  """One pre-norm transformer block; the scan carry is the residual stream and the stacked KV cache.
+  """One pre-norm transformer block; the carry is the residual stream and the KV cache.
 
-  The cache of all L layers travels in the carry and each block writes its new keys/values into its own
-  layer in place (``kv_cache.write_layer``): a decode step then touches only the new slots and reads the
-  layer it attends over, instead of copying the whole cache as scanned-over inputs and outputs would.
+  Scanned, the cache of all L layers travels in the carry and each block writes its new keys/values into its
+  own layer ``layer`` in place (``kv_cache.write_layer``): a decode step then touches only the new slots and
+  reads the layer it attends over, instead of copying the whole cache as scanned-over inputs and outputs
+  would. Unscanned (``layer`` None), the carry holds this block's own (k, v) buffers.
   """
   config: ModelConfig
 
@@ -62,6 +65,24 @@ def _stacked_blocks(config: ModelConfig):
                  length=config.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
 
 
+def unstack_layers(params: dict, num_layers: int) -> dict:
+  """A scanned model's (unboxed) parameters for the same model with ``scan_layers=False``: the stacked
+  "layers" subtree becomes ``layers_0`` .. ``layers_{L-1}``. Under ``jit`` each layer is copied out once."""
+  params = dict(params)
+  stacked = params.pop("layers")
+  for i in range(num_layers):
+    params[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+  return params
+
+
+def stack_layers(params: dict, num_layers: int) -> dict:
+  """The inverse of ``unstack_layers``."""
+  params = dict(params)
+  per_layer = [params.pop(f"layers_{i}") for i in range(num_layers)]
+  params["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+  return params
+
+
 class Transformer(nn.Module):
   """The policy / reference / reward backbone. See the module docstring for the equations."""
   config: ModelConfig
@@ -71,7 +92,11 @@ class Transformer(nn.Module):
     dtype, pdtype = c.jnp_dtype, c.jnp_param_dtype
     self.embedder = Embedder(c.vocab_size, c.embed_dim, scale=c.scale_embeddings, dtype=dtype,
                              param_dtype=pdtype)
-    self.layers = _stacked_blocks(c)(c)
+    if c.scan_layers:
+      self.layers = _stacked_blocks(c)(c)
+    else:    # a list: linen names the blocks layers_0 .. layers_{L-1}
+      block = nn.remat(Block, prevent_cse=False) if c.remat else Block
+      self.layers = [block(c) for _ in range(c.num_layers)]
     self.final_norm = RMSNorm(eps=c.norm_eps, plus_one=c.norm_plus_one, dtype=dtype, param_dtype=pdtype)
     if not c.tie_embeddings:
       self.lm_head = param(self, "lm_head", ("embed", "vocab"), (c.embed_dim, c.vocab_size), pdtype)
@@ -82,16 +107,30 @@ class Transformer(nn.Module):
     x = self.embedder.encode(tokens)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     sin, cos = rope_angles(positions, rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling))
-    layers = jnp.arange(c.num_layers, dtype=jnp.int32)   # scanned over: block l reads and writes cache layer l
     if cache is None:
-      mask = attention_mask(attn_mask)
-      (x, _), _ = self.layers((x, None), layers, sin, cos, mask, None)
+      x, _ = self._blocks(x, None, sin, cos, attention_mask(attn_mask), None)
     else:
       key_mask = kv_cache.update_key_mask(cache.key_mask, attn_mask, cache.index)
       mask = attention_mask(attn_mask, key_mask, cache.index)
-      (x, (k, v)), _ = self.layers((x, (cache.k, cache.v)), layers, sin, cos, mask, cache.index)
+      x, (k, v) = self._blocks(x, (cache.k, cache.v), sin, cos, mask, cache.index)
       cache = KVCache(k=k, v=v, key_mask=key_mask, index=cache.index + tokens.shape[1])
     return self.final_norm(x), cache
+
+  def _blocks(self, x, kv, sin, cos, mask, index):
+    """The L blocks over the residual stream x; ``kv`` is the cache's (k, v) or None."""
+    c = self.config
+    if c.scan_layers:
+      layers = jnp.arange(c.num_layers, dtype=jnp.int32)   # scanned over: block l reads and writes cache layer l
+      (x, kv), _ = self.layers((x, kv), layers, sin, cos, mask, index)
+      return x, kv
+    if kv is None:
+      for block in self.layers:
+        (x, _), _ = block((x, None), None, sin, cos, mask, None)
+      return x, None
+    ks, vs = list(kv[0]), list(kv[1])
+    for i, block in enumerate(self.layers):
+      (x, (ks[i], vs[i])), _ = block((x, (ks[i], vs[i])), None, sin, cos, mask, index)
+    return x, (tuple(ks), tuple(vs))
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """Output projection of final-normed hidden states [B, S, D] -> float32 logits [B, S, V]."""

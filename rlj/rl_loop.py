@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -71,7 +72,8 @@ class Components:
   sampler_dtype: Any = None
 
 
-def make_logp_fn(apply_fn, *, completion_len: int, temperature: float, mesh=None, rules=None):
+def make_logp_fn(apply_fn, *, completion_len: int, temperature: float, mesh=None, rules=None,
+                 num_chunks: int = 1):
   """``(params, tokens [N, P+T], attn_mask) -> logp [N, T]`` with P taken from the tokens' width.
 
   ``apply_fn`` is a ``Transformer``'s apply: only the T positions that predict the completion are projected
@@ -79,6 +81,10 @@ def make_logp_fn(apply_fn, *, completion_len: int, temperature: float, mesh=None
 
   With ``mesh`` (and ``rules``) the model's activation constraints apply (``sharding.activation_rules``), so
   the batch stays split over the batch axes through the logits instead of being gathered onto every device.
+
+  ``num_chunks`` > 1 runs the rows in that many chunks one after another (``lax.map``; gcd(N, num_chunks) when
+  it does not divide N), so the activations and [rows, T, V] logits alive at once are a chunk's: the trainer's
+  rollout pass uses chunks of one optimizer micro-batch, whose forward and backward fit by construction.
   """
   def fn(params, tokens, attn_mask):
     with contextlib.ExitStack() as stack:
@@ -86,7 +92,21 @@ def make_logp_fn(apply_fn, *, completion_len: int, temperature: float, mesh=None
         stack.enter_context(sharding.activation_rules(mesh, sharding.DEFAULT_RULES if rules is None else rules))
       return logprobs.completion_logprobs(apply_fn, params, tokens, attn_mask, tokens.shape[1] - completion_len,
                                           temperature=temperature, logits_window=True)
-  return fn
+
+  if num_chunks < 1:
+    raise ValueError(f"num_chunks must be >= 1, got {num_chunks}")
+  if num_chunks == 1:
+    return fn
+
+  def chunked(params, tokens, attn_mask):
+    n = tokens.shape[0]
+    k = math.gcd(n, num_chunks)
+    if k == 1:
+      return fn(params, tokens, attn_mask)
+    split = lambda x: x.reshape((k, n // k) + x.shape[1:])
+    out = jax.lax.map(lambda xs: fn(params, *xs), (split(tokens), split(attn_mask)))
+    return out.reshape((n,) + out.shape[2:])
+  return chunked
 
 
 def place_batch(batch: Mapping[str, np.ndarray], mesh, rules) -> dict:
@@ -108,7 +128,10 @@ class Trainer:
                              num_microbatches=cfg.num_microbatches, sum_microbatches=self.algo.sum_microbatches)
     replicated = jax.sharding.NamedSharding(comps.mesh, jax.P())
     self.step_fn = jax.jit(step, donate_argnums=0, out_shardings=(comps.state_shardings, replicated))
-    self.logp_fn = jax.jit(logp_fn)
+    # The rollout's old / reference log-probs: all N rows, in chunks of one optimizer micro-batch.
+    self.logp_fn = jax.jit(make_logp_fn(
+        comps.model.apply, completion_len=cfg.max_new_tokens, temperature=cfg.temperature, mesh=comps.mesh,
+        rules=comps.rules, num_chunks=max(cfg.num_minibatches, 1) * max(cfg.num_microbatches, 1)))
     self.root = jax.random.key(cfg.seed)
     self.dno_history: list[dict] = []      # pair pools of finished DNO iterations (newest last)
     self.dno_current: list[dict] = []

@@ -31,6 +31,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from models import kv_cache
+from models.config import ModelConfig
+from models.transformer import unstack_layers
 from rlj import host_data, logprobs, sampling_filters, sharding
 
 
@@ -53,6 +55,10 @@ class SamplerConfig:
     cache_dtype: KV cache dtype name, or None for the model's compute dtype.
     keep_cache: keep each bucket's (donated, returned) cache buffer between calls instead of
       allocating a fresh one per call; saves the allocation, costs its memory while not sampling.
+    unrolled_decode: prefill and decode with an unscanned, untied copy of a ``Transformer``: each layer's
+      weights and KV cache in arrays of their own and a tied table transposed to an ``lm_head``, made once per
+      call inside the program (one more copy of the weights in memory while it runs). None: on CPU only,
+      where it was measured to pay (``Sampler.decode_model``).
   """
   max_new_tokens: int
   temperature: float = 1.0
@@ -67,6 +73,7 @@ class SamplerConfig:
   batch_buckets: tuple[int, ...] = ()
   cache_dtype: Optional[str] = None
   keep_cache: bool = False
+  unrolled_decode: Optional[bool] = None
 
   def __post_init__(self):
     logprobs.check_temperature(self.temperature)
@@ -178,7 +185,8 @@ class Sampler:
   def _cache_shardings(self, abstract_cache):
     if self.mesh is None:
       return None
-    names = jax.tree.map(lambda n: P(*n), kv_cache.logical_axes(), is_leaf=lambda x: isinstance(x, tuple)
+    names = jax.tree.map(lambda n: P(*n), kv_cache.logical_axes(self.decode_model.config),
+                         is_leaf=lambda x: isinstance(x, tuple)
                          and all(isinstance(a, str) for a in x))
     return sharding.tree_shardings(names, abstract_cache, self.mesh, self.rules)
 
@@ -202,21 +210,38 @@ class Sampler:
     with rules:
       return model.apply({"params": params}, tokens, positions, mask, cache=cache, **kwargs)
 
-  def _decoding_model(self, params):
-    """(model, params) to decode with: on CPU, a tied model becomes an untied one whose ``lm_head`` [D, V] is
-    the embedding table transposed once per call (inside the program, outside the decode loop).
+  @functools.cached_property
+  def decode_model(self) -> nn.Module:
+    """The module the program prefills and decodes with; its config also lays out the KV cache.
 
-    The [N, D] x [V, D]ᵀ output projection of a tied table is the biggest matmul of a decode step; XLA:CPU ran
-    it at 6.4 ms for small-50m at N = 32 against 4.7 ms with the table laid out [D, V]. Same values. TPU and
-    GPU matmuls take the transposed table as it is, so there the copy would only cost memory.
+    With ``unrolled_decode`` (by default on CPU) a ``Transformer`` becomes an unscanned one
+    (``scan_layers=False``), untied if it was tied; ``decode_params`` converts the weights once per call,
+    inside the program and outside the decode loop. Same values. XLA:CPU copies a layer's weights and cache
+    out of the stacked [L, ...] buffers before its matmuls, every decode step and layer, and ran the
+    [N, D] x [V, D]ᵀ output projection of a tied table at 6.4 ms for small-50m at N = 32 against 4.7 ms with
+    the table laid out [D, V]. TPU and GPU matmuls can read such operands where they lie; the unrolled copy is
+    unmeasured there and so not the default.
     """
     mc = getattr(self.model, "config", None)
-    devices = self.mesh.devices.flat if self.mesh is not None else jax.devices()
-    if not getattr(mc, "tie_embeddings", False) or next(iter(devices)).platform != "cpu":
-      return self.model, params
-    table = params["embedder"]["embedding"]
-    lm_head = jax.lax.optimization_barrier(jnp.transpose(table))      # materialised, not folded into the dot
-    return self.model.clone(config=dataclasses.replace(mc, tie_embeddings=False)), {**params, "lm_head": lm_head}
+    unroll = self.config.unrolled_decode
+    if unroll is None:
+      devices = self.mesh.devices.flat if self.mesh is not None else jax.devices()
+      unroll = next(iter(devices)).platform == "cpu"
+    if not unroll or not isinstance(mc, ModelConfig):
+      return self.model
+    return self.model.clone(config=dataclasses.replace(mc, tie_embeddings=False, scan_layers=False))
+
+  def decode_params(self, params):
+    """``params`` of ``self.model`` converted for ``decode_model`` (traced inside the program)."""
+    if self.decode_model is self.model:
+      return params
+    mc, dc = self.model.config, self.decode_model.config
+    if mc.tie_embeddings and not dc.tie_embeddings:
+      params = {**params, "lm_head": jnp.transpose(params["embedder"]["embedding"])}
+    if mc.scan_layers and not dc.scan_layers:
+      params = unstack_layers(params, mc.num_layers)
+    # Materialised here, once: not folded back into the loop's matmuls as a slice or transpose per step.
+    return jax.lax.optimization_barrier(params)
 
   def _generate(self, params, prompt, prompt_mask, rng, cache):
     """prompt [Bb, Pb] -> completion arrays for N = Bb * G rows (traced once per bucket)."""
@@ -231,7 +256,7 @@ class Sampler:
       prompt_mask = jax.lax.with_sharding_constraint(prompt_mask, self._row_sharding(2, n))
     cache = cache._replace(key_mask=jnp.zeros_like(cache.key_mask), index=jnp.zeros((), jnp.int32))
 
-    model, params = self._decoding_model(params)
+    model, params = self.decode_model, self.decode_params(params)
     positions = logprobs.positions_from_mask(prompt_mask)
     logits, cache = self._apply(model, params, prompt, positions, prompt_mask, cache,
                                 logits_at=slice(-1, None))                            # prefill
@@ -266,7 +291,7 @@ class Sampler:
     """A fresh cache for the bucket, from a jitted initialiser built once per bucket."""
     key = (rows, prompt_len)
     if key not in self._cache_inits:
-      c, mc = self.config, self.model.config
+      c, mc = self.config, self.decode_model.config
       make = lambda: kv_cache.init_cache(mc, rows, prompt_len + c.max_new_tokens, c.cache_dtype)
       self._cache_inits[key] = jax.jit(make, out_shardings=self._cache_shardings(jax.eval_shape(make)))
     return self._cache_inits[key]()
@@ -277,7 +302,7 @@ class Sampler:
     if key not in self._programs:
       rows = batch * self.config.num_samples
       abstract_cache = jax.eval_shape(lambda: kv_cache.init_cache(
-          self.model.config, rows, prompt_len + self.config.max_new_tokens, self.config.cache_dtype))
+          self.decode_model.config, rows, prompt_len + self.config.max_new_tokens, self.config.cache_dtype))
       kwargs = {}
       if self.mesh is not None:
         cs = self._cache_shardings(abstract_cache)

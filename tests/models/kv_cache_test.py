@@ -85,3 +85,37 @@ def test_bfloat16_compute_stays_close_and_logits_are_float32():
   err = np.abs(np.asarray(low) - np.asarray(high))[valid].max()
   assert 0 < err < 0.1 * np.abs(np.asarray(high)[valid]).max()
   assert feats.shape == (B, P + T, CONFIG.embed_dim) and feats.dtype == jnp.bfloat16
+
+
+def test_unscanned_model_cached_decoding_matches_scanned_full_forward():
+  """scan_layers=False: unstack_layers' parameters, a KV buffer per layer, the scanned model's logits; and
+  stack_layers undoes unstack_layers."""
+  from models.transformer import stack_layers, unstack_layers  # pylint: disable=g-import-not-at-top
+  params = _params()
+  tokens, mask, positions = _batch()
+  full, _ = jax.jit(lambda p: Transformer(CONFIG).apply({"params": p}, tokens, positions, mask))(params)
+  unscanned = dataclasses.replace(CONFIG, scan_layers=False)
+  model = Transformer(unscanned)
+  per_layer = unstack_layers(params, CONFIG.num_layers)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens[:, :1], tokens[:, :1], mask[:, :1]))
+  assert jax.tree.structure(nn.unbox(boxed["params"])) == jax.tree.structure(per_layer)
+  assert boxed["params"]["layers_0"]["attn"]["q"].names == ("embed", "heads", "head_dim")
+  jax.tree.map(np.testing.assert_array_equal, stack_layers(per_layer, CONFIG.num_layers), params)
+
+  step = jax.jit(lambda p, *args: model.apply({"params": p}, *args[:3], cache=args[3]))
+  cache = kv_cache.init_cache(unscanned, B, MAX_LEN)
+  assert len(cache.k) == CONFIG.num_layers and cache.k[0].shape == (B, CONFIG.num_kv_heads, MAX_LEN,
+                                                                    CONFIG.head_dim)
+  axes = kv_cache.logical_axes(unscanned)
+  assert axes.k == (("batch", "kv_heads", "length", "head_dim"),) * CONFIG.num_layers
+  logits, cache = step(per_layer, tokens[:, :P], positions[:, :P], mask[:, :P], cache)
+  steps = [logits]
+  for t in range(P, P + T):
+    logits, cache = step(per_layer, tokens[:, t:t + 1], positions[:, t:t + 1], mask[:, t:t + 1], cache)
+    steps.append(logits)
+  cached = np.concatenate([np.asarray(s) for s in steps], axis=1)
+  assert all(not np.asarray(k[:, :, P + T:]).any() and np.asarray(k[:, :, :P + T]).any() for k in cache.k)
+  valid = mask.astype(bool)
+  np.testing.assert_allclose(cached[valid], np.asarray(full)[valid], atol=2e-5, rtol=2e-5)
+  no_cache, _ = jax.jit(lambda p: model.apply({"params": p}, tokens, positions, mask))(per_layer)
+  np.testing.assert_allclose(np.asarray(no_cache), np.asarray(full), atol=2e-5, rtol=2e-5)

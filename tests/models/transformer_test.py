@@ -121,6 +121,30 @@ def test_causal_blocks_match_full_attention_on_real_tokens():
                              rtol=1e-5, atol=1e-6)
 
 
+def test_single_query_attention_matches_a_loop_over_heads_and_the_batched_path():
+  """S = 1 (a decode step) takes the multiply-and-sum scores; a per-(row, head) numpy loop and the einsum path
+  of a 2-query call (its last query) agree with it, masked keys included."""
+  from models import attention  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
+  b, t, h, kvh, dh = 3, 11, 6, 2, 8
+  q = rng.standard_normal((b, 2, h, dh)).astype(np.float32)
+  k, v = (rng.standard_normal((b, kvh, t, dh)).astype(np.float32) for _ in range(2))
+  key_mask = rng.random((b, t)) < 0.7
+  key_mask[:, -1] = True
+  one = np.asarray(attention.dot_product_attention(jnp.asarray(q[:, 1:]), jnp.asarray(k), jnp.asarray(v),
+                                                   jnp.asarray(key_mask[:, None, :])))
+  for bi in range(b):
+    for hi in range(h):
+      kh = hi // (h // kvh)
+      keys = np.flatnonzero(key_mask[bi])
+      sc = k[bi, kh, keys] @ q[bi, 1, hi] / np.sqrt(dh)
+      p = np.exp(sc - sc.max()) / np.exp(sc - sc.max()).sum()
+      np.testing.assert_allclose(one[bi, 0, hi], p @ v[bi, kh, keys], rtol=1e-5, atol=1e-6)
+  two = attention.dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                                        jnp.asarray(np.repeat(key_mask[:, None, :], 2, axis=1)))
+  np.testing.assert_allclose(one[:, 0], np.asarray(two)[:, 1], rtol=1e-5, atol=1e-6)
+
+
 def test_logits_at_projects_only_those_positions():
   rng = np.random.default_rng(3)
   tokens = rng.integers(0, CONFIG.vocab_size, size=(2, 9)).astype(np.int32)

@@ -196,3 +196,37 @@ def test_completion_logprobs_invariant_to_left_padding():
   windowed = logprobs.completion_logprobs(model.apply, params, tokens, mask, pad + 3, temperature=0.7,
                                           logits_window=True)
   np.testing.assert_allclose(windowed, out[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows,num_chunks", [(8, 4), (6, 4), (5, 4)])
+def test_rollout_logp_in_row_chunks_equals_one_pass(rows, num_chunks):
+  """rl_loop.make_logp_fn(num_chunks=...): chunks of gcd(N, num_chunks) rows, one after another, give the
+  one-pass log-probs; also with the rows sharded over 8 devices. (6 rows: 2 chunks; 5 rows: one pass.)"""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from models import presets  # pylint: disable=g-import-not-at-top
+  from models.transformer import Transformer  # pylint: disable=g-import-not-at-top
+  from rlj import rl_loop  # pylint: disable=g-import-not-at-top
+  model = Transformer(presets.get("tiny"))
+  rng = np.random.default_rng(4)
+  tokens = rng.integers(1, 128, size=(rows, 9)).astype(np.int32)
+  mask = np.ones_like(tokens)
+  mask[1, :3] = 0
+  params = nn.unbox(model.init(jax.random.key(0), tokens[:1], tokens[:1], mask[:1])["params"])
+  make = functools.partial(rl_loop.make_logp_fn, model.apply, completion_len=4, temperature=0.7)
+  one = jax.jit(make())(params, tokens, mask)
+  top = jax.make_jaxpr(make(num_chunks=num_chunks))(params, tokens, mask).jaxpr.eqns
+  k = int(np.gcd(rows, num_chunks))
+  chunk_scans = [e for e in top if e.primitive.name == "scan" and any(
+      getattr(v.aval, "shape", None) == (k, rows // k, 9) for v in e.invars)]   # lax.map over token chunks
+  assert len(chunk_scans) == (k > 1)
+  chunked = jax.jit(make(num_chunks=num_chunks))
+  np.testing.assert_allclose(chunked(params, tokens, mask), one, rtol=1e-6, atol=1e-6)
+  if rows % 8 == 0:
+    mesh = sharding.make_mesh([("data", 2), ("fsdp", 2), ("tensor", 2)])
+    sharded = jax.jit(make(mesh=mesh, rules=sharding.DEFAULT_RULES, num_chunks=num_chunks))
+    placed = jax.device_put((tokens, mask), NamedSharding(mesh, P(("data", "fsdp"))))
+    with jax.set_mesh(mesh):
+      out = sharded(params, *placed)
+    np.testing.assert_allclose(out, one, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="num_chunks"):
+    make(num_chunks=0)

@@ -99,7 +99,7 @@ def test_no_recompile_within_bucket_and_donated_cache_reuse(params):
   first = s.sample(params, PROMPTS, PROMPT_MASK, rng)                  # B = 2, P = 5
   kept = s._caches[(2, BUCKET)]
   short = s.sample(params, PROMPTS[1:, 2:], PROMPT_MASK[1:, 2:], rng)  # B = 1, P = 3: same bucket
-  assert kept.k.is_deleted()                                           # the cache buffer was donated
+  assert all(k.is_deleted() for k in jax.tree.leaves(kept.k))           # the cache buffers were donated
   again = s.sample(params, PROMPTS, PROMPT_MASK, rng)                  # a reused cache leaks nothing
   assert s.num_traces == 1
   assert short.tokens.shape == (2, 3 + T_NEW)
@@ -109,9 +109,10 @@ def test_no_recompile_within_bucket_and_donated_cache_reuse(params):
     s.sample(params, np.zeros((1, BUCKET + 1), np.int32), np.ones((1, BUCKET + 1), np.int32), rng)
 
 
-def test_sharded_sampling_equals_single_device(params):
+@pytest.mark.parametrize("unrolled", [True, False])
+def test_sharded_sampling_equals_single_device(params, unrolled):
   cfg = sampler.SamplerConfig(max_new_tokens=T_NEW, temperature=1.0, num_samples=4, top_k=20,
-                              prompt_buckets=(BUCKET,))
+                              prompt_buckets=(BUCKET,), unrolled_decode=unrolled)
   rng = jax.random.key(5)
   single = sampler.Sampler(MODEL, cfg).sample(params, PROMPTS, PROMPT_MASK, rng)
   mesh = sharding.make_mesh([("data", 2), ("fsdp", 2), ("tensor", 2)])
@@ -150,23 +151,33 @@ def test_first_token_frequencies_match_filtered_model_distribution(params):
   np.testing.assert_allclose(r.logp[:, 0], np.log(q[np.asarray(r.completion[:, 0])]), rtol=1e-5, atol=1e-5)
 
 
-def test_tied_model_decodes_with_a_transposed_table_same_tokens_and_logp():
-  """A tied model samples with lm_head = embeddingᵀ made once per call; tokens and log-probs are unchanged."""
+@pytest.mark.parametrize("tied", [False, True])
+def test_unrolled_decode_matches_scanned_decode_and_teacher_forced_logp(tied):
+  """unrolled_decode: an unscanned (and untied) copy of the model, converted inside the program, samples the
+  same tokens and log-probs as the scanned model it came from."""
   import dataclasses  # pylint: disable=g-import-not-at-top
-  tied = Transformer(dataclasses.replace(CFG, tie_embeddings=True))
+  model = Transformer(dataclasses.replace(CFG, tie_embeddings=tied))
   d = jnp.zeros((1, 4), jnp.int32)
-  p = nn.unbox(tied.init(jax.random.key(1), d, d, d + 1)["params"])
-  assert "lm_head" not in p
-  cfg = sampler.SamplerConfig(max_new_tokens=T_NEW, temperature=0.8, prompt_buckets=(BUCKET,))
-  fast = sampler.Sampler(tied, cfg)
-  model, dp = fast._decoding_model(p)
-  assert not model.config.tie_embeddings and dp["lm_head"].shape == (CFG.embed_dim, CFG.vocab_size)
-  plain = sampler.Sampler(tied, cfg)
-  plain._decoding_model = lambda q: (tied, q)
+  p = nn.unbox(model.init(jax.random.key(1), d, d, d + 1)["params"])
+  cfg = lambda unroll: sampler.SamplerConfig(max_new_tokens=T_NEW, temperature=0.8, prompt_buckets=(BUCKET,),
+                                             unrolled_decode=unroll)
+  fast, plain = sampler.Sampler(model, cfg(True)), sampler.Sampler(model, cfg(False))
+  assert plain.decode_model is model
+  dc = fast.decode_model.config
+  assert not dc.scan_layers and not dc.tie_embeddings
+  dp = fast.decode_params(p)
+  assert "layers" not in dp and dp["layers_1"]["mlp"]["down"].shape == (CFG.mlp_dim, CFG.embed_dim)
+  assert dp["lm_head"].shape == (CFG.embed_dim, CFG.vocab_size)
+  assert isinstance(fast._new_cache(2, BUCKET).k, tuple) and plain._new_cache(2, BUCKET).k.ndim == 5
   a, b = (s.sample(p, PROMPTS, PROMPT_MASK, jax.random.key(4)) for s in (fast, plain))
   np.testing.assert_array_equal(a.tokens, b.tokens)
   np.testing.assert_allclose(a.logp, b.logp, rtol=1e-5, atol=1e-5)
-  tf = logprobs.completion_logprobs(tied.apply, p, a.tokens, a.attn_mask, a.tokens.shape[1] - T_NEW,
-                                   temperature=0.8)
+  tf = logprobs.completion_logprobs(model.apply, p, a.tokens, a.attn_mask, a.tokens.shape[1] - T_NEW,
+                                    temperature=0.8)
   m = np.asarray(a.mask, np.float32)
   np.testing.assert_allclose(np.asarray(a.logp) * m, np.asarray(tf) * m, rtol=1e-5, atol=1e-5)
+
+
+def test_unrolled_decode_is_the_cpu_default():
+  s = sampler.Sampler(MODEL, sampler.SamplerConfig(max_new_tokens=T_NEW))
+  assert (jax.devices()[0].platform == "cpu") == (not s.decode_model.config.scan_layers)
