@@ -16,6 +16,7 @@ import numpy as np
 from algorithms import grpo
 from algorithms import kl as kl_lib
 from models import presets
+from models.config import ModelConfig
 from rewards import combine
 from rlj import rl_algos, sharding
 
@@ -41,6 +42,7 @@ def validate(config) -> None:
     _check_algo(config)
   check_layout(config, num_devices=jax.device_count(), num_processes=jax.process_count())
   _check_sources(config)
+  _check_model(config)
   tokenizer_vocab = _check_vocab(config)
   if config.job == "rl":
     _check_rewards(config.rewards, "rewards", tokenizer_vocab=tokenizer_vocab)
@@ -145,6 +147,18 @@ def _check_sources(config) -> None:
       presets.get(config.model.preset)
     except ValueError as e:
       fail("model.preset", str(e))
+
+
+def _check_model(config) -> None:
+  overrides = dict(config.model.overrides)
+  fields = sorted(f.name for f in dataclasses.fields(ModelConfig))
+  for key in overrides:
+    if key not in fields:
+      fail(f"model.overrides.{key}", f"not a model config field; the fields are {', '.join(fields)}")
+  if not overrides.get("scan_layers", True):
+    fail("model.overrides.scan_layers", "the trained model keeps its layers scanned (checkpoints and Hugging Face "
+         "import / export hold them stacked); the sampler decodes an unrolled copy by itself where that pays "
+         "(rlj.sampler.SamplerConfig.unrolled_decode)")
 
 
 def _check_vocab(config) -> int | None:

@@ -103,9 +103,17 @@ def make_logp_fn(apply_fn, *, completion_len: int, temperature: float, mesh=None
     k = math.gcd(n, num_chunks)
     if k == 1:
       return fn(params, tokens, attn_mask)
-    split = lambda x: x.reshape((k, n // k) + x.shape[1:])
+    split = lambda x: _rows_sharded(x.reshape((k, n // k) + x.shape[1:]), 1)      # each chunk over every device
     out = jax.lax.map(lambda xs: fn(params, *xs), (split(tokens), split(attn_mask)))
-    return out.reshape((n,) + out.shape[2:])
+    return _rows_sharded(out.reshape((n,) + out.shape[2:]), 0)
+
+  def _rows_sharded(x, axis):
+    if mesh is None:
+      return x
+    names = (None,) * axis + ("batch",) + (None,) * (x.ndim - axis - 1)
+    spec = sharding.logical_to_spec(names, mesh, sharding.DEFAULT_RULES if rules is None else rules)
+    spec = sharding._fit_spec(spec, x.shape, mesh)         # replicated where the batch shards do not divide
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
   return chunked
 
 

@@ -47,19 +47,24 @@ def _step(params, tokens, positions, mask, cache):
 _step_jit = jax.jit(_step)
 
 
+def _prefill_then_decode(step, params, tokens, positions, mask, cache):
+  """Logits [B, P + T, V] of a P-token prefill and then T one-token steps through ``step``, and the cache."""
+  logits, cache = step(params, tokens[:, :P], positions[:, :P], mask[:, :P], cache)
+  steps = [logits]
+  for t in range(P, P + T):
+    logits, cache = step(params, tokens[:, t:t + 1], positions[:, t:t + 1], mask[:, t:t + 1], cache)
+    steps.append(logits)
+  return np.concatenate([np.asarray(s) for s in steps], axis=1), cache
+
+
 def test_cached_decoding_matches_full_forward():
   params = _params()
   tokens, mask, positions = _batch()
   full, none = jax.jit(lambda p: Transformer(CONFIG).apply({"params": p}, tokens, positions, mask))(params)
   assert none is None
 
-  cache = kv_cache.init_cache(CONFIG, B, MAX_LEN)
-  logits, cache = _step_jit(params, tokens[:, :P], positions[:, :P], mask[:, :P], cache)
-  steps = [logits]
-  for t in range(P, P + T):
-    logits, cache = _step_jit(params, tokens[:, t:t + 1], positions[:, t:t + 1], mask[:, t:t + 1], cache)
-    steps.append(logits)
-  cached = np.concatenate([np.asarray(s) for s in steps], axis=1)
+  cached, cache = _prefill_then_decode(_step_jit, params, tokens, positions, mask,
+                                       kv_cache.init_cache(CONFIG, B, MAX_LEN))
 
   assert int(cache.index) == P + T
   np.testing.assert_array_equal(np.asarray(cache.key_mask[:, :P + T]), mask.astype(bool))
@@ -108,12 +113,7 @@ def test_unscanned_model_cached_decoding_matches_scanned_full_forward():
                                                                     CONFIG.head_dim)
   axes = kv_cache.logical_axes(unscanned)
   assert axes.k == (("batch", "kv_heads", "length", "head_dim"),) * CONFIG.num_layers
-  logits, cache = step(per_layer, tokens[:, :P], positions[:, :P], mask[:, :P], cache)
-  steps = [logits]
-  for t in range(P, P + T):
-    logits, cache = step(per_layer, tokens[:, t:t + 1], positions[:, t:t + 1], mask[:, t:t + 1], cache)
-    steps.append(logits)
-  cached = np.concatenate([np.asarray(s) for s in steps], axis=1)
+  cached, cache = _prefill_then_decode(step, per_layer, tokens, positions, mask, cache)
   assert all(not np.asarray(k[:, :, P + T:]).any() and np.asarray(k[:, :, :P + T]).any() for k in cache.k)
   valid = mask.astype(bool)
   np.testing.assert_allclose(cached[valid], np.asarray(full)[valid], atol=2e-5, rtol=2e-5)
