@@ -181,7 +181,7 @@ def compile_all(config, devices, *, log=print) -> tuple[dict, list, dict]:
   sampler = Sampler(model, sc, mesh=mesh, param_shardings=param_sh, rules=rules)
   bb = pick_bucket(prompts, sc.batch_buckets, "batch")
   cache_abs = jax.eval_shape(lambda: kv_cache.init_cache(sampler.decode_model.config, bb * g, p_len + t_len, sc.cache_dtype))
-  cache = _with_shardings(cache_abs, sampler._cache_shardings(cache_abs))
+  cache = _with_shardings(cache_abs, sampler.cache_shardings(cache_abs))
   prompt = jax.ShapeDtypeStruct((bb, p_len), jnp.int32)    # placed by the program's own in_shardings
   cache_bytes = hbm.shard_bytes(cache)
   kept_cache = {"KV cache": cache_bytes} if s.keep_cache else {}
@@ -253,7 +253,8 @@ def _prefill_and_decode(sampler: Sampler, params, cache, prompt, mesh, rules):
   one = jax.ShapeDtypeStruct((n, 1), jnp.int32, sharding=row_sh)
   cache_sh = jax.tree.map(lambda x: x.sharding, cache)
   # tokens, positions and mask share one shape and dtype; the cache is donated as in the decode loop.
-  apply = lambda p, *args: sampler._apply(sampler.decode_model, sampler.decode_params(p), *args)
+  apply = lambda p, *args: sampler.apply_model(sampler.decode_model, sampler.decode_params(p), *args,
+                                              logits_at=slice(-1, None))
   jitted = jax.jit(apply, donate_argnums=(4,), out_shardings=(None, cache_sh))
   return jitted, (params, toks, toks, toks, cache), (params, one, one, one, cache)
 

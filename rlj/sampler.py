@@ -182,7 +182,8 @@ class Sampler:
                               (rows,) + (1,) * (ndim - 1), self.mesh)
     return NamedSharding(self.mesh, spec)
 
-  def _cache_shardings(self, abstract_cache):
+  def cache_shardings(self, abstract_cache):
+    """NamedShardings of a KV cache laid out for ``decode_model`` (None without a mesh)."""
     if self.mesh is None:
       return None
     names = jax.tree.map(lambda n: P(*n), kv_cache.logical_axes(self.decode_model.config),
@@ -205,7 +206,8 @@ class Sampler:
   # The compiled program.
   # --------------------------------------------------------------------------------------------------------
 
-  def _apply(self, model, params, tokens, positions, mask, cache, **kwargs):
+  def apply_model(self, model, params, tokens, positions, mask, cache, **kwargs):
+    """``model.apply`` of one prefill or decode call under the sampler's activation sharding rules."""
     rules = contextlib.nullcontext() if self.mesh is None else sharding.activation_rules(self.mesh, self.rules)
     with rules:
       return model.apply({"params": params}, tokens, positions, mask, cache=cache, **kwargs)
@@ -258,7 +260,7 @@ class Sampler:
 
     model, params = self.decode_model, self.decode_params(params)
     positions = logprobs.positions_from_mask(prompt_mask)
-    logits, cache = self._apply(model, params, prompt, positions, prompt_mask, cache,
+    logits, cache = self.apply_model(model, params, prompt, positions, prompt_mask, cache,
                                 logits_at=slice(-1, None))                            # prefill
     stop = jnp.asarray(c.stop_set or (-1,), jnp.int32)
 
@@ -274,7 +276,7 @@ class Sampler:
       lp = jnp.where(live, lp, 0.0)
       write = lambda buf, x: jax.lax.dynamic_update_slice(buf, x[:, None].astype(buf.dtype), (0, s.step))
       done = s.done | (live & jnp.any(tok[:, None] == stop[None, :], axis=-1))
-      next_logits, cache = self._apply(model, params, tok[:, None], s.positions[:, None],
+      next_logits, cache = self.apply_model(model, params, tok[:, None], s.positions[:, None],
                                        jnp.ones((n, 1), jnp.int32), s.cache)
       return _LoopState(step=s.step + 1, cache=cache, logits=next_logits[:, 0], positions=s.positions + 1,
                         done=done, tokens=write(s.tokens, tok), logp=write(s.logp, lp),
@@ -293,7 +295,7 @@ class Sampler:
     if key not in self._cache_inits:
       c, mc = self.config, self.decode_model.config
       make = lambda: kv_cache.init_cache(mc, rows, prompt_len + c.max_new_tokens, c.cache_dtype)
-      self._cache_inits[key] = jax.jit(make, out_shardings=self._cache_shardings(jax.eval_shape(make)))
+      self._cache_inits[key] = jax.jit(make, out_shardings=self.cache_shardings(jax.eval_shape(make)))
     return self._cache_inits[key]()
 
   def program(self, batch: int, prompt_len: int):
@@ -305,7 +307,7 @@ class Sampler:
           self.decode_model.config, rows, prompt_len + self.config.max_new_tokens, self.config.cache_dtype))
       kwargs = {}
       if self.mesh is not None:
-        cs = self._cache_shardings(abstract_cache)
+        cs = self.cache_shardings(abstract_cache)
         rep, r2 = self._replicated(), self._row_sharding(2, rows)
         pr = self._row_sharding(2, batch)
         kwargs = dict(in_shardings=(self.param_shardings(), pr, pr, rep, cs),
