@@ -7,6 +7,7 @@ tests/models/presets_test.py with ``jax.eval_shape``) are:
 |----------------|---------------|
 | gemma-2b       | 2,506,172,416 |
 | llama-3.1-8b   | 8,030,261,248 |
+| llama-3.2-1b   | 1,235,814,400 |
 | qwen2.5-0.5b   |   494,032,768 |
 | qwen2.5-7b     | 7,615,616,512 |
 | small-50m      |    50,998,784 |
@@ -29,6 +30,10 @@ _PRESETS: dict[str, ModelConfig] = {
     "llama-3.1-8b": ModelConfig(
         vocab_size=128_256, num_layers=32, embed_dim=4096, num_heads=32, num_kv_heads=8, head_dim=128,
         mlp_dim=14_336, norm_eps=1e-5, rope_theta=500_000.0, rope_scaling=(8.0, 1.0, 4.0, 8192)),
+    "llama-3.2-1b": ModelConfig(   # the ~1B model of the GPU benchmark targets
+        vocab_size=128_256, num_layers=16, embed_dim=2048, num_heads=32, num_kv_heads=8, head_dim=64,
+        mlp_dim=8192, norm_eps=1e-5, rope_theta=500_000.0, rope_scaling=(32.0, 1.0, 4.0, 8192),
+        tie_embeddings=True),
     "qwen2.5-0.5b": ModelConfig(
         vocab_size=151_936, num_layers=24, embed_dim=896, num_heads=14, num_kv_heads=2, head_dim=64,
         mlp_dim=4864, norm_eps=1e-6, rope_theta=1_000_000.0, qkv_bias=True, tie_embeddings=True),

@@ -10,6 +10,7 @@ from models import hf, presets
 PUBLISHED = {
     "gemma-2b": 2_506_172_416,
     "llama-3.1-8b": 8_030_261_248,
+    "llama-3.2-1b": 1_235_814_400,
     "qwen2.5-0.5b": 494_032_768,
     "qwen2.5-7b": 7_615_616_512,
 }
