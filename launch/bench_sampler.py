@@ -73,12 +73,13 @@ def python_loop_generate(s: sampler.Sampler, params, prompts, mask, *, new_token
 
 
 def hf_generate(params, config, prompts, mask, *, new_tokens: int, workdir: str):
-  """Baseline (b): transformers ``generate`` (greedy, KV cache) on the exported checkpoint."""
+  """Baseline (b): transformers ``generate`` (greedy, KV cache) on the exported checkpoint, with weights and
+  compute in ``config.dtype`` like ours."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   from models import hf  # pylint: disable=g-import-not-at-top
-  hf.save_hf_checkpoint(params, config, workdir, dtype="float32")
-  model = transformers.AutoModelForCausalLM.from_pretrained(workdir, dtype=torch.float32).eval()
+  hf.save_hf_checkpoint(params, config, workdir, dtype=config.dtype)
+  model = transformers.AutoModelForCausalLM.from_pretrained(workdir, dtype=getattr(torch, config.dtype)).eval()
   ids, am = torch.from_numpy(np.asarray(prompts, np.int64)), torch.from_numpy(np.asarray(mask, np.int64))
 
   def run():
@@ -103,6 +104,7 @@ def compare(model_name: str, *, batch: int, prompt_len: int, new_tokens: int, re
             dtype: str = "float32", verbose: bool = True) -> list[dict]:
   """Times the three contenders on the same weights and prompts; one row per contender."""
   config, model, prompts, mask, params = _setup(model_name, dtype, batch, prompt_len)
+  params = jax.tree.map(lambda x: x.astype(config.jnp_dtype), params)   # both sides hold the weights in dtype
   b, p, t = batch, prompt_len, new_tokens
   if verbose:
     print(f"model {model_name} ({config.num_params() / 1e6:.1f}M params), batch {b}, prompt {p}, new tokens {t}, "
@@ -148,6 +150,31 @@ def decode_bytes(config, params, *, rows: int, prompt_len: int, new_tokens: int,
   return param_bytes, rows * slots * per_slot
 
 
+def decode_matmul_floor(config, *, rows: int, dtype: str, steps: int = 8, repeats: int = 3) -> float:
+  """Seconds per decode step of the step's matmuls alone, at ``rows`` rows: per layer x [rows, D] times separate
+  q, k, v, o, gate, up and down weights (with the SwiGLU product and residual adds that join them), then the
+  [D, V] output projection; no norms, RoPE, attention, cache writes or sampling. A jitted ``fori_loop`` of
+  ``steps`` steps, best of ``repeats``: what a decode step cannot go below on this backend at this batch.
+  """
+  c, dt = config, jnp.dtype(dtype)
+  d, f, hq, hkv = c.embed_dim, c.mlp_dim, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+  shapes = dict(q=(d, hq), k=(d, hkv), v=(d, hkv), o=(hq, d), gate=(d, f), up=(d, f), down=(f, d))
+  make = jax.jit(lambda: ([{n: jnp.full(sh, 1e-4, dt) for n, sh in shapes.items()} for _ in range(c.num_layers)],
+                          jnp.full((d, c.vocab_size), 1e-4, dt)))   # small: x stays O(1) over the loop
+  layers, head = make()
+
+  def step(_, x):
+    for w in layers:
+      q, k, v = x @ w["q"], x @ w["k"], x @ w["v"]
+      x = x + q @ w["o"] + (jnp.sum(k) + jnp.sum(v)) * 1e-9          # k, v feed the output: not dead code
+      x = x + (jax.nn.silu(x @ w["gate"]) * (x @ w["up"])) @ w["down"]
+    return x + (x @ head)[:, :d] * 1e-9
+
+  run = jax.jit(lambda x, layers, head: jax.lax.fori_loop(0, steps, step, x))
+  x = jnp.ones((rows, d), dt)
+  return min(bench.time_calls(lambda: run(x, layers, head), repeats=repeats)) / steps
+
+
 def decode(model_name: str, *, batch: int, prompt_len: int, new_tokens: int, repeats: int,
            dtype: str = "float32", bandwidth_mbytes: int | None = None) -> dict:
   """Decode throughput of the compiled sampler against the memory-bandwidth bound; one result row.
@@ -171,10 +198,12 @@ def decode(model_name: str, *, batch: int, prompt_len: int, new_tokens: int, rep
                                        cache_itemsize=config.jnp_dtype.itemsize)
   bw = bench.copy_bandwidth(mbytes=bandwidth_mbytes)
   bound_s = (param_bytes + kv_bytes) / bw
+  floor_s = decode_matmul_floor(config, rows=b, dtype=dtype)
   return {"model": model_name, "rows": b, "prompt + new": f"{p} + {t}", "dtype": dtype,
           "call s (best, T new)": secs[t][0], "call s (best, 1 new)": secs[1][0], "decode ms/step": step_s * 1e3,
           "decode tokens/s": b / step_s, "params MB": param_bytes / 2**20, "KV read MB/step": kv_bytes / 2**20,
-          "copy GB/s": bw / 1e9, "bound ms/step": bound_s * 1e3, "x bound": step_s / bound_s}
+          "copy GB/s": bw / 1e9, "bound ms/step": bound_s * 1e3, "x bound": step_s / bound_s,
+          "matmuls alone ms/step": floor_s * 1e3, "x matmuls alone": step_s / floor_s}
 
 
 def run_decode(args) -> tuple[list[dict], list[str]]:
@@ -185,7 +214,10 @@ def run_decode(args) -> tuple[list[dict], list[str]]:
   return rows, ["Greedy decoding of random prompts without EOS (every row decodes every step), "
                 "rlj.sampler.Sampler with keep_cache; best of --repeats calls after one warm-up.",
                 "x bound = decode ms/step / bound ms/step, bound = (params + KV bytes a step must read) / copy "
-                "bandwidth (donated x + 1, read + write bytes)."]
+                "bandwidth (donated x + 1, read + write bytes).",
+                "matmuls alone = the step's weight matmuls (separate q, k, v, o, gate, up, down per layer, then the "
+                "output projection) at the same rows and dtype, jitted in a loop without norms, attention, cache "
+                "or sampling (launch.bench_sampler.decode_matmul_floor)."]
 
 
 def run_compare(args) -> tuple[list[dict], list[str]]:
@@ -193,7 +225,9 @@ def run_compare(args) -> tuple[list[dict], list[str]]:
   rows = compare(args.model or "small-50m", batch=args.batch or 32, prompt_len=args.seq or 32,
                  new_tokens=args.new_tokens or 64, repeats=args.repeats, dtype=args.dtype, verbose=False)
   return rows, ["Median of --repeats whole generate calls (prefill + greedy decode, no EOS) after one warm-up; "
-                "transformers runs float32 on torch's CPU build whatever the JAX backend."]
+                "transformers runs on torch's CPU build whatever the JAX backend, with weights and compute in "
+                "--dtype like rlj. In bfloat16 the two round differently, so greedy paths part after the first "
+                "near-tie (the last column)."]
 
 
 def main(argv=None):
