@@ -160,8 +160,9 @@ def compile_all(config, devices, *, log=print) -> tuple[dict, list, dict]:
   env = types.SimpleNamespace(use_reference=use_reference(config))
   lc = builders.loop_config(config, env)
   algo = rl_algos.ALGORITHMS[config.algo.name]
-  logp_fn = rl_loop.make_logp_fn(model.apply, completion_len=t_len, temperature=lc.temperature, mesh=mesh,
-                                 rules=rules)
+  make_logp = functools.partial(rl_loop.make_logp_fn, model.apply, completion_len=t_len,
+                                temperature=lc.temperature, mesh=mesh, rules=rules)
+  logp_fn = make_logp()
   step = functools.partial(train_step, logp_fn=logp_fn, objective=functools.partial(algo.objective, **lc.loss_kwargs),
                            tx=tx, num_microbatches=lc.num_microbatches, sum_microbatches=algo.sum_microbatches)
   step_fn = jax.jit(step, donate_argnums=0, out_shardings=(state_sh, replicated))
@@ -180,7 +181,8 @@ def compile_all(config, devices, *, log=print) -> tuple[dict, list, dict]:
                      keep_cache=s.keep_cache)
   sampler = Sampler(model, sc, mesh=mesh, param_shardings=param_sh, rules=rules)
   bb = pick_bucket(prompts, sc.batch_buckets, "batch")
-  cache_abs = jax.eval_shape(lambda: kv_cache.init_cache(sampler.decode_model.config, bb * g, p_len + t_len, sc.cache_dtype))
+  cache_abs = jax.eval_shape(
+      lambda: kv_cache.init_cache(sampler.decode_model.config, bb * g, p_len + t_len, sc.cache_dtype))
   cache = _with_shardings(cache_abs, sampler.cache_shardings(cache_abs))
   prompt = jax.ShapeDtypeStruct((bb, p_len), jnp.int32)    # placed by the program's own in_shardings
   cache_bytes = hbm.shard_bytes(cache)
@@ -199,9 +201,7 @@ def compile_all(config, devices, *, log=print) -> tuple[dict, list, dict]:
     train_p = _compile("train_step", step_fn, (state, batch, rng), per_step=updates,
                        args={**sizes_b, "batch": hbm.shard_bytes(batch)})
     log("compiling the rollout log-prob pass ...")
-    logp_fn_jit = jax.jit(rl_loop.make_logp_fn(  # the Trainer's rollout pass: chunks of one micro-batch
-        model.apply, completion_len=t_len, temperature=lc.temperature, mesh=mesh, rules=rules,
-        num_chunks=lc.num_minibatches * lc.num_microbatches))
+    logp_fn_jit = jax.jit(make_logp(num_chunks=lc.logp_chunks))   # the Trainer's rollout pass
     logp_p = _compile("completion_logprobs", logp_fn_jit, (params, tokens, tokens), per_step=passes,
                       args={"params": sizes_b["params"], "rollout tokens": 2 * hbm.shard_bytes(tokens)})
     log("compiling the sampler (prefill + decode loop) ...")

@@ -51,6 +51,11 @@ class LoopConfig:
   dno_select: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   max_consecutive_skips: int = 0       # abort after this many non-finite updates in a row (0: never)
 
+  @property
+  def logp_chunks(self) -> int:
+    """Chunks of the rollout's log-prob pass: one per optimizer micro-batch of the rollout."""
+    return max(self.num_minibatches, 1) * max(self.num_microbatches, 1)
+
 
 @dataclasses.dataclass
 class Components:
@@ -111,9 +116,8 @@ def make_logp_fn(apply_fn, *, completion_len: int, temperature: float, mesh=None
     if mesh is None:
       return x
     names = (None,) * axis + ("batch",) + (None,) * (x.ndim - axis - 1)
-    spec = sharding.logical_to_spec(names, mesh, sharding.DEFAULT_RULES if rules is None else rules)
-    spec = sharding._fit_spec(spec, x.shape, mesh)         # replicated where the batch shards do not divide
-    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
+    return jax.lax.with_sharding_constraint(   # replicated where the batch shards do not divide
+        x, sharding.fitted_sharding(names, x.shape, mesh, sharding.DEFAULT_RULES if rules is None else rules))
   return chunked
 
 
@@ -129,17 +133,16 @@ class Trainer:
   def __init__(self, comps: Components, cfg: LoopConfig):
     self.c, self.cfg = comps, cfg
     self.algo = rl_algos.pick(rl_algos.ALGORITHMS, cfg.algo, "algorithm (config key algo.name)")
-    logp_fn = make_logp_fn(comps.model.apply, completion_len=cfg.max_new_tokens, temperature=cfg.temperature,
-                           mesh=comps.mesh, rules=comps.rules)
+    make_logp = functools.partial(make_logp_fn, comps.model.apply, completion_len=cfg.max_new_tokens,
+                                  temperature=cfg.temperature, mesh=comps.mesh, rules=comps.rules)
+    logp_fn = make_logp()
     objective = functools.partial(self.algo.objective, **dict(cfg.loss_kwargs))
     step = functools.partial(train_step, logp_fn=logp_fn, objective=objective, tx=comps.tx,
                              num_microbatches=cfg.num_microbatches, sum_microbatches=self.algo.sum_microbatches)
     replicated = jax.sharding.NamedSharding(comps.mesh, jax.P())
     self.step_fn = jax.jit(step, donate_argnums=0, out_shardings=(comps.state_shardings, replicated))
     # The rollout's old / reference log-probs: all N rows, in chunks of one optimizer micro-batch.
-    self.logp_fn = jax.jit(make_logp_fn(
-        comps.model.apply, completion_len=cfg.max_new_tokens, temperature=cfg.temperature, mesh=comps.mesh,
-        rules=comps.rules, num_chunks=max(cfg.num_minibatches, 1) * max(cfg.num_microbatches, 1)))
+    self.logp_fn = jax.jit(make_logp(num_chunks=cfg.logp_chunks))
     self.root = jax.random.key(cfg.seed)
     self.dno_history: list[dict] = []      # pair pools of finished DNO iterations (newest last)
     self.dno_current: list[dict] = []

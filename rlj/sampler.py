@@ -178,9 +178,8 @@ class Sampler:
   def _row_sharding(self, ndim: int, rows: int):
     if self.mesh is None:
       return None
-    spec = sharding._fit_spec(sharding.logical_to_spec(("batch",) + (None,) * (ndim - 1), self.mesh, self.rules),
-                              (rows,) + (1,) * (ndim - 1), self.mesh)
-    return NamedSharding(self.mesh, spec)
+    return sharding.fitted_sharding(("batch",) + (None,) * (ndim - 1), (rows,) + (1,) * (ndim - 1), self.mesh,
+                                    self.rules)
 
   def cache_shardings(self, abstract_cache):
     """NamedShardings of a KV cache laid out for ``decode_model`` (None without a mesh)."""

@@ -120,6 +120,12 @@ def _fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
   return P(*fitted)
 
 
+def fitted_sharding(names: Sequence[str | None] | None, shape: tuple[int, ...], mesh: Mesh,
+                    rules: Rules = DEFAULT_RULES) -> NamedSharding:
+  """``named_sharding`` for an array of ``shape``, replicated on any dimension its mesh axes do not divide."""
+  return NamedSharding(mesh, _fit_spec(logical_to_spec(names, mesh, rules), tuple(shape), mesh))
+
+
 def tree_shardings(logical_tree: Any, shapes_tree: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
   """NamedShardings for a pytree, from its logical names (``nn.get_partition_spec``) and its shapes.
 
@@ -127,9 +133,7 @@ def tree_shardings(logical_tree: Any, shapes_tree: Any, mesh: Mesh, rules: Rules
   ``None``; ``shapes_tree`` holds arrays or ``ShapeDtypeStruct``s with the same structure.
   """
   def one(logical, leaf):
-    names = tuple(logical) if logical is not None else None
-    spec = logical_to_spec(names, mesh, rules)
-    return NamedSharding(mesh, _fit_spec(spec, tuple(leaf.shape), mesh))
+    return fitted_sharding(tuple(logical) if logical is not None else None, leaf.shape, mesh, rules)
   return jax.tree.map(one, logical_tree, shapes_tree, is_leaf=lambda x: isinstance(x, P) or x is None)
 
 
