@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from models.config import ModelConfig
 
 
-# One stacked [L, B, KVH, S_max, Dh] buffer (scanned model), or a tuple of L [B, KVH, S_max, Dh] buffers
+# One stacked buffer of all L layers (scanned model), or a tuple of L per-layer buffers
 # (``ModelConfig.scan_layers=False``).
 Layers = Union[jax.Array, tuple[jax.Array, ...]]
 
@@ -24,10 +24,12 @@ class KVCache(NamedTuple):
   """Decoding state of all layers.
 
   Attributes:
-    k: [L, B, KVH, S_max, Dh] keys (after RoPE), or a tuple of L [B, KVH, S_max, Dh] for an unscanned model.
-      Head-major: attention reads a layer's [B, KVH, S_max, Dh] as it is (slot-major [.., S_max, KVH, Dh]
-      made XLA:CPU copy it transposed every decode step and layer).
-    v: values, laid out like ``k``.
+    k: [L, B, KVH, Dh, S_max] keys (after RoPE), or a tuple of L [B, KVH, Dh, S_max] for an unscanned model.
+      Transposed, slots last: a decode step's scores q·kᵀ are then a plain [G, Dh] x [Dh, S_max] matmul per
+      (row, KV head) that streams the keys along slots (``models.attention.dot_product_attention``).
+    v: [L, B, KVH, S_max, Dh] values, or a tuple of L [B, KVH, S_max, Dh]; slot-major within a head, as
+      probs @ v reads them. Both are head-major: slot-major [.., S_max, KVH, Dh] made XLA:CPU copy a layer
+      transposed every decode step.
     key_mask: [B, S_max] bool, True on slots that hold a real (non-padding) token.
     index: int32 scalar, the next slot to write.
   """
@@ -41,21 +43,23 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: Optional[jn
   """An empty cache of ``max_len`` slots, laid out as the model's ``scan_layers`` needs; ``dtype`` defaults to
   the model's compute dtype."""
   dtype = jnp.dtype(config.dtype if dtype is None else dtype)
-  shape = (batch, config.num_kv_heads, max_len, config.head_dim)
-  if config.scan_layers:
-    make = lambda: jnp.zeros((config.num_layers,) + shape, dtype)
-  else:
-    make = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-  return KVCache(k=make(), v=make(), key_mask=jnp.zeros((batch, max_len), jnp.bool_),
-                 index=jnp.zeros((), jnp.int32))
+  b, kvh, dh = batch, config.num_kv_heads, config.head_dim
+
+  def make(shape):
+    if config.scan_layers:
+      return jnp.zeros((config.num_layers,) + shape, dtype)
+    return tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+  return KVCache(k=make((b, kvh, dh, max_len)), v=make((b, kvh, max_len, dh)),
+                 key_mask=jnp.zeros((batch, max_len), jnp.bool_), index=jnp.zeros((), jnp.int32))
 
 
 def logical_axes(config: Optional[ModelConfig] = None) -> KVCache:
   """Logical axis names of each cache field (map them with ``rlj.sharding.tree_shardings``); a per-layer
   tuple of them for an unscanned ``config``."""
-  kv = ("batch", "kv_heads", "length", "head_dim")
-  kv = (("layers",) + kv) if config is None or config.scan_layers else (kv,) * config.num_layers
-  return KVCache(k=kv, v=kv, key_mask=("batch", "length"), index=())
+  def per_layer(names):
+    return (("layers",) + names) if config is None or config.scan_layers else (names,) * config.num_layers
+  return KVCache(k=per_layer(("batch", "kv_heads", "head_dim", "length")),
+                 v=per_layer(("batch", "kv_heads", "length", "head_dim")), key_mask=("batch", "length"), index=())
 
 
 def update_key_mask(key_mask: jax.Array, attn_mask: jax.Array, index: jax.Array) -> jax.Array:
@@ -63,18 +67,20 @@ def update_key_mask(key_mask: jax.Array, attn_mask: jax.Array, index: jax.Array)
   return jax.lax.dynamic_update_slice(key_mask, attn_mask.astype(jnp.bool_), (jnp.int32(0), index))
 
 
-def write_layer(buf: jax.Array, new: jax.Array, layer: Optional[jax.Array], index: jax.Array) -> jax.Array:
-  """Writes a layer's new keys or values [B, KVH, S, Dh] at slot ``index`` into its own [B, KVH, S_max, Dh]
-  buffer (``layer`` None), or into layer ``layer`` of a stacked [L, B, KVH, S_max, Dh] one. Inside a decode
-  loop XLA updates the buffer in place: only the S new slots move."""
-  zero = jnp.int32(0)
+def write_layer(buf: jax.Array, new: jax.Array, layer: Optional[jax.Array], index: jax.Array, *,
+                slot_axis: int) -> jax.Array:
+  """Writes a layer's S new slots ``new`` (keys [B, KVH, Dh, S] with ``slot_axis=3``, values [B, KVH, S, Dh]
+  with ``slot_axis=2``) at slot ``index`` into its own buffer (``layer`` None), or into layer ``layer`` of a
+  stacked [L, ...] one. Inside a decode loop XLA updates the buffer in place: only the S new slots move."""
+  start = [jnp.int32(0)] * new.ndim
+  start[slot_axis] = index
   if layer is None:
-    return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (zero, zero, index, zero))
-  return jax.lax.dynamic_update_slice(buf, new[None].astype(buf.dtype), (layer, zero, zero, index, zero))
+    return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), start)
+  return jax.lax.dynamic_update_slice(buf, new[None].astype(buf.dtype), [layer] + start)
 
 
 def read_layer(buf: jax.Array, layer: Optional[jax.Array]) -> jax.Array:
-  """A layer's [B, KVH, S_max, Dh]: the buffer itself (``layer`` None) or layer ``layer`` of a stacked one."""
+  """A layer's keys or values: the buffer itself (``layer`` None) or layer ``layer`` of a stacked one."""
   if layer is None:
     return buf
   return jax.lax.dynamic_index_in_dim(buf, layer, axis=0, keepdims=False)

@@ -100,7 +100,7 @@ class Rollout(NamedTuple):
     lengths: [N] int32 completion lengths (sum of ``mask``).
     prompt_mask: [N, P] the prompt mask, repeated G times.
     attn_mask: [N, P + T] prompt_mask followed by mask (for teacher-forced scoring).
-    num_steps: int32 scalar, decode steps the loop ran (< T when every row stopped early).
+    num_steps: int32 scalar, tokens drawn per row by the longest row (< T when every row stopped early).
   """
   tokens: jax.Array
   completion: jax.Array
@@ -263,10 +263,8 @@ class Sampler:
                                 logits_at=slice(-1, None))                            # prefill
     stop = jnp.asarray(c.stop_set or (-1,), jnp.int32)
 
-    def cond(s: _LoopState):
-      return (s.step < t_max) & ~jnp.all(s.done)
-
-    def body(s: _LoopState):
+    def emit(s: _LoopState) -> tuple[_LoopState, jax.Array]:
+      """Samples token ``s.step`` from ``s.logits`` and writes it; finished rows get padding."""
       key = jax.random.fold_in(rng, s.step)
       tok, lp = sampling_filters.sample_token(key, s.logits, temperature=c.temperature, top_k=c.top_k,
                                               top_p=c.top_p, greedy=c.greedy)
@@ -275,18 +273,28 @@ class Sampler:
       lp = jnp.where(live, lp, 0.0)
       write = lambda buf, x: jax.lax.dynamic_update_slice(buf, x[:, None].astype(buf.dtype), (0, s.step))
       done = s.done | (live & jnp.any(tok[:, None] == stop[None, :], axis=-1))
+      return s._replace(step=s.step + 1, done=done, tokens=write(s.tokens, tok), logp=write(s.logp, lp),
+                        mask=write(s.mask, live)), tok
+
+    def cond(s: _LoopState):
+      return (s.step < t_max - 1) & ~jnp.all(s.done)
+
+    def body(s: _LoopState):
+      out, tok = emit(s)
       next_logits, cache = self.apply_model(model, params, tok[:, None], s.positions[:, None],
-                                       jnp.ones((n, 1), jnp.int32), s.cache)
-      return _LoopState(step=s.step + 1, cache=cache, logits=next_logits[:, 0], positions=s.positions + 1,
-                        done=done, tokens=write(s.tokens, tok), logp=write(s.logp, lp),
-                        mask=write(s.mask, live))
+                                            jnp.ones((n, 1), jnp.int32), s.cache)
+      return out._replace(cache=cache, logits=next_logits[:, 0], positions=s.positions + 1)
 
     init = _LoopState(step=jnp.zeros((), jnp.int32), cache=cache, logits=logits[:, -1],
                       positions=jnp.sum(prompt_mask, axis=-1), done=jnp.zeros((n,), jnp.bool_),
                       tokens=jnp.full((n, t_max), c.pad_id, jnp.int32), logp=jnp.zeros((n, t_max), jnp.float32),
                       mask=jnp.zeros((n, t_max), jnp.bool_))
     s = jax.lax.while_loop(cond, body, init)
-    return s.tokens, s.logp, s.mask, prompt, prompt_mask, s.step, s.cache
+    # The last token needs no forward pass after it: sampled outside the loop, which made T - 1 of them.
+    # If every row had already stopped, it writes padding where padding was and is not counted as a step.
+    last, _ = emit(s)
+    steps = jnp.where(jnp.all(s.done), s.step, last.step)
+    return last.tokens, last.logp, last.mask, prompt, prompt_mask, steps, s.cache
 
   def _new_cache(self, rows: int, prompt_len: int):
     """A fresh cache for the bucket, from a jitted initialiser built once per bucket."""

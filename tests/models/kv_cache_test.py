@@ -69,8 +69,10 @@ def test_cached_decoding_matches_full_forward():
   assert int(cache.index) == P + T
   np.testing.assert_array_equal(np.asarray(cache.key_mask[:, :P + T]), mask.astype(bool))
   assert not np.asarray(cache.key_mask[:, P + T:]).any()
-  assert not np.asarray(cache.k[:, :, :, P + T:]).any()  # unwritten slots untouched
-  assert np.asarray(cache.k[:, :, :, :P + T]).any()
+  assert cache.k.shape == (CONFIG.num_layers, B, CONFIG.num_kv_heads, CONFIG.head_dim, MAX_LEN)  # keys slots-last
+  assert cache.v.shape == (CONFIG.num_layers, B, CONFIG.num_kv_heads, MAX_LEN, CONFIG.head_dim)
+  assert not np.asarray(cache.k[..., P + T:]).any() and not np.asarray(cache.v[:, :, :, P + T:]).any()  # unwritten
+  assert np.asarray(cache.k[..., :P + T]).any() and np.asarray(cache.v[:, :, :, :P + T]).any()
   valid = mask.astype(bool)
   np.testing.assert_allclose(cached[valid], np.asarray(full)[valid], atol=2e-5, rtol=2e-5)
 
@@ -109,12 +111,15 @@ def test_unscanned_model_cached_decoding_matches_scanned_full_forward():
 
   step = jax.jit(lambda p, *args: model.apply({"params": p}, *args[:3], cache=args[3]))
   cache = kv_cache.init_cache(unscanned, B, MAX_LEN)
-  assert len(cache.k) == CONFIG.num_layers and cache.k[0].shape == (B, CONFIG.num_kv_heads, MAX_LEN,
-                                                                    CONFIG.head_dim)
+  assert len(cache.k) == CONFIG.num_layers and cache.k[0].shape == (B, CONFIG.num_kv_heads, CONFIG.head_dim,
+                                                                    MAX_LEN)
+  assert cache.v[0].shape == (B, CONFIG.num_kv_heads, MAX_LEN, CONFIG.head_dim)
   axes = kv_cache.logical_axes(unscanned)
-  assert axes.k == (("batch", "kv_heads", "length", "head_dim"),) * CONFIG.num_layers
+  assert axes.k == (("batch", "kv_heads", "head_dim", "length"),) * CONFIG.num_layers
+  assert axes.v == (("batch", "kv_heads", "length", "head_dim"),) * CONFIG.num_layers
   cached, cache = _prefill_then_decode(step, per_layer, tokens, positions, mask, cache)
-  assert all(not np.asarray(k[:, :, P + T:]).any() and np.asarray(k[:, :, :P + T]).any() for k in cache.k)
+  assert all(not np.asarray(k[..., P + T:]).any() and np.asarray(k[..., :P + T]).any() for k in cache.k)
+  assert all(not np.asarray(v[:, :, P + T:]).any() and np.asarray(v[:, :, :P + T]).any() for v in cache.v)
   valid = mask.astype(bool)
   np.testing.assert_allclose(cached[valid], np.asarray(full)[valid], atol=2e-5, rtol=2e-5)
   no_cache, _ = jax.jit(lambda p: model.apply({"params": p}, tokens, positions, mask))(per_layer)

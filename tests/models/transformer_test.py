@@ -121,9 +121,9 @@ def test_causal_blocks_match_full_attention_on_real_tokens():
                              rtol=1e-5, atol=1e-6)
 
 
-def test_single_query_attention_matches_a_loop_over_heads_and_the_batched_path():
-  """S = 1 (a decode step) takes the multiply-and-sum scores; a per-(row, head) numpy loop and the einsum path
-  of a 2-query call (its last query) agree with it, masked keys included."""
+def test_transposed_keys_attention_matches_a_loop_over_heads_and_the_slot_major_path():
+  """Keys as the KV cache holds them ([B, KVH, Dh, T]), for one query (a decode step) and for two: a
+  per-(row, head) numpy loop and the [B, KVH, T, Dh] path agree with it, masked keys included."""
   from models import attention  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(3)
   b, t, h, kvh, dh = 3, 11, 6, 2, 8
@@ -131,8 +131,9 @@ def test_single_query_attention_matches_a_loop_over_heads_and_the_batched_path()
   k, v = (rng.standard_normal((b, kvh, t, dh)).astype(np.float32) for _ in range(2))
   key_mask = rng.random((b, t)) < 0.7
   key_mask[:, -1] = True
-  one = np.asarray(attention.dot_product_attention(jnp.asarray(q[:, 1:]), jnp.asarray(k), jnp.asarray(v),
-                                                   jnp.asarray(key_mask[:, None, :])))
+  kt = jnp.asarray(k.transpose(0, 1, 3, 2))
+  one = np.asarray(attention.dot_product_attention(jnp.asarray(q[:, 1:]), kt, jnp.asarray(v),
+                                                   jnp.asarray(key_mask[:, None, :]), keys_transposed=True))
   for bi in range(b):
     for hi in range(h):
       kh = hi // (h // kvh)
@@ -140,9 +141,11 @@ def test_single_query_attention_matches_a_loop_over_heads_and_the_batched_path()
       sc = k[bi, kh, keys] @ q[bi, 1, hi] / np.sqrt(dh)
       p = np.exp(sc - sc.max()) / np.exp(sc - sc.max()).sum()
       np.testing.assert_allclose(one[bi, 0, hi], p @ v[bi, kh, keys], rtol=1e-5, atol=1e-6)
-  two = attention.dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
-                                        jnp.asarray(np.repeat(key_mask[:, None, :], 2, axis=1)))
+  two_mask = jnp.asarray(np.repeat(key_mask[:, None, :], 2, axis=1))
+  two = attention.dot_product_attention(jnp.asarray(q), kt, jnp.asarray(v), two_mask, keys_transposed=True)
+  slot_major = attention.dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), two_mask)
   np.testing.assert_allclose(one[:, 0], np.asarray(two)[:, 1], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(two), np.asarray(slot_major), rtol=1e-5, atol=1e-6)
 
 
 def test_logits_at_projects_only_those_positions():
