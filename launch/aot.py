@@ -210,7 +210,8 @@ def compile_all(config, devices, *, log=print) -> tuple[dict, list, dict]:
     chips = len(devices)
     costs = [  # (name, matmul FLOPs per chip of one run, runs per RL step, compiled program or None)
         ("sampler prefill", flops.traced_flops(prefill_fn, *prefill_args) / chips, 1, None),
-        ("sampler decode step", flops.traced_flops(prefill_fn, *decode_args) / chips, t_len, None),
+        # T tokens take T - 1 forward passes after the prefill (the last one is drawn without one).
+        ("sampler decode step", flops.traced_flops(prefill_fn, *decode_args) / chips, max(t_len - 1, 0), None),
         ("sampler program", None, 1, sample_p),
         ("completion_logprobs", flops.traced_flops(logp_fn_jit, params, tokens, tokens) / chips, passes, logp_p),
         ("train_step", flops.traced_flops(step_fn, state, batch, rng) / chips, updates, train_p),

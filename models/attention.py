@@ -56,10 +56,14 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
   # no transposes between the two batched matmuls; only the small q / output tensors are relaid.
   q = q.reshape(b, s, kvh, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * s, dh)
   if keys_transposed:
-    # Slots last: per (row, KV head) a [G*S, Dh] x [Dh, T] matmul over contiguous rows of T keys. A decode
-    # step (S = 1) over [B, KVH, T, Dh] keys instead reduced 64-wide rows (multiply + sum over Dh, 2.1 ms
-    # per layer for small-50m, 32 rows, 640 slots, about 10 GB/s of keys; a batched matmul there was slower).
+    # Slots last: per (row, KV head) a [G*S, Dh] x [Dh, T] matmul over contiguous rows of T keys.
     scores = jnp.einsum("bkqd,bkdt->bkqt", q, k, preferred_element_type=jnp.float32) * (dh ** -0.5)
+  elif s == 1:
+    # One new token per row (a decode step) over [B, KVH, T, Dh] keys: the G scores of each (row, KV head) as
+    # a broadcast multiply and a sum over Dh. XLA:CPU ran the einsum as B·KVH tiny [G, Dh] x [Dh, T]
+    # matmuls: small-50m, 32 rows, 480-slot cache, 40-51 ms per decode step with it, 34-35 ms without.
+    # (XLA:CPU decodes with slots-last keys, ``ModelConfig.cache_keys_slots_last``, faster still.)
+    scores = jnp.sum(q[:, :, :, None, :].astype(jnp.float32) * k[:, :, None, :, :], axis=-1) * (dh ** -0.5)
   else:
     scores = jnp.einsum("bkqd,bktd->bkqt", q, k, preferred_element_type=jnp.float32) * (dh ** -0.5)
   mask = jnp.tile(mask, (1, g, 1))                                      # [B, G*S, T]
@@ -109,6 +113,7 @@ class Attention(nn.Module):
   qkv_bias: bool = False
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  cache_keys_slots_last: bool = False   # the cache's keys are [.., KVH, Dh, S_max] (``ModelConfig``)
 
   def _project(self, x, name, heads, heads_axis):
     d = x.shape[-1]
@@ -130,8 +135,9 @@ class Attention(nn.Module):
       x: [B, S, D] normed hidden states.
       sin, cos: [B, S, Dh/2] RoPE angles of the S tokens.
       mask: [B, S, T] bool from ``attention_mask`` (T = S, or S_max with a cache).
-      cache: the stacked (k, v) of all layers, k [L, B, KVH, Dh, S_max] and v [L, B, KVH, S_max, Dh]
-        (``kv_cache.KVCache``); with ``layer`` None this layer's own (k, v) without the L axis; or None.
+      cache: the stacked (k, v) of all layers, each [L, B, KVH, S_max, Dh] (keys [L, B, KVH, Dh, S_max] with
+        ``cache_keys_slots_last``; ``kv_cache.KVCache``); with ``layer`` None this layer's own (k, v) without
+        the L axis; or None.
       index: int32 scalar slot of the first new token (with a cache).
       layer: int32 scalar, this block's layer in a stacked cache.
     Returns:
@@ -141,14 +147,15 @@ class Attention(nn.Module):
     q = apply_rope(self._project(x, "q", self.num_heads, "heads"), sin, cos)
     k = apply_rope(self._project(x, "k", self.num_kv_heads, "kv_heads"), sin, cos)
     v = self._project(x, "v", self.num_kv_heads, "kv_heads")
-    v = v.transpose(0, 2, 1, 3)                                         # head-major [B, KVH, S, Dh]
-    if cache is not None:                                                # keys as the cache holds them
-      cache = (kv_cache.write_layer(cache[0], k.transpose(0, 2, 3, 1), layer, index, slot_axis=3),
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)           # head-major [B, KVH, S, Dh]
+    attend = causal_self_attention
+    if cache is not None:
+      slots_last = self.cache_keys_slots_last
+      new_k = k.transpose(0, 1, 3, 2) if slots_last else k
+      cache = (kv_cache.write_layer(cache[0], new_k, layer, index, slot_axis=3 if slots_last else 2),
                kv_cache.write_layer(cache[1], v, layer, index, slot_axis=2))
       k, v = (kv_cache.read_layer(buf, layer).astype(self.dtype) for buf in cache)
-      attend = functools.partial(dot_product_attention, keys_transposed=True)
-    else:
-      k, attend = k.transpose(0, 2, 1, 3), causal_self_attention
+      attend = functools.partial(dot_product_attention, keys_transposed=slots_last)
     # Rematerialised: the backward pass recomputes the [B, H, S, T] scores from q and k instead of keeping
     # them for every layer (a buffer L times that size written, and on CPU page-faulted, every step).
     out = jax.checkpoint(attend)(q, k, v, mask)

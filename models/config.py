@@ -51,6 +51,13 @@ class ModelConfig:
       ``layers_{L-1}`` with a parameter tree and a KV cache array per layer (``models.transformer.unstack_layers``
       converts the parameters): the sampler's CPU decode program, where reading a layer out of a stacked
       buffer is a copy every step.
+    cache_keys_slots_last: the KV cache holds keys [.., KVH, Dh, S_max] instead of [.., KVH, S_max, Dh]
+      (``models.kv_cache``), so a decode step's scores are a plain [G, Dh] x [Dh, S] matmul per (row, KV
+      head). Set by the sampler's CPU decode model: on XLA:CPU the scores over [S, Dh] keys ran as a
+      multiply-and-sum over 64-wide rows (small-50m decode at batch 32: 21.6-22.2 -> 19.1 ms per step). On
+      TPU a one-slot write then touches a column of (8, 128) tiles per KV head instead of a row; with it the
+      compiler's estimate of the Gemma-2B v5p-32 sampler program rose 4.28 -> 4.36 ms and its temporaries
+      1.40 -> 1.43 GiB (``launch.aot``), so it is off elsewhere.
   """
   vocab_size: int
   num_layers: int
@@ -71,6 +78,7 @@ class ModelConfig:
   dtype: str = "float32"
   remat: bool = False
   scan_layers: bool = True
+  cache_keys_slots_last: bool = False
 
   def __post_init__(self):
     if self.activation not in ACTIVATIONS:

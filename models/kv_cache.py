@@ -24,12 +24,11 @@ class KVCache(NamedTuple):
   """Decoding state of all layers.
 
   Attributes:
-    k: [L, B, KVH, Dh, S_max] keys (after RoPE), or a tuple of L [B, KVH, Dh, S_max] for an unscanned model.
-      Transposed, slots last: a decode step's scores q·kᵀ are then a plain [G, Dh] x [Dh, S_max] matmul per
-      (row, KV head) that streams the keys along slots (``models.attention.dot_product_attention``).
-    v: [L, B, KVH, S_max, Dh] values, or a tuple of L [B, KVH, S_max, Dh]; slot-major within a head, as
-      probs @ v reads them. Both are head-major: slot-major [.., S_max, KVH, Dh] made XLA:CPU copy a layer
-      transposed every decode step.
+    k: [L, B, KVH, S_max, Dh] keys (after RoPE), or a tuple of L [B, KVH, S_max, Dh] for an unscanned model;
+      with ``ModelConfig.cache_keys_slots_last`` [L, B, KVH, Dh, S_max] (or L of [B, KVH, Dh, S_max]).
+    v: [L, B, KVH, S_max, Dh] values, or a tuple of L [B, KVH, S_max, Dh].
+      Both are head-major: attention reads a layer as it is (slot-major [.., S_max, KVH, Dh] made XLA:CPU copy
+      a layer transposed every decode step).
     key_mask: [B, S_max] bool, True on slots that hold a real (non-padding) token.
     index: int32 scalar, the next slot to write.
   """
@@ -49,7 +48,8 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: Optional[jn
     if config.scan_layers:
       return jnp.zeros((config.num_layers,) + shape, dtype)
     return tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-  return KVCache(k=make((b, kvh, dh, max_len)), v=make((b, kvh, max_len, dh)),
+  k_shape = (b, kvh, dh, max_len) if config.cache_keys_slots_last else (b, kvh, max_len, dh)
+  return KVCache(k=make(k_shape), v=make((b, kvh, max_len, dh)),
                  key_mask=jnp.zeros((batch, max_len), jnp.bool_), index=jnp.zeros((), jnp.int32))
 
 
@@ -58,8 +58,10 @@ def logical_axes(config: Optional[ModelConfig] = None) -> KVCache:
   tuple of them for an unscanned ``config``."""
   def per_layer(names):
     return (("layers",) + names) if config is None or config.scan_layers else (names,) * config.num_layers
-  return KVCache(k=per_layer(("batch", "kv_heads", "head_dim", "length")),
-                 v=per_layer(("batch", "kv_heads", "length", "head_dim")), key_mask=("batch", "length"), index=())
+  slots_last = config is not None and config.cache_keys_slots_last
+  k = ("batch", "kv_heads", "head_dim", "length") if slots_last else ("batch", "kv_heads", "length", "head_dim")
+  return KVCache(k=per_layer(k), v=per_layer(("batch", "kv_heads", "length", "head_dim")),
+                 key_mask=("batch", "length"), index=())
 
 
 def update_key_mask(key_mask: jax.Array, attn_mask: jax.Array, index: jax.Array) -> jax.Array:
@@ -69,8 +71,8 @@ def update_key_mask(key_mask: jax.Array, attn_mask: jax.Array, index: jax.Array)
 
 def write_layer(buf: jax.Array, new: jax.Array, layer: Optional[jax.Array], index: jax.Array, *,
                 slot_axis: int) -> jax.Array:
-  """Writes a layer's S new slots ``new`` (keys [B, KVH, Dh, S] with ``slot_axis=3``, values [B, KVH, S, Dh]
-  with ``slot_axis=2``) at slot ``index`` into its own buffer (``layer`` None), or into layer ``layer`` of a
+  """Writes a layer's S new slots ``new`` ([B, KVH, S, Dh] with ``slot_axis=2``; slots-last keys
+  [B, KVH, Dh, S] with ``slot_axis=3``) at slot ``index`` into its own buffer (``layer`` None), or into layer ``layer`` of a
   stacked [L, ...] one. Inside a decode loop XLA updates the buffer in place: only the S new slots move."""
   start = [jnp.int32(0)] * new.ndim
   start[slot_axis] = index

@@ -50,6 +50,7 @@ class Block(nn.Module):
     norm = dict(eps=c.norm_eps, plus_one=c.norm_plus_one, dtype=dtype, param_dtype=pdtype)
     h = RMSNorm(name="attn_norm", **norm)(x)
     h, cache = Attention(c.num_heads, c.num_kv_heads, c.head_dim, qkv_bias=c.qkv_bias, dtype=dtype,
+                         cache_keys_slots_last=c.cache_keys_slots_last,
                          param_dtype=pdtype, name="attn")(h, sin, cos, mask, cache, index, layer)
     x = x + h
     h = RMSNorm(name="mlp_norm", **norm)(x)

@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from models import kv_cache, presets
 from models.transformer import Transformer
@@ -57,22 +58,30 @@ def _prefill_then_decode(step, params, tokens, positions, mask, cache):
   return np.concatenate([np.asarray(s) for s in steps], axis=1), cache
 
 
-def test_cached_decoding_matches_full_forward():
+@pytest.mark.parametrize("slots_last", [False, True])
+def test_cached_decoding_matches_full_forward(slots_last):
+  """Prefill then one token at a time equals the full forward pass, with keys cached [.., S_max, Dh] (the
+  default) or slots-last [.., Dh, S_max] (``cache_keys_slots_last``, the CPU decode model's)."""
   params = _params()
   tokens, mask, positions = _batch()
   full, none = jax.jit(lambda p: Transformer(CONFIG).apply({"params": p}, tokens, positions, mask))(params)
   assert none is None
 
-  cached, cache = _prefill_then_decode(_step_jit, params, tokens, positions, mask,
-                                       kv_cache.init_cache(CONFIG, B, MAX_LEN))
+  config = dataclasses.replace(CONFIG, cache_keys_slots_last=slots_last)
+  step = jax.jit(lambda p, *args: Transformer(config).apply({"params": p}, *args[:3], cache=args[3]))
+  step = step if slots_last else _step_jit                           # counts traces: none per decode step
+  cached, cache = _prefill_then_decode(step, params, tokens, positions, mask, kv_cache.init_cache(config, B, MAX_LEN))
 
   assert int(cache.index) == P + T
   np.testing.assert_array_equal(np.asarray(cache.key_mask[:, :P + T]), mask.astype(bool))
   assert not np.asarray(cache.key_mask[:, P + T:]).any()
-  assert cache.k.shape == (CONFIG.num_layers, B, CONFIG.num_kv_heads, CONFIG.head_dim, MAX_LEN)  # keys slots-last
-  assert cache.v.shape == (CONFIG.num_layers, B, CONFIG.num_kv_heads, MAX_LEN, CONFIG.head_dim)
-  assert not np.asarray(cache.k[..., P + T:]).any() and not np.asarray(cache.v[:, :, :, P + T:]).any()  # unwritten
-  assert np.asarray(cache.k[..., :P + T]).any() and np.asarray(cache.v[:, :, :, :P + T]).any()
+  L, KVH, DH = CONFIG.num_layers, CONFIG.num_kv_heads, CONFIG.head_dim
+  assert cache.k.shape == ((L, B, KVH, DH, MAX_LEN) if slots_last else (L, B, KVH, MAX_LEN, DH))
+  assert cache.v.shape == (L, B, KVH, MAX_LEN, DH)
+  k = np.asarray(cache.k).swapaxes(3, 4) if slots_last else np.asarray(cache.k)   # [L, B, KVH, S_max, Dh]
+  assert not k[:, :, :, P + T:].any() and not np.asarray(cache.v[:, :, :, P + T:]).any()  # unwritten slots
+  assert k[:, :, :, :P + T].any() and np.asarray(cache.v[:, :, :, :P + T]).any()
+  assert kv_cache.logical_axes(config).k[-2:] == (("head_dim", "length") if slots_last else ("length", "head_dim"))
   valid = mask.astype(bool)
   np.testing.assert_allclose(cached[valid], np.asarray(full)[valid], atol=2e-5, rtol=2e-5)
 
@@ -101,7 +110,7 @@ def test_unscanned_model_cached_decoding_matches_scanned_full_forward():
   params = _params()
   tokens, mask, positions = _batch()
   full, _ = jax.jit(lambda p: Transformer(CONFIG).apply({"params": p}, tokens, positions, mask))(params)
-  unscanned = dataclasses.replace(CONFIG, scan_layers=False)
+  unscanned = dataclasses.replace(CONFIG, scan_layers=False, cache_keys_slots_last=True)   # the CPU decode model
   model = Transformer(unscanned)
   per_layer = unstack_layers(params, CONFIG.num_layers)
   boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens[:, :1], tokens[:, :1], mask[:, :1]))

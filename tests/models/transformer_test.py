@@ -121,9 +121,10 @@ def test_causal_blocks_match_full_attention_on_real_tokens():
                              rtol=1e-5, atol=1e-6)
 
 
-def test_transposed_keys_attention_matches_a_loop_over_heads_and_the_slot_major_path():
-  """Keys as the KV cache holds them ([B, KVH, Dh, T]), for one query (a decode step) and for two: a
-  per-(row, head) numpy loop and the [B, KVH, T, Dh] path agree with it, masked keys included."""
+def test_decode_attention_paths_match_a_loop_over_heads():
+  """One query (a decode step) over slots-last keys [B, KVH, Dh, T] (the matmul path) and over [B, KVH, T, Dh]
+  keys (the multiply-and-sum path), and two queries over either layout (einsums): all agree with a per-(row,
+  head) numpy loop, masked keys included."""
   from models import attention  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(3)
   b, t, h, kvh, dh = 3, 11, 6, 2, 8
@@ -141,6 +142,9 @@ def test_transposed_keys_attention_matches_a_loop_over_heads_and_the_slot_major_
       sc = k[bi, kh, keys] @ q[bi, 1, hi] / np.sqrt(dh)
       p = np.exp(sc - sc.max()) / np.exp(sc - sc.max()).sum()
       np.testing.assert_allclose(one[bi, 0, hi], p @ v[bi, kh, keys], rtol=1e-5, atol=1e-6)
+  one_slot_major = attention.dot_product_attention(jnp.asarray(q[:, 1:]), jnp.asarray(k), jnp.asarray(v),
+                                                   jnp.asarray(key_mask[:, None, :]))
+  np.testing.assert_allclose(np.asarray(one_slot_major), one, rtol=1e-5, atol=1e-6)
   two_mask = jnp.asarray(np.repeat(key_mask[:, None, :], 2, axis=1))
   two = attention.dot_product_attention(jnp.asarray(q), kt, jnp.asarray(v), two_mask, keys_transposed=True)
   slot_major = attention.dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), two_mask)
