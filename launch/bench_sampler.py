@@ -56,18 +56,22 @@ def python_loop_generate(s: sampler.Sampler, params, prompts, mask, *, new_token
     logits, cache = apply(prm, tokens, logprobs.positions_from_mask(mask), mask, cache)
     return logits[:, -1], jnp.sum(mask, axis=-1), cache
 
+  draw = jax.jit(lambda logits: sampling_filters.sample_token(jax.random.key(0), logits, temperature=1.0,
+                                                              greedy=True)[0])
+
   @functools.partial(jax.jit, donate_argnums=(3,))
   def step(prm, logits, positions, cache):
-    tok, _ = sampling_filters.sample_token(jax.random.key(0), logits, temperature=1.0, greedy=True)
+    tok = draw(logits)
     logits, cache = apply(prm, tok[:, None], positions[:, None], jnp.ones((n, 1), jnp.int32), cache)
     return tok, logits[:, 0], positions + 1, cache
 
-  def run():
+  def run():   # T - 1 forward passes after the prefill, like the compiled sampler and transformers
     logits, positions, cache = prefill(params, prompts, mask)
     out = []
-    for _ in range(new_tokens):
+    for _ in range(new_tokens - 1):
       tok, logits, positions, cache = step(params, logits, positions, cache)
       out.append(tok)
+    out.append(draw(logits))
     return np.stack([np.asarray(t) for t in out], axis=1)
   return run
 

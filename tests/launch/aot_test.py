@@ -99,7 +99,7 @@ def test_breakdown_and_param_bytes(compiled):
   assert all(ph.total >= ph.program.peak > 0 for ph in phases.values())
   by_name = {name: (f, k) for name, f, k, _ in costs}
   assert by_name["train_step"][1] == c.train.num_minibatches * c.train.num_epochs
-  assert by_name["sampler decode step"][1] == c.sampler.max_new_tokens
+  assert by_name["sampler decode step"][1] == c.sampler.max_new_tokens - 1   # no forward pass after the last token
   # Per row, the step (forward + backward, no remat) does three times the matmuls of the log-prob forward.
   per_row_train = by_name["train_step"][0] / summary["minibatch_rows"]
   per_row_logp = by_name["completion_logprobs"][0] / summary["rows"]

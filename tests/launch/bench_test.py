@@ -62,6 +62,15 @@ def test_sampler_decode_case_row():
   assert row["x bound"] == pytest.approx(row["decode ms/step"] / row["bound ms/step"])
 
 
+def test_sampler_comparison_contenders_draw_the_same_tokens():
+  """The compiled sampler and the Python loop over a jitted step decode the same greedy tokens (transformers
+  left out here; it is a test-only package and slow to load)."""
+  rows = bench_sampler.compare("tiny", batch=2, prompt_len=4, new_tokens=3, repeats=1, skip_hf=True, verbose=False)
+  assert [r["contender"] for r in rows] == ["rlj compiled sampler (while_loop)", "(a) Python loop over jitted step"]
+  assert all(r["greedy tokens equal to rlj"] == 1.0 for r in rows)
+  _finite_positive(rows[1], "tokens/s", "ms per call")
+
+
 def test_logprobs_case_rows_agree_across_paths():
   rows = bench_logprobs.measure(rows=8, length=8, vocab=64, repeats=1, chunk_size=3)
   assert [r["path"] for r in rows] == ["dense", "chunked (C=3)", "vocab-parallel"]
