@@ -38,7 +38,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from launch import builders, checks, flops, hbm, tpu_topology
-from models import kv_cache
 from models.transformer import Transformer
 from rlj import rl_algos, rl_loop, sharding, train_state
 from rlj.sampler import Sampler, SamplerConfig, pick_bucket
@@ -181,8 +180,7 @@ def compile_all(config, devices, *, log=print) -> tuple[dict, list, dict]:
                      keep_cache=s.keep_cache)
   sampler = Sampler(model, sc, mesh=mesh, param_shardings=param_sh, rules=rules)
   bb = pick_bucket(prompts, sc.batch_buckets, "batch")
-  cache_abs = jax.eval_shape(
-      lambda: kv_cache.init_cache(sampler.decode_model.config, bb * g, p_len + t_len, sc.cache_dtype))
+  cache_abs = jax.eval_shape(functools.partial(sampler.empty_cache, bb * g, p_len))   # p_len + t_len slots
   cache = _with_shardings(cache_abs, sampler.cache_shardings(cache_abs))
   prompt = jax.ShapeDtypeStruct((bb, p_len), jnp.int32)    # placed by the program's own in_shardings
   cache_bytes = hbm.shard_bytes(cache)

@@ -205,7 +205,8 @@ def cost_lines(costs) -> list[str]:
       if prog is not None:
         have_s = have_s and secs is not None
         total_s += (secs or 0.0) * per_step
-  lines.append(f"  per RL step and chip: {total:.3e} FLOPs (the decode loop counted at all max_new_tokens - 1 forward passes)"
+  lines.append(f"  per RL step and chip: {total:.3e} FLOPs "
+               "(the decode loop counted at all max_new_tokens - 1 forward passes)"
                + (f"; compiler's estimate of the log-prob and train programs {total_s:.3f} s" if have_s else
                   "; the compiler gives no time estimate for programs with loops"))
   return lines

@@ -72,8 +72,9 @@ def update_key_mask(key_mask: jax.Array, attn_mask: jax.Array, index: jax.Array)
 def write_layer(buf: jax.Array, new: jax.Array, layer: Optional[jax.Array], index: jax.Array, *,
                 slot_axis: int) -> jax.Array:
   """Writes a layer's S new slots ``new`` ([B, KVH, S, Dh] with ``slot_axis=2``; slots-last keys
-  [B, KVH, Dh, S] with ``slot_axis=3``) at slot ``index`` into its own buffer (``layer`` None), or into layer ``layer`` of a
-  stacked [L, ...] one. Inside a decode loop XLA updates the buffer in place: only the S new slots move."""
+  [B, KVH, Dh, S] with ``slot_axis=3``) at slot ``index`` into its own buffer (``layer`` None), or into
+  layer ``layer`` of a stacked [L, ...] one. Inside a decode loop XLA updates the buffer in place: only the S
+  new slots move."""
   start = [jnp.int32(0)] * new.ndim
   start[slot_axis] = index
   if layer is None:

@@ -298,12 +298,17 @@ class Sampler:
     steps = jnp.where(jnp.all(s.done), s.step, last.step)
     return last.tokens, last.logp, last.mask, prompt, prompt_mask, steps, s.cache
 
+  def empty_cache(self, rows: int, prompt_len: int) -> kv_cache.KVCache:
+    """An empty KV cache of a bucket's ``rows`` and padded ``prompt_len``, laid out for ``decode_model``
+    (traced: under ``jax.eval_shape`` or ``jax.jit``)."""
+    c = self.config
+    return kv_cache.init_cache(self.decode_model.config, rows, prompt_len + c.max_new_tokens, c.cache_dtype)
+
   def _new_cache(self, rows: int, prompt_len: int):
     """A fresh cache for the bucket, from a jitted initialiser built once per bucket."""
     key = (rows, prompt_len)
     if key not in self._cache_inits:
-      c, mc = self.config, self.decode_model.config
-      make = lambda: kv_cache.init_cache(mc, rows, prompt_len + c.max_new_tokens, c.cache_dtype)
+      make = functools.partial(self.empty_cache, rows, prompt_len)
       self._cache_inits[key] = jax.jit(make, out_shardings=self.cache_shardings(jax.eval_shape(make)))
     return self._cache_inits[key]()
 
@@ -312,8 +317,7 @@ class Sampler:
     key = (batch, prompt_len)
     if key not in self._programs:
       rows = batch * self.config.num_samples
-      abstract_cache = jax.eval_shape(lambda: kv_cache.init_cache(
-          self.decode_model.config, rows, prompt_len + self.config.max_new_tokens, self.config.cache_dtype))
+      abstract_cache = jax.eval_shape(functools.partial(self.empty_cache, rows, prompt_len))
       kwargs = {}
       if self.mesh is not None:
         cs = self.cache_shardings(abstract_cache)

@@ -113,9 +113,10 @@ def test_inverse_cdf_search_never_lands_on_an_empty_entry():
   total (float rounding) falls back to the last entry with mass, never to a trailing empty one."""
   mass = jnp.asarray([[0.0, 0.5, 0.0, 0.25, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
   cum = jnp.cumsum(mass, axis=-1)
-  last = sampling_filters._last_positive(mass)                       # pylint: disable=protected-access
+  # pylint: disable=protected-access
+  last = sampling_filters._last_positive(mass)
   np.testing.assert_array_equal(last, [3, 0])
-  search = lambda t: np.asarray(sampling_filters._first_above(cum, jnp.asarray(t), last))  # pylint: disable=protected-access
+  search = lambda t: np.asarray(sampling_filters._first_above(cum, jnp.asarray(t), last))
   np.testing.assert_array_equal(search([0.0, 0.0]), [1, 0])
   np.testing.assert_array_equal(search([0.49, 0.99]), [1, 0])
   np.testing.assert_array_equal(search([0.5, 0.5]), [3, 0])
