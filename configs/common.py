@@ -71,7 +71,7 @@ def rl_base(arg: mlc.ConfigDict) -> mlc.ConfigDict:
                 template="Question: {prompt}\nAnswer:", buckets=(256,), add_bos=True, overflow="truncate",
                 num_workers=0, seed=0, levels=(1,), train_records=0, eval_records=0)
   c.sampler = dict(num_generations=8, max_new_tokens=512, temperature=1.0, top_p=1.0, top_k=0, batch_buckets=(),
-                   dtype="bfloat16", keep_cache=True)
+                   dtype="bfloat16", keep_cache=True, cache_phases=None)
   c.rewards = MATH_REWARDS + ({"name": "format", "fn": "format", "weight": 0.1},)
   c.algo = dict(name="grpo", kwargs=dict(clip_eps=0.2, kl_coef=0.04, agg="token_mean", kl_estimator="k3_ratio"),
                 advantage=dict(scale="group", eps=1e-4, ddof=1, estimator="grpo", win_rate=False),

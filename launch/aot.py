@@ -177,7 +177,7 @@ def compile_all(config, devices, *, log=print) -> tuple[dict, list, dict]:
                                      sharding=x.sharding), params)
   sc = SamplerConfig(max_new_tokens=t_len, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                      num_samples=g, prompt_buckets=tuple(config.data.buckets), batch_buckets=tuple(s.batch_buckets),
-                     keep_cache=s.keep_cache)
+                     keep_cache=s.keep_cache, cache_phases=s.get("cache_phases"))
   sampler = Sampler(model, sc, mesh=mesh, param_shardings=param_sh, rules=rules)
   bb = pick_bucket(prompts, sc.batch_buckets, "batch")
   cache_abs = jax.eval_shape(functools.partial(sampler.empty_cache, bb * g, p_len))   # p_len + t_len slots
@@ -247,15 +247,17 @@ def _prefill_and_decode(sampler: Sampler, params, cache, prompt, mesh, rules):
 
   Returns the jitted call and the argument tuples of prefill and of one decode step."""
   row_sh = sharding.batch_sharding(mesh, 2, rules)
-  n = prompt.shape[0] * sampler.config.num_samples
-  toks = jax.ShapeDtypeStruct((n, prompt.shape[1]), jnp.int32, sharding=row_sh)
+  b, p_len = prompt.shape
+  n = b * sampler.config.num_samples
+  toks = jax.ShapeDtypeStruct((b, p_len), jnp.int32, sharding=row_sh)   # each prompt prefilled once
   one = jax.ShapeDtypeStruct((n, 1), jnp.int32, sharding=row_sh)
-  cache_sh = jax.tree.map(lambda x: x.sharding, cache)
+  prefix = jax.eval_shape(functools.partial(sampler.cache_buffer, b, p_len))
+  prefix = _with_shardings(prefix, sampler.cache_shardings(prefix))
   # tokens, positions and mask share one shape and dtype; the cache is donated as in the decode loop.
   apply = lambda p, *args: sampler.apply_model(sampler.decode_model, sampler.decode_params(p), *args,
                                               logits_at=slice(-1, None))
-  jitted = jax.jit(apply, donate_argnums=(4,), out_shardings=(None, cache_sh))
-  return jitted, (params, toks, toks, toks, cache), (params, one, one, one, cache)
+  jitted = jax.jit(apply, donate_argnums=(4,))
+  return jitted, (params, toks, toks, toks, prefix), (params, one, one, one, cache)
 
 
 # ------------------------------------------------------------------------------------------------------------

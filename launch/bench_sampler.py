@@ -18,7 +18,6 @@ import os
 import platform
 import statistics
 import tempfile
-import time
 
 import flax.linen as nn
 import jax
@@ -32,14 +31,10 @@ from rlj import logprobs, sampler, sampling_filters
 
 
 def _timed(fn, repeats: int) -> tuple[float, object]:
-  """Median wall seconds of ``fn()`` over ``repeats`` runs after one warm-up run."""
-  out = fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    out = fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), out
+  """Median wall seconds of ``fn()`` over ``repeats`` runs after one warm-up run, and its last output."""
+  outs = []
+  times = bench.time_calls(lambda: outs.append(fn()) or outs[-1], repeats=repeats)
+  return statistics.median(times), outs[-1]
 
 
 def python_loop_generate(s: sampler.Sampler, params, prompts, mask, *, new_tokens: int):
@@ -190,9 +185,10 @@ def decode(model_name: str, *, batch: int, prompt_len: int, new_tokens: int, rep
   config, model, prompts, mask, params = _setup(model_name, dtype, batch, prompt_len)
   b, p, t = batch, prompt_len, new_tokens
   params = jax.tree.map(lambda x: x.astype(config.jnp_dtype), params)   # the trainer's sampler dtype
-  secs = {}
+  secs, phases = {}, 1
   for steps in (1, t):
     s = sampler.Sampler(model, sampler.SamplerConfig(max_new_tokens=steps, greedy=True, keep_cache=True))
+    phases = s.num_cache_phases
     call = lambda: s.sample(params, prompts, mask, jax.random.key(0)).completion  # noqa: E731
     times = bench.time_calls(call, repeats=repeats)
     secs[steps] = (min(times), float(np.median(times)))
@@ -203,7 +199,7 @@ def decode(model_name: str, *, batch: int, prompt_len: int, new_tokens: int, rep
   bw = bench.copy_bandwidth(mbytes=bandwidth_mbytes)
   bound_s = (param_bytes + kv_bytes) / bw
   floor_s = decode_matmul_floor(config, rows=b, dtype=dtype)
-  return {"model": model_name, "rows": b, "prompt + new": f"{p} + {t}", "dtype": dtype,
+  return {"model": model_name, "rows": b, "prompt + new": f"{p} + {t}", "dtype": dtype, "cache phases": phases,
           "call s (best, T new)": secs[t][0], "call s (best, 1 new)": secs[1][0], "decode ms/step": step_s * 1e3,
           "decode tokens/s": b / step_s, "params MB": param_bytes / 2**20, "KV read MB/step": kv_bytes / 2**20,
           "copy GB/s": bw / 1e9, "bound ms/step": bound_s * 1e3, "x bound": step_s / bound_s,
@@ -216,7 +212,8 @@ def run_decode(args) -> tuple[list[dict], list[str]]:
                  repeats=args.repeats, dtype=args.dtype)
           for name in ([args.model] if args.model else ["tiny", "small-50m"])]
   return rows, ["Greedy decoding of random prompts without EOS (every row decodes every step), "
-                "rlj.sampler.Sampler with keep_cache; best of --repeats calls after one warm-up.",
+                "rlj.sampler.Sampler with keep_cache and its default cache phases (SamplerConfig.cache_phases); "
+                "best of --repeats calls after one warm-up.",
                 "x bound = decode ms/step / bound ms/step, bound = (params + KV bytes a step must read) / copy "
                 "bandwidth (donated x + 1, read + write bytes).",
                 "matmuls alone = the step's weight matmuls (separate q, k, v, o, gate, up, down per layer, then the "

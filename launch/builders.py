@@ -148,7 +148,8 @@ def make_sampler(config, env: Env, *, greedy: bool = False, num_samples: int | N
   sc = SamplerConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                      greedy=greedy, num_samples=num_samples or s.num_generations, eos_id=env.tokenizer.eos_id,
                      pad_id=env.tokenizer.pad_id, prompt_buckets=tuple(config.data.buckets),
-                     batch_buckets=tuple(s.batch_buckets), keep_cache=s.keep_cache)
+                     batch_buckets=tuple(s.batch_buckets), keep_cache=s.keep_cache,
+                     cache_phases=s.get("cache_phases"))
   return Sampler(env.model, sc, mesh=env.mesh, param_shardings=env.param_shardings, rules=env.rules)
 
 

@@ -70,6 +70,9 @@ def _check_algo(config) -> None:
   if s.temperature <= 0 or not 0 < s.top_p <= 1 or s.top_k < 0 or s.max_new_tokens < 1:
     fail("sampler", f"needs temperature > 0 (got {s.temperature}), 0 < top_p <= 1 (got {s.top_p}), top_k >= 0 "
          f"(got {s.top_k}) and max_new_tokens >= 1 (got {s.max_new_tokens})")
+  phases = s.get("cache_phases")
+  if phases is not None and (not isinstance(phases, int) or phases < 1):
+    fail("sampler.cache_phases", f"{phases!r}; a positive int, or None for the platform default")
 
 
 def check_layout(config, *, num_devices: int, num_processes: int) -> tuple[tuple[str, ...], tuple[int, ...], int]:

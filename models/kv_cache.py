@@ -87,3 +87,27 @@ def read_layer(buf: jax.Array, layer: Optional[jax.Array]) -> jax.Array:
   if layer is None:
     return buf
   return jax.lax.dynamic_index_in_dim(buf, layer, axis=0, keepdims=False)
+
+
+def place(dst: KVCache, src: KVCache, repeats: int = 1) -> KVCache:
+  """``dst`` holding ``src`` in its first slots, each of src's rows repeated ``repeats`` times.
+
+  Row r·repeats + j of the result is row r of ``src`` (so ``dst`` has ``repeats`` times as many rows), slots
+  [0, S_src) hold src's keys, values and key mask, later slots are masked off (their stale contents are never
+  attended to: a slot's mask turns on when a token is written there), and the next slot to write is
+  ``src.index``. This is how a prefill of B prompts serves their B·G samples, and how a cache grows into a
+  longer buffer: XLA writes src into dst in place when dst is donated or a fresh buffer.
+  """
+  if dst.key_mask.shape[0] != src.key_mask.shape[0] * repeats or dst.key_mask.shape[1] < src.key_mask.shape[1]:
+    raise ValueError(f"cannot place a cache of {src.key_mask.shape} (rows, slots) x {repeats} rows into one of "
+                     f"{dst.key_mask.shape}")
+  batch_axis = 0 if isinstance(dst.k, tuple) else 1   # per-layer [B, ...] buffers, or stacked [L, B, ...]
+
+  def put(buf, new, axis):
+    if repeats > 1:
+      new = jnp.repeat(new, repeats, axis=axis)
+    return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (jnp.int32(0),) * buf.ndim)
+
+  layers = lambda d, s: jax.tree.map(lambda b, n: put(b, n, batch_axis), d, s)
+  key_mask = put(jnp.zeros_like(dst.key_mask), src.key_mask, 0)
+  return KVCache(k=layers(dst.k, src.k), v=layers(dst.v, src.v), key_mask=key_mask, index=src.index)

@@ -2,15 +2,17 @@
 
 One call of ``Sampler.sample`` runs one compiled program per (batch, prompt length) *bucket*: prompts are
 left-padded to the smallest configured prompt bucket and the batch to the smallest batch bucket, so prompt
-lengths inside a bucket reuse the program. Each prompt is repeated G = ``num_samples`` times (row b·G + g
-is sample g of prompt b). Every decode step t draws with ``fold_in(rng, t)`` from
+lengths inside a bucket reuse the program. Each prompt is prefilled once and its cache placed G =
+``num_samples`` times (row b·G + g is sample g of prompt b). Every decode step t draws with ``fold_in(rng, t)``
+from
 
   q(· | prefix) ∝ exp(logits / temperature) on the top-k / top-p set   (``rlj.sampling_filters``)
 
 and records log q(token), so with ``top_k=0, top_p=1`` the returned ``logp`` equals the teacher-forced
 ``rlj.logprobs.completion_logprobs`` of the same tokens and the trainer's first ratio is exactly 1. A row
 finishes at its first EOS or stop token (which the mask includes); the loop ends when every row has finished
-or after ``max_new_tokens`` steps. The KV cache is an argument of the program and is donated to it.
+or after ``max_new_tokens`` steps. The KV cache is an argument of the program and is donated to it; with
+``cache_phases`` > 1 the first phases decode over shorter caches of their own (``Sampler.phase_ends``).
 
 Usage:
   sampler = Sampler(model, SamplerConfig(max_new_tokens=256, num_samples=8, eos_id=1,
@@ -34,102 +36,7 @@ from models import kv_cache
 from models.config import ModelConfig
 from models.transformer import unstack_layers
 from rlj import host_data, logprobs, sampling_filters, sharding
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplerConfig:
-  """Decoding hyperparameters and shape buckets.
-
-  Attributes:
-    max_new_tokens: T, the completion width (the loop stops earlier once every row has finished).
-    temperature: > 0, divides the logits (also for ``greedy``, where it only affects the log-probs).
-    top_k: keep the k most likely tokens (0: all).
-    top_p: nucleus mass (1.0: all).
-    greedy: argmax decoding.
-    num_samples: G completions per prompt.
-    eos_id: end-of-sequence id, or None.
-    stop_ids: further ids that end a completion (included in its mask, like EOS).
-    pad_id: written into completion slots after a row has finished.
-    prompt_buckets: allowed padded prompt widths (ascending); () uses each call's own width.
-    batch_buckets: allowed padded prompt counts B (ascending); () uses each call's own B.
-    cache_dtype: KV cache dtype name, or None for the model's compute dtype.
-    keep_cache: keep each bucket's (donated, returned) cache buffer between calls instead of
-      allocating a fresh one per call; saves the allocation, costs its memory while not sampling.
-    unrolled_decode: prefill and decode with an unscanned, untied copy of a ``Transformer``: each layer's
-      weights and KV cache in arrays of their own and a tied table transposed to an ``lm_head``, made once per
-      call inside the program (one more copy of the weights in memory while it runs). None: on CPU only,
-      where it was measured to pay (``Sampler.decode_model``).
-  """
-  max_new_tokens: int
-  temperature: float = 1.0
-  top_k: int = 0
-  top_p: float = 1.0
-  greedy: bool = False
-  num_samples: int = 1
-  eos_id: Optional[int] = None
-  stop_ids: tuple[int, ...] = ()
-  pad_id: int = 0
-  prompt_buckets: tuple[int, ...] = ()
-  batch_buckets: tuple[int, ...] = ()
-  cache_dtype: Optional[str] = None
-  keep_cache: bool = False
-  unrolled_decode: Optional[bool] = None
-
-  def __post_init__(self):
-    logprobs.check_temperature(self.temperature)
-    if self.max_new_tokens < 1 or self.num_samples < 1:
-      raise ValueError("max_new_tokens and num_samples must be >= 1")
-    for name in ("prompt_buckets", "batch_buckets"):
-      b = tuple(getattr(self, name))
-      if list(b) != sorted(b) or any(x < 1 for x in b):
-        raise ValueError(f"{name} must be ascending positive ints, got {b}")
-
-  @property
-  def stop_set(self) -> tuple[int, ...]:
-    return tuple(sorted(set(self.stop_ids) | ({self.eos_id} if self.eos_id is not None else set())))
-
-
-class Rollout(NamedTuple):
-  """Sampled completions; N = B * G rows, row b * G + g is sample g of prompt b.
-
-  Attributes:
-    tokens: [N, P + T] int32 prompt (as given, left-padded) followed by the completion.
-    completion: [N, T] int32 sampled ids (``pad_id`` after a row finished).
-    logp: [N, T] float32 log q(token) under the sampling distribution; 0 where ``mask`` is 0.
-    mask: [N, T] float32, 1 on completion tokens up to and including the first EOS / stop token.
-    lengths: [N] int32 completion lengths (sum of ``mask``).
-    prompt_mask: [N, P] the prompt mask, repeated G times.
-    attn_mask: [N, P + T] prompt_mask followed by mask (for teacher-forced scoring).
-    num_steps: int32 scalar, tokens drawn per row by the longest row (< T when every row stopped early).
-  """
-  tokens: jax.Array
-  completion: jax.Array
-  logp: jax.Array
-  mask: jax.Array
-  lengths: jax.Array
-  prompt_mask: jax.Array
-  attn_mask: jax.Array
-  num_steps: jax.Array
-
-
-def pick_bucket(size: int, buckets: tuple[int, ...], what: str) -> int:
-  """The smallest bucket >= size (``size`` itself when there are no buckets)."""
-  if not buckets:
-    return size
-  for b in buckets:
-    if b >= size:
-      return b
-  raise ValueError(f"{what} {size} exceeds the largest bucket {buckets[-1]}; add a larger bucket")
-
-
-@functools.partial(jax.jit, static_argnames=("rows", "pad_cols"))
-def _finish(completion, logp, mask, prompt, prompt_mask, steps, *, rows: int, pad_cols: int) -> Rollout:
-  """Drops the bucket's padding rows and prompt columns and assembles the ``Rollout``."""
-  completion, logp, mask = completion[:rows], logp[:rows], mask[:rows].astype(jnp.float32)
-  prompt, prompt_mask = prompt[:rows, pad_cols:], prompt_mask[:rows, pad_cols:]
-  return Rollout(tokens=jnp.concatenate([prompt, completion], axis=1), completion=completion, logp=logp,
-                 mask=mask, lengths=jnp.sum(mask, axis=1).astype(jnp.int32), prompt_mask=prompt_mask,
-                 attn_mask=jnp.concatenate([prompt_mask, mask.astype(jnp.int32)], axis=1), num_steps=steps)
+from rlj.sampler_config import PHASE_STEPS, Rollout, SamplerConfig, finish_rollout, pick_bucket
 
 
 class _LoopState(NamedTuple):
@@ -211,6 +118,10 @@ class Sampler:
     with rules:
       return model.apply({"params": params}, tokens, positions, mask, cache=cache, **kwargs)
 
+  def _on_cpu(self) -> bool:
+    devices = self.mesh.devices.flat if self.mesh is not None else jax.devices()
+    return next(iter(devices)).platform == "cpu"
+
   @functools.cached_property
   def decode_model(self) -> nn.Module:
     """The module the program prefills and decodes with; its config also lays out the KV cache.
@@ -227,8 +138,7 @@ class Sampler:
     mc = getattr(self.model, "config", None)
     unroll = self.config.unrolled_decode
     if unroll is None:
-      devices = self.mesh.devices.flat if self.mesh is not None else jax.devices()
-      unroll = next(iter(devices)).platform == "cpu"
+      unroll = self._on_cpu()
     if not unroll or not isinstance(mc, ModelConfig):
       return self.model
     return self.model.clone(config=dataclasses.replace(mc, tie_embeddings=False, scan_layers=False,
@@ -246,23 +156,51 @@ class Sampler:
     # Materialised here, once: not folded back into the loop's matmuls as a slice or transpose per step.
     return jax.lax.optimization_barrier(params)
 
+  def phase_ends(self) -> tuple[int, ...]:
+    """Decode steps at which each cache phase ends (``cache_phases``): phase k runs the forward passes of steps
+    [t_{k-1}, t_k) over a cache of prompt + t_k slots, ending at T - 1 (the last token needs no pass).
+    Boundaries are rounded up to multiples of 16 slots; () when T = 1."""
+    passes, n = self.config.max_new_tokens - 1, self.num_cache_phases
+    up16 = lambda x: -(-x // 16) * 16
+    ends = {min(passes, up16(-(-k * passes // n))) for k in range(1, n)} | {passes}
+    return tuple(sorted(ends - {0}))
+
+  @property
+  def num_cache_phases(self) -> int:
+    """``cache_phases``, or by default on CPU one phase per 64 decode steps (at most 8), elsewhere 1."""
+    if self.config.cache_phases is not None:
+      return self.config.cache_phases
+    if not self._on_cpu():
+      return 1
+    return min(8, max(1, -(-(self.config.max_new_tokens - 1) // PHASE_STEPS)))
+
+  def _constrain_cache(self, cache):
+    if self.mesh is None:
+      return cache
+    return jax.lax.with_sharding_constraint(cache, self.cache_shardings(cache))
+
   def _generate(self, params, prompt, prompt_mask, rng, cache):
-    """prompt [Bb, Pb] -> completion arrays for N = Bb * G rows (traced once per bucket)."""
+    """prompt [Bb, Pb] -> completion arrays for N = Bb * G rows (traced once per bucket).
+
+    The Bb prompts are prefilled once, into a cache of Bb rows and Pb slots; each is then placed G times into
+    the cache the decode loop runs on (its first phase's, or the donated buffer), with its last logits.
+    """
     self.num_traces += 1
     c = self.config
     g, t_max = c.num_samples, c.max_new_tokens
-    prompt = jnp.repeat(prompt, g, axis=0)                             # [N, Pb], row b * G + g
-    prompt_mask = jnp.repeat(prompt_mask.astype(jnp.int32), g, axis=0)
-    n = prompt.shape[0]
-    if self.mesh is not None:
-      prompt = jax.lax.with_sharding_constraint(prompt, self._row_sharding(2, n))
-      prompt_mask = jax.lax.with_sharding_constraint(prompt_mask, self._row_sharding(2, n))
-    cache = cache._replace(key_mask=jnp.zeros_like(cache.key_mask), index=jnp.zeros((), jnp.int32))
-
+    b, pb = prompt.shape
+    n = b * g
+    prompt_mask = prompt_mask.astype(jnp.int32)
     model, params = self.decode_model, self.decode_params(params)
-    positions = logprobs.positions_from_mask(prompt_mask)
-    logits, cache = self.apply_model(model, params, prompt, positions, prompt_mask, cache,
-                                logits_at=slice(-1, None))                            # prefill
+    prefix = self._constrain_cache(self.cache_buffer(b, pb))
+    logits, prefix = self.apply_model(model, params, prompt, logprobs.positions_from_mask(prompt_mask),
+                                      prompt_mask, prefix, logits_at=slice(-1, None))   # prefill
+    prompt = jnp.repeat(prompt, g, axis=0)                             # [N, Pb], row b * G + g
+    prompt_mask = jnp.repeat(prompt_mask, g, axis=0)
+    logits = jnp.repeat(logits[:, -1], g, axis=0)
+    if self.mesh is not None:
+      prompt, prompt_mask, logits = (jax.lax.with_sharding_constraint(x, self._row_sharding(2, n))
+                                     for x in (prompt, prompt_mask, logits))
     stop = jnp.asarray(c.stop_set or (-1,), jnp.int32)
 
     def emit(s: _LoopState) -> tuple[_LoopState, jax.Array]:
@@ -278,31 +216,38 @@ class Sampler:
       return s._replace(step=s.step + 1, done=done, tokens=write(s.tokens, tok), logp=write(s.logp, lp),
                         mask=write(s.mask, live)), tok
 
-    def cond(s: _LoopState):
-      return (s.step < t_max - 1) & ~jnp.all(s.done)
-
     def body(s: _LoopState):
       out, tok = emit(s)
       next_logits, cache = self.apply_model(model, params, tok[:, None], s.positions[:, None],
                                             jnp.ones((n, 1), jnp.int32), s.cache)
       return out._replace(cache=cache, logits=next_logits[:, 0], positions=s.positions + 1)
 
-    init = _LoopState(step=jnp.zeros((), jnp.int32), cache=cache, logits=logits[:, -1],
-                      positions=jnp.sum(prompt_mask, axis=-1), done=jnp.zeros((n,), jnp.bool_),
-                      tokens=jnp.full((n, t_max), c.pad_id, jnp.int32), logp=jnp.zeros((n, t_max), jnp.float32),
-                      mask=jnp.zeros((n, t_max), jnp.bool_))
-    s = jax.lax.while_loop(cond, body, init)
+    s = _LoopState(step=jnp.zeros((), jnp.int32), cache=None, logits=logits,
+                   positions=jnp.sum(prompt_mask, axis=-1), done=jnp.zeros((n,), jnp.bool_),
+                   tokens=jnp.full((n, t_max), c.pad_id, jnp.int32), logp=jnp.zeros((n, t_max), jnp.float32),
+                   mask=jnp.zeros((n, t_max), jnp.bool_))
+    # Phase k decodes steps [t_{k-1}, t_k) over prompt + t_k slots; the last phase over the donated buffer.
+    ends = self.phase_ends() or (0,)
+    buffers = [self.cache_buffer(n, pb + e) for e in ends[:-1]] + [cache]
+    src, repeats = prefix, g
+    for end, buf in zip(ends, buffers):
+      s = s._replace(cache=self._constrain_cache(kv_cache.place(buf, src, repeats)))
+      s = jax.lax.while_loop(lambda s, end=end: (s.step < end) & ~jnp.all(s.done), body, s)
+      src, repeats = s.cache, 1
     # The last token needs no forward pass after it: sampled outside the loop, which made T - 1 of them.
     # If every row had already stopped, it writes padding where padding was and is not counted as a step.
     last, _ = emit(s)
     steps = jnp.where(jnp.all(s.done), s.step, last.step)
     return last.tokens, last.logp, last.mask, prompt, prompt_mask, steps, s.cache
 
+  def cache_buffer(self, rows: int, slots: int) -> kv_cache.KVCache:
+    """An empty KV cache laid out for ``decode_model`` (traced)."""
+    return kv_cache.init_cache(self.decode_model.config, rows, slots, self.config.cache_dtype)
+
   def empty_cache(self, rows: int, prompt_len: int) -> kv_cache.KVCache:
     """An empty KV cache of a bucket's ``rows`` and padded ``prompt_len``, laid out for ``decode_model``
     (traced: under ``jax.eval_shape`` or ``jax.jit``)."""
-    c = self.config
-    return kv_cache.init_cache(self.decode_model.config, rows, prompt_len + c.max_new_tokens, c.cache_dtype)
+    return self.cache_buffer(rows, prompt_len + self.config.max_new_tokens)
 
   def _new_cache(self, rows: int, prompt_len: int):
     """A fresh cache for the bucket, from a jitted initialiser built once per bucket."""
@@ -379,7 +324,7 @@ class Sampler:
       self._caches[key] = cache
     del cache
 
-    return _finish(completion, logp, mask, prompt_rep, mask_rep, steps, rows=b * self.config.num_samples,
+    return finish_rollout(completion, logp, mask, prompt_rep, mask_rep, steps, rows=b * self.config.num_samples,
                    pad_cols=pb - p)
 
   def _global_shape(self, b_local: int, p_local: int) -> tuple[int, int]:

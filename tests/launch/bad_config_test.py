@@ -89,6 +89,7 @@ CASES = {
                            r"'model\.overrides\.scan_layers'.*unrolled_decode"),
     "advantage_scale": (dict(**{"algo.advantage.scale": "grop"}), r"'algo\.advantage\.scale'"),
     "sampler_top_p": (dict(**{"sampler.top_p": 0.0}), r"'sampler'.*top_p"),
+    "sampler_cache_phases": (dict(**{"sampler.cache_phases": 0}), r"'sampler\.cache_phases'.*positive int"),
     "hf_without_config": (dict(**{"init.policy": "hf", "init.path": "{tmp}"}), r"'init\.path'.*no config\.json"),
 }
 

@@ -133,3 +133,35 @@ def test_unscanned_model_cached_decoding_matches_scanned_full_forward():
   np.testing.assert_allclose(cached[valid], np.asarray(full)[valid], atol=2e-5, rtol=2e-5)
   no_cache, _ = jax.jit(lambda p: model.apply({"params": p}, tokens, positions, mask))(per_layer)
   np.testing.assert_allclose(np.asarray(no_cache), np.asarray(full), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("stacked", [True, False])
+def test_place_repeats_rows_into_the_first_slots_and_masks_the_rest(stacked):
+  """kv_cache.place against a numpy loop: row r*G + j of the result is row r of the source in slots [0, S),
+  the destination's later slots keep their contents but are masked off, and the next slot is the source's."""
+  config = dataclasses.replace(CONFIG, scan_layers=stacked, cache_keys_slots_last=not stacked)
+  rng = np.random.default_rng(3)
+  g, rows, s_src, s_dst = 3, 2, 5, 9
+  fill = lambda c: jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32), c)
+  src = fill(kv_cache.init_cache(config, rows, s_src))
+  src = src._replace(key_mask=rng.random((rows, s_src)) < 0.7, index=jnp.int32(s_src - 1))
+  dst = fill(kv_cache.init_cache(config, rows * g, s_dst))
+  dst = dst._replace(key_mask=np.ones((rows * g, s_dst), bool), index=jnp.int32(7))
+  out = jax.jit(kv_cache.place, static_argnums=2)(dst, src, g)
+  assert int(out.index) == s_src - 1
+  batch_axis, slot_axes = (1, (3, 3)) if stacked else (0, (3, 2))   # keys slots-last when unstacked here
+  for field, slot_axis in zip(("k", "v"), slot_axes):
+    for o, s_, d in zip(*(jax.tree.leaves(getattr(c, field)) for c in (out, src, dst))):
+      o, s_, d = np.asarray(o), np.asarray(s_), np.asarray(d)
+      for r in range(rows * g):
+        got = np.take(o, r, axis=batch_axis)
+        want_src, want_dst = np.take(s_, r // g, axis=batch_axis), np.take(d, r, axis=batch_axis)
+        ax = slot_axis - 1
+        np.testing.assert_array_equal(np.take(got, range(s_src), axis=ax), want_src)
+        np.testing.assert_array_equal(np.take(got, range(s_src, s_dst), axis=ax),
+                                      np.take(want_dst, range(s_src, s_dst), axis=ax))
+  key_mask = np.asarray(out.key_mask)
+  np.testing.assert_array_equal(key_mask[:, :s_src], np.repeat(np.asarray(src.key_mask), g, axis=0))
+  assert not key_mask[:, s_src:].any()
+  with pytest.raises(ValueError, match="cannot place"):
+    kv_cache.place(dst, src, 2)
