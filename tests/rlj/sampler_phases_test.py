@@ -1,25 +1,18 @@
 """The sampler's shared prefill (each prompt prefilled once for its G samples) and its KV-cache phases."""
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import presets
-from models.transformer import Transformer
 from rlj import logprobs, sampler, sharding
+# The tiny model and the two left-padded prompts of the sampler's main tests.
+from sampler_test import BUCKET, MODEL, PROMPT_MASK, PROMPTS, _full_logits, tiny_params
 
 T_NEW = 40
-BUCKET = 8
-MODEL = Transformer(presets.get("tiny"))
-PROMPTS = np.array([[0, 0, 11, 12, 13], [21, 22, 23, 24, 25]], np.int32)
-PROMPT_MASK = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], np.int32)
 
 
 @pytest.fixture(scope="module")
 def params():
-  d = jnp.zeros((1, 4), jnp.int32)
-  return nn.unbox(MODEL.init(jax.random.key(0), d, d, d + 1)["params"])
+  return tiny_params()
 
 
 def _config(**kw):
@@ -43,11 +36,6 @@ def test_default_phases_on_cpu():
     assert sampler.Sampler(MODEL, sampler.SamplerConfig(max_new_tokens=t)).num_cache_phases == n
   with pytest.raises(ValueError, match="cache_phases"):
     sampler.SamplerConfig(max_new_tokens=4, cache_phases=0)
-
-
-@jax.jit
-def _full_logits(params, tokens, mask):
-  return MODEL.apply({"params": params}, tokens, logprobs.positions_from_mask(mask), mask)[0]
 
 
 @pytest.mark.parametrize("unrolled", [True, False])

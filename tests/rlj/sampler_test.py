@@ -18,10 +18,14 @@ PROMPTS = np.array([[0, 0, 11, 12, 13], [21, 22, 23, 24, 25]], np.int32)
 PROMPT_MASK = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], np.int32)
 
 
-@pytest.fixture(scope="module")
-def params():
+def tiny_params():
   d = jnp.zeros((1, 4), jnp.int32)
   return nn.unbox(MODEL.init(jax.random.key(0), d, d, d + 1)["params"])
+
+
+@pytest.fixture(scope="module")
+def params():
+  return tiny_params()
 
 
 @jax.jit
