@@ -159,7 +159,7 @@ class Sampler:
   def phase_ends(self) -> tuple[int, ...]:
     """Decode steps at which each cache phase ends (``cache_phases``): phase k runs the forward passes of steps
     [t_{k-1}, t_k) over a cache of prompt + t_k slots, ending at T - 1 (the last token needs no pass).
-    Boundaries are rounded up to multiples of 16 slots; () when T = 1."""
+    Boundaries are rounded up to multiples of 16 steps; () when T = 1."""
     passes, n = self.config.max_new_tokens - 1, self.num_cache_phases
     up16 = lambda x: -(-x // 16) * 16
     ends = {min(passes, up16(-(-k * passes // n))) for k in range(1, n)} | {passes}

@@ -11,6 +11,13 @@ import jax.numpy as jnp
 from rlj import logprobs
 
 
+# Decode steps per KV-cache phase on CPU (``SamplerConfig.cache_phases``). small-50m, 32 rows, 128 + 512
+# tokens, seconds per call: one phase 18.5, then 19.7 and 20.9 in a second run; 4 phases (128 steps each)
+# 15.1; 8 phases (64 each) 14.4, then 18.7 and 16.0. At 32 + 64 tokens 4 phases of 16 steps cost 0.1 s more
+# than one (1.57-1.59 vs 1.42-1.50 s): a phase costs about 30 ms.
+PHASE_STEPS = 64
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
   """Decoding hyperparameters and shape buckets.
@@ -112,9 +119,3 @@ def finish_rollout(completion, logp, mask, prompt, prompt_mask, steps, *, rows: 
   return Rollout(tokens=jnp.concatenate([prompt, completion], axis=1), completion=completion, logp=logp,
                  mask=mask, lengths=jnp.sum(mask, axis=1).astype(jnp.int32), prompt_mask=prompt_mask,
                  attn_mask=jnp.concatenate([prompt_mask, mask.astype(jnp.int32)], axis=1), num_steps=steps)
-
-
-# Decode steps per KV-cache phase on CPU (``SamplerConfig.cache_phases``). small-50m, 32 rows, 128 + 512
-# tokens: 18.5 s per call in one phase, 15.1 s in 4 (128 steps each), 14.4 s in 8 (64 each); at 32 + 64 tokens
-# 4 phases of 16 steps cost 0.1 s more than one (1.42-1.50 vs 1.57-1.59 s): a phase costs about 30 ms.
-PHASE_STEPS = 64
