@@ -228,6 +228,9 @@ def parser() -> argparse.ArgumentParser:
   ap.add_argument("--new_tokens", type=int, default=None, help="sampler: decode steps; logprobs: T")
   ap.add_argument("--vocab", type=int, default=None, help="logprobs: vocabulary size")
   ap.add_argument("--steps", type=int, default=None, help="rl_step: timed RL steps after warm-up")
+  ap.add_argument("--cache_phases", type=int, default=None,
+                  help="sampler: KV-cache phases of the T-token call (rlj.sampler.SamplerConfig.cache_phases; "
+                       "default: the platform's)")
   ap.add_argument("--repeats", type=int, default=3, help="timed repetitions (after one warm-up)")
   ap.add_argument("--out", default="BENCHMARKS.md", help="markdown file to append to ('' prints only)")
   return ap

@@ -175,7 +175,7 @@ def decode_matmul_floor(config, *, rows: int, dtype: str, steps: int = 8, repeat
 
 
 def decode(model_name: str, *, batch: int, prompt_len: int, new_tokens: int, repeats: int,
-           dtype: str = "float32", bandwidth_mbytes: int | None = None) -> dict:
+           dtype: str = "float32", bandwidth_mbytes: int | None = None, cache_phases: int | None = None) -> dict:
   """Decode throughput of the compiled sampler against the memory-bandwidth bound; one result row.
 
   Decode time is (call with T new tokens) - (call with 1 new token), i.e. prefill and the first token are
@@ -187,8 +187,9 @@ def decode(model_name: str, *, batch: int, prompt_len: int, new_tokens: int, rep
   params = jax.tree.map(lambda x: x.astype(config.jnp_dtype), params)   # the trainer's sampler dtype
   secs, phases = {}, 1
   for steps in (1, t):
-    s = sampler.Sampler(model, sampler.SamplerConfig(max_new_tokens=steps, greedy=True, keep_cache=True))
-    phases = s.num_cache_phases
+    s = sampler.Sampler(model, sampler.SamplerConfig(max_new_tokens=steps, greedy=True, keep_cache=True,
+                                                     cache_phases=cache_phases if steps == t else None))
+    phases = len(s.phase_ends()) or 1
     call = lambda: s.sample(params, prompts, mask, jax.random.key(0)).completion  # noqa: E731
     times = bench.time_calls(call, repeats=repeats)
     secs[steps] = (min(times), float(np.median(times)))
@@ -209,11 +210,11 @@ def decode(model_name: str, *, batch: int, prompt_len: int, new_tokens: int, rep
 def run_decode(args) -> tuple[list[dict], list[str]]:
   """``launch.bench`` case ``sampler``."""
   rows = [decode(name, batch=args.batch or 32, prompt_len=args.seq or 32, new_tokens=args.new_tokens or 64,
-                 repeats=args.repeats, dtype=args.dtype)
+                 repeats=args.repeats, dtype=args.dtype, cache_phases=args.cache_phases)
           for name in ([args.model] if args.model else ["tiny", "small-50m"])]
   return rows, ["Greedy decoding of random prompts without EOS (every row decodes every step), "
-                "rlj.sampler.Sampler with keep_cache and its default cache phases (SamplerConfig.cache_phases); "
-                "best of --repeats calls after one warm-up.",
+                "rlj.sampler.Sampler with keep_cache and the platform's KV-cache phases (SamplerConfig.cache_phases) "
+                "unless --cache_phases says; best of --repeats calls after one warm-up.",
                 "x bound = decode ms/step / bound ms/step, bound = (params + KV bytes a step must read) / copy "
                 "bandwidth (donated x + 1, read + write bytes).",
                 "matmuls alone = the step's weight matmuls (separate q, k, v, o, gate, up, down per layer, then the "

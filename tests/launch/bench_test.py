@@ -60,6 +60,10 @@ def test_sampler_decode_case_row():
   _finite_positive(row, "call s (best, T new)", "call s (best, 1 new)", "copy GB/s", "bound ms/step", "params MB")
   assert row["params MB"] == pytest.approx(TINY.num_params() * 4 / 2**20)
   assert row["x bound"] == pytest.approx(row["decode ms/step"] / row["bound ms/step"])
+  assert row["cache phases"] == 1
+  phased = bench_sampler.decode("tiny", batch=2, prompt_len=4, new_tokens=34, repeats=1, bandwidth_mbytes=4,
+                                cache_phases=2)
+  assert phased["cache phases"] == 2 and phased["decode ms/step"] > 0   # steps [0, 32) and [32, 33)
 
 
 def test_sampler_comparison_contenders_draw_the_same_tokens():
