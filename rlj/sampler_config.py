@@ -12,8 +12,9 @@ from rlj import logprobs
 
 
 # Decode steps per KV-cache phase on CPU (``SamplerConfig.cache_phases``). small-50m, 32 rows, 128 + 512
-# tokens, seconds per call: one phase 18.5, then 19.7 and 20.9 in a second run; 4 phases (128 steps each)
-# 15.1; 8 phases (64 each) 14.4, then 18.7 and 16.0. At 32 + 64 tokens 4 phases of 16 steps cost 0.1 s more
+# tokens (``python -m launch.bench --case sampler --model small-50m --seq 128 --new_tokens 512
+# --cache_phases N``), seconds per call: one phase 17.9-20.9 over five runs, 4 phases (128 steps each) 15.1
+# in one, 8 phases (64 each) 14.4-18.7 over five. At 32 + 64 tokens 4 phases of 16 steps cost 0.1 s more
 # than one (1.57-1.59 vs 1.42-1.50 s): a phase costs about 30 ms.
 PHASE_STEPS = 64
 
