@@ -185,15 +185,15 @@ def decode(model_name: str, *, batch: int, prompt_len: int, new_tokens: int, rep
   config, model, prompts, mask, params = _setup(model_name, dtype, batch, prompt_len)
   b, p, t = batch, prompt_len, new_tokens
   params = jax.tree.map(lambda x: x.astype(config.jnp_dtype), params)   # the trainer's sampler dtype
-  secs, phases = {}, 1
+  secs = {}
   for steps in (1, t):
     s = sampler.Sampler(model, sampler.SamplerConfig(max_new_tokens=steps, greedy=True, keep_cache=True,
                                                      cache_phases=cache_phases if steps == t else None))
-    phases = len(s.phase_ends()) or 1
     call = lambda: s.sample(params, prompts, mask, jax.random.key(0)).completion  # noqa: E731
     times = bench.time_calls(call, repeats=repeats)
     secs[steps] = (min(times), float(np.median(times)))
     s.release_caches()
+  phases = len(s.phase_ends()) or 1   # of the T-token call, the last one
   step_s = (secs[t][0] - secs[1][0]) / (t - 1)
   param_bytes, kv_bytes = decode_bytes(config, params, rows=b, prompt_len=p, new_tokens=t,
                                        cache_itemsize=config.jnp_dtype.itemsize)
