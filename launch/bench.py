@@ -4,9 +4,10 @@ BENCHMARKS.md next to the one command that reproduces it.
   python -m launch.bench --case train_step --model small-50m          # model FLOPs utilisation (MFU)
   python -m launch.bench --case sampler --model small-50m             # decode vs memory-bandwidth bound
   python -m launch.bench --case sampler_hf --model small-50m          # compiled sampler vs transformers
+  python -m launch.bench --case decode_matmuls --model small-50m      # each weight matmul of a decode step
   python -m launch.bench --case logprobs                              # dense vs vocab-parallel log-probs
   python -m launch.bench --case rl_step                               # one runlocal GRPO step broken down
-  python -m launch.bench --case all                                   # every case above at its defaults
+  python -m launch.bench --case all                                   # train_step, sampler, logprobs, rl_step
   python -m launch.bench --case train_step --model small-50m --dtype bfloat16   # GPU / TPU: bf16 peak
 
 Every ratio is against a figure measured in the same process at the same dtype: the matmul peak is the best
@@ -212,6 +213,7 @@ CASES = {
     "sampler": Case("launch.bench_sampler", "run_decode", "compiled sampler decode vs memory-bandwidth bound"),
     "sampler_hf": Case("launch.bench_sampler", "run_compare",
                        "compiled sampler vs Python loop vs transformers generate"),
+    "decode_matmuls": Case("launch.bench_matmul", "run", "each weight matmul of a decode step, timed alone"),
     "logprobs": Case("launch.bench_logprobs", "run", "teacher-forced log-probs, dense vs chunked vs vocab-parallel"),
     "rl_step": Case("launch.bench_rl", "run", "one runlocal GRPO step broken down"),
 }
@@ -223,7 +225,8 @@ def parser() -> argparse.ArgumentParser:
   ap.add_argument("--case", default="all", help=f"one of {sorted(CASES)} or 'all' ({', '.join(ALL)})")
   ap.add_argument("--model", default=None, help="preset (models.presets); default per case")
   ap.add_argument("--dtype", default="float32", help="compute dtype of the model and of the matmul peak")
-  ap.add_argument("--batch", type=int, default=None, help="rows (train_step, logprobs) / prompts (sampler)")
+  ap.add_argument("--batch", type=int, default=None,
+                  help="rows (train_step, logprobs, decode_matmuls) / prompts (sampler)")
   ap.add_argument("--seq", type=int, default=None, help="train_step: tokens per row; sampler: prompt length")
   ap.add_argument("--new_tokens", type=int, default=None, help="sampler: decode steps; logprobs: T")
   ap.add_argument("--vocab", type=int, default=None, help="logprobs: vocabulary size")

@@ -149,18 +149,25 @@ def decode_bytes(config, params, *, rows: int, prompt_len: int, new_tokens: int,
   return param_bytes, rows * slots * per_slot
 
 
-def decode_matmul_floor(config, *, rows: int, dtype: str, steps: int = 8, repeats: int = 3) -> float:
+def decode_matmul_floor(config, *, rows: int, dtype: str, steps: int = 8, repeats: int = 3,
+                        one_layer: bool = False) -> float:
   """Seconds per decode step of the step's matmuls alone, at ``rows`` rows: per layer x [rows, D] times separate
   q, k, v, o, gate, up and down weights (with the SwiGLU product and residual adds that join them), then the
   [D, V] output projection; no norms, RoPE, attention, cache writes or sampling. A jitted ``fori_loop`` of
   ``steps`` steps, best of ``repeats``: what a decode step cannot go below on this backend at this batch.
+
+  With ``one_layer`` every layer multiplies by the first layer's weights: the same FLOPs, but one layer's
+  weights can stay in the processor's caches between layers and steps, where a real step streams all L
+  layers' weights from memory. The gap between the two times is the cost of that streaming.
   """
   c, dt = config, jnp.dtype(dtype)
   d, f, hq, hkv = c.embed_dim, c.mlp_dim, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
   shapes = dict(q=(d, hq), k=(d, hkv), v=(d, hkv), o=(hq, d), gate=(d, f), up=(d, f), down=(f, d))
-  make = jax.jit(lambda: ([{n: jnp.full(sh, 1e-4, dt) for n, sh in shapes.items()} for _ in range(c.num_layers)],
+  distinct = 1 if one_layer else c.num_layers
+  make = jax.jit(lambda: ([{n: jnp.full(sh, 1e-4, dt) for n, sh in shapes.items()} for _ in range(distinct)],
                           jnp.full((d, c.vocab_size), 1e-4, dt)))   # small: x stays O(1) over the loop
   layers, head = make()
+  layers = layers * (c.num_layers // distinct)
 
   def step(_, x):
     for w in layers:
@@ -200,11 +207,13 @@ def decode(model_name: str, *, batch: int, prompt_len: int, new_tokens: int, rep
   bw = bench.copy_bandwidth(mbytes=bandwidth_mbytes)
   bound_s = (param_bytes + kv_bytes) / bw
   floor_s = decode_matmul_floor(config, rows=b, dtype=dtype)
+  resident_s = decode_matmul_floor(config, rows=b, dtype=dtype, one_layer=True)
   return {"model": model_name, "rows": b, "prompt + new": f"{p} + {t}", "dtype": dtype, "cache phases": phases,
           "call s (best, T new)": secs[t][0], "call s (best, 1 new)": secs[1][0], "decode ms/step": step_s * 1e3,
           "decode tokens/s": b / step_s, "params MB": param_bytes / 2**20, "KV read MB/step": kv_bytes / 2**20,
           "copy GB/s": bw / 1e9, "bound ms/step": bound_s * 1e3, "x bound": step_s / bound_s,
-          "matmuls alone ms/step": floor_s * 1e3, "x matmuls alone": step_s / floor_s}
+          "matmuls alone ms/step": floor_s * 1e3, "x matmuls alone": step_s / floor_s,
+          "matmuls, 1 layer's weights ms/step": resident_s * 1e3}
 
 
 def run_decode(args) -> tuple[list[dict], list[str]]:
@@ -219,7 +228,9 @@ def run_decode(args) -> tuple[list[dict], list[str]]:
                 "bandwidth (donated x + 1, read + write bytes).",
                 "matmuls alone = the step's weight matmuls (separate q, k, v, o, gate, up, down per layer, then the "
                 "output projection) at the same rows and dtype, jitted in a loop without norms, attention, cache "
-                "or sampling (launch.bench_sampler.decode_matmul_floor)."]
+                "or sampling (launch.bench_sampler.decode_matmul_floor). 1 layer's weights = the same matmuls with "
+                "every layer reusing the first layer's weights, which can then stay in the processor's caches: "
+                "the difference is the time spent streaming L layers' weights from memory."]
 
 
 def run_compare(args) -> tuple[list[dict], list[str]]:

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from launch import bench, bench_logprobs, bench_rl, bench_sampler, bench_train
+from launch import bench, bench_logprobs, bench_matmul, bench_rl, bench_sampler, bench_train
 from models import presets
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
@@ -55,9 +55,30 @@ def test_decode_bytes_by_hand():
   assert kv == 2 * 6 * 256
 
 
+def test_decode_matmul_shapes_by_hand():
+  # Per layer q [32, 32], k and v [32, 16], o [32, 32], gate and up [32, 64], down [64, 32]; then [32, 128].
+  assert bench_matmul.step_shapes(TINY) == {(32, 32): 4, (32, 16): 4, (32, 64): 4, (64, 32): 2, (32, 128): 1}
+  gemma = presets.get("gemma-2b")   # H·Dh = 2048 = D: q and o are both [2048, 2048]
+  shapes = bench_matmul.step_shapes(gemma)
+  assert sum(shapes.values()) == 7 * 18 + 1 and shapes[(2048, 2048)] == 2 * 18
+  assert sum(k * n * c for (k, n), c in shapes.items()) == bench_train.layer_params(gemma) + 2048 * 256_000
+
+
+def test_decode_matmuls_case_rows():
+  rows = bench_matmul.rows_for("tiny", rows=4, dtype="float32", iters=3, repeats=1)
+  shapes, total = rows[:-1], rows[-1]
+  assert len(shapes) == 5 and total["per step"] == 15
+  for r in shapes:
+    _finite_positive(r, "us per matmul", "GFLOP/s", "ms per step", "share of step")
+  assert total["ms per step"] == pytest.approx(sum(r["ms per step"] for r in shapes))
+  assert sum(r["share of step"] for r in shapes) == pytest.approx(1.0)
+  assert total["weight MB"] == pytest.approx((bench_train.layer_params(TINY) + 32 * 128) * 4 / 2**20)
+
+
 def test_sampler_decode_case_row():
   row = bench_sampler.decode("tiny", batch=2, prompt_len=4, new_tokens=3, repeats=1, bandwidth_mbytes=4)
-  _finite_positive(row, "call s (best, T new)", "call s (best, 1 new)", "copy GB/s", "bound ms/step", "params MB")
+  _finite_positive(row, "call s (best, T new)", "call s (best, 1 new)", "copy GB/s", "bound ms/step", "params MB",
+                   "matmuls alone ms/step", "matmuls, 1 layer's weights ms/step")
   assert row["params MB"] == pytest.approx(TINY.num_params() * 4 / 2**20)
   assert row["x bound"] == pytest.approx(row["decode ms/step"] / row["bound ms/step"])
   assert row["cache phases"] == 1
