@@ -19,15 +19,20 @@ from launch import bench
 from models import presets
 
 
-def step_shapes(config) -> dict[tuple[int, int], int]:
-  """(K, N) of each weight matmul of one decode step -> how many the step runs (q, k, v, o, gate, up and down
-  per layer, then the output projection)."""
+def layer_shapes(config) -> dict[str, tuple[int, int]]:
+  """(K, N) of each weight matmul of one layer of a decode step, by name: x [rows, K] @ W [K, N]."""
   c = config
-  d, hq, hkv = c.embed_dim, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+  d, f, hq, hkv = c.embed_dim, c.mlp_dim, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+  return dict(q=(d, hq), k=(d, hkv), v=(d, hkv), o=(hq, d), gate=(d, f), up=(d, f), down=(f, d))
+
+
+def step_shapes(config) -> dict[tuple[int, int], int]:
+  """(K, N) of each weight matmul of one decode step -> how many the step runs (``layer_shapes`` per layer,
+  then the output projection)."""
   counts: collections.Counter = collections.Counter()
-  for k_n in ((d, hq), (d, hkv), (d, hkv), (hq, d), (d, c.mlp_dim), (d, c.mlp_dim), (c.mlp_dim, d)):
-    counts[k_n] += c.num_layers
-  counts[(d, c.vocab_size)] += 1
+  for k_n in layer_shapes(config).values():
+    counts[k_n] += config.num_layers
+  counts[(config.embed_dim, config.vocab_size)] += 1
   return dict(counts)
 
 

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from launch import bench
+from launch import bench, bench_matmul
 from models import kv_cache, presets
 from models.transformer import Transformer
 from rlj import logprobs, sampler, sampling_filters
@@ -160,9 +160,8 @@ def decode_matmul_floor(config, *, rows: int, dtype: str, steps: int = 8, repeat
   weights can stay in the processor's caches between layers and steps, where a real step streams all L
   layers' weights from memory. The gap between the two times is the cost of that streaming.
   """
-  c, dt = config, jnp.dtype(dtype)
-  d, f, hq, hkv = c.embed_dim, c.mlp_dim, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-  shapes = dict(q=(d, hq), k=(d, hkv), v=(d, hkv), o=(hq, d), gate=(d, f), up=(d, f), down=(f, d))
+  c, dt, d = config, jnp.dtype(dtype), config.embed_dim
+  shapes = bench_matmul.layer_shapes(c)
   distinct = 1 if one_layer else c.num_layers
   make = jax.jit(lambda: ([{n: jnp.full(sh, 1e-4, dt) for n, sh in shapes.items()} for _ in range(distinct)],
                           jnp.full((d, c.vocab_size), 1e-4, dt)))   # small: x stays O(1) over the loop
