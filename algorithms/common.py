@@ -27,6 +27,14 @@ def f32(*xs):
   return out[0] if len(out) == 1 else out
 
 
+def adjacent_pairs(x: jax.Array) -> jax.Array:
+  """Rows (2i, 2i+1) as pair i: [2M, ...] -> [M, 2, ...]. Pairwise losses keep a pair's members adjacent so that
+  shuffles, minibatches and micro-batches split whole pairs."""
+  if x.shape[0] % 2:
+    raise ValueError(f"{x.shape[0]} rows do not form pairs of adjacent rows")
+  return x.reshape((x.shape[0] // 2, 2) + x.shape[1:])
+
+
 def clamp_log_ratio(log_ratio: jax.Array) -> jax.Array:
   """Clamps a log-ratio to [-20, 20] so that `exp` of it stays finite."""
   return jnp.clip(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
@@ -89,6 +97,16 @@ def group_stats(x: jax.Array, valid: jax.Array, *, ddof: int = 1):
   hi = jnp.max(jnp.where(valid, x, -jnp.inf), axis=-1, keepdims=True)
   lo = jnp.min(jnp.where(valid, x, jnp.inf), axis=-1, keepdims=True)
   return mean, jnp.sqrt(var), count, hi == lo
+
+
+def frac_constant_groups(x: jax.Array, valid: Optional[jax.Array] = None) -> jax.Array:
+  """Fraction of groups (rows of [..., G]) whose valid values are all equal: the groups that carry no learning
+  signal for a group-normalised advantage (reported as ``frac_reward_zero_std``). ``valid`` defaults to the
+  non-NaN entries; a group with no valid value is not constant."""
+  x = f32(x)
+  valid = ~jnp.isnan(x) if valid is None else valid
+  _, _, _, constant = group_stats(x, valid)
+  return jnp.mean(constant.astype(jnp.float32))
 
 
 def aggregate(loss: jax.Array, mask: jax.Array, *, agg: str = "token_mean", num_tokens=None, num_seqs=None,

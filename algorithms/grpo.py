@@ -87,9 +87,8 @@ def reward_metrics(rewards: jax.Array) -> dict[str, jax.Array]:
   chex.assert_rank(rewards, 2)
   r = common.f32(rewards)
   valid = ~jnp.isnan(r)
-  _, _, _, constant = common.group_stats(r, valid)
   out = common.stats("reward", r, valid)
-  out["frac_reward_zero_std"] = jnp.mean(constant.astype(jnp.float32))
+  out["frac_reward_zero_std"] = common.frac_constant_groups(r, valid)
   return out
 
 
@@ -122,7 +121,7 @@ def loss(logp: jax.Array, old_logp: jax.Array, ref_logp: Optional[jax.Array], ad
     kl_estimator: a `kl.estimate` kind; "k3_ratio" is the value of k3 with the gradient of the reverse KL.
     agg, num_tokens, num_seqs, max_len: see `common.aggregate`.
     num_generations: G; when given, the metrics include `frac_reward_zero_std` (groups whose advantages are
-      all 0, i.e. constant groups).
+      all equal, `common.frac_constant_groups`: the constant-reward groups).
 
   Returns:
     (loss, metrics): float32 scalar and a dict of float32 scalars.
@@ -183,6 +182,5 @@ def loss(logp: jax.Array, old_logp: jax.Array, ref_logp: Optional[jax.Array], ad
   rows = (jnp.sum(mask, axis=-1) > 0).astype(jnp.float32)
   metrics.update(common.stats("adv", a[:, 0], rows))
   if num_generations is not None:
-    groups = a[:, 0].reshape(-1, num_generations)
-    metrics["frac_reward_zero_std"] = jnp.mean(jnp.all(groups == 0, axis=-1).astype(jnp.float32))
+    metrics["frac_reward_zero_std"] = common.frac_constant_groups(a[:, 0].reshape(-1, num_generations))
   return total, metrics

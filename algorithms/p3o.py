@@ -28,7 +28,7 @@ def pair_up(x: jax.Array, num_generations: int) -> jax.Array:
     raise ValueError(f"P3O pairs completions, so num_generations must be even, got {num_generations}")
   if x.shape[0] % num_generations:
     raise ValueError(f"{x.shape[0]} rows are not whole groups of {num_generations}")
-  return x.reshape((-1, 2) + x.shape[1:])
+  return common.adjacent_pairs(x)
 
 
 def loss(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array, rewards: jax.Array, mask: jax.Array, *,

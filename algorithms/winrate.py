@@ -74,3 +74,16 @@ def preference_matrix(pref_fn: Callable[[jax.Array, jax.Array], jax.Array], item
   against = jax.vmap(pref_fn, in_axes=(None, 0))  # one a against every b
   rows = jax.vmap(against, in_axes=(0, None))  # every a
   return jax.vmap(rows)(items, items)
+
+
+def win_rates_from_scores(scores: jax.Array) -> jax.Array:
+  """Win rates from scalar scores [B, G]: P(j beats j') = 1[s_j > s_j'] + 1[s_j = s_j'] / 2, then ``win_rates``.
+
+  The hard preference of a scorer with no noise model (a verifier, a reward sum): ties count half, and a score of
+  -inf (a missing reward) loses to every scored completion.
+  """
+  chex.assert_rank(scores, 2)
+  s = common.f32(scores)
+  prefs = (s[:, :, None] > s[:, None, :]).astype(jnp.float32)
+  prefs = prefs + 0.5 * (s[:, :, None] == s[:, None, :]).astype(jnp.float32)
+  return win_rates(prefs, kind="prob", hard=False, symmetrize=True)

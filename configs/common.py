@@ -3,10 +3,21 @@ from __future__ import annotations
 
 import ml_collections as mlc
 
-from rlj import sharding
-
-# Logical axis -> mesh axes (rlj/sharding.py); configs may override ``c.sharding_rules``.
-DEFAULT_RULES = sharding.DEFAULT_RULES
+# Logical axis -> mesh axes; configs may override ``c.sharding_rules``. The same rules as
+# ``rlj.sharding.DEFAULT_RULES`` (a test keeps the two equal): written out here so that loading a config imports
+# ml_collections alone, not jax and flax.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("vocab", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("length", None),
+    ("quantiles", None),
+)
 
 
 def parse_arg(arg: str | None, **defaults) -> mlc.ConfigDict:
@@ -53,6 +64,21 @@ LOCAL_MODEL = dict(num_layers=2, embed_dim=128, num_heads=4, num_kv_heads=2, hea
 MATH_REWARDS = ({"name": "correct", "fn": "math_exact_match", "weight": 1.0},)
 
 
+def tokenizer_section() -> dict:
+  """A config ``tokenizer`` section. ``kind``: auto (``path``'s tokenizer.json, else its tokenizer.model) | hf |
+  sentencepiece | train_synthetic (trained on the synthetic task at start-up); ``path`` "" means ``init.path``;
+  ``pad_id`` -1: the checkpoint's own (or its fallback); ``chat_template``: the name of one of several named
+  templates ("" for the default)."""
+  return dict(kind="auto", path="", pad_id=-1, chat_template="", vocab_size=0, train_records=0)
+
+
+def prompt_section(user_template: str) -> dict:
+  """The prompt keys of a config ``data`` section. ``format``: plain (``user_template`` alone) | chat (the
+  checkpoint's chat template around it); ``system_prompt``: chat only; ``user_template``: a str.format template
+  with a {prompt} slot (``\\n`` typed on a command line is a newline)."""
+  return dict(format="plain", user_template=user_template, system_prompt="")
+
+
 def rl_base(arg: mlc.ConfigDict) -> mlc.ConfigDict:
   """Every key of an RL job with the pod defaults; ``apply_runlocal`` shrinks it to one CPU."""
   c = mlc.ConfigDict()
@@ -66,12 +92,12 @@ def rl_base(arg: mlc.ConfigDict) -> mlc.ConfigDict:
   c.model = dict(preset=arg.model, vocab_from_tokenizer=False,
                  overrides=dict(param_dtype="float32", dtype="bfloat16", remat=True))
   c.init = dict(policy="hf", path="")                       # scratch | hf | rlj | sft
-  c.tokenizer = dict(kind="sentencepiece", path="", vocab_size=0, train_records=0)
+  c.tokenizer = tokenizer_section()
   c.data = dict(source="gsm8k", source_dir="", data_dir="", train_split="train", eval_split="test",
-                template="Question: {prompt}\nAnswer:", buckets=(256,), add_bos=True, overflow="truncate",
-                num_workers=0, seed=0, levels=(1,), train_records=0, eval_records=0)
+                buckets=(256,), add_bos=True, overflow="truncate", num_workers=0, seed=0, levels=(1,),
+                train_records=0, eval_records=0, **prompt_section("Question: {prompt}\nAnswer:"))
   c.sampler = dict(num_generations=8, max_new_tokens=512, temperature=1.0, top_p=1.0, top_k=0, batch_buckets=(),
-                   dtype="bfloat16", keep_cache=True, cache_phases=None)
+                   dtype="bfloat16", keep_cache=True, cache_phases=None, stop_tokens=())
   c.rewards = MATH_REWARDS + ({"name": "format", "fn": "format", "weight": 0.1},)
   c.algo = dict(name="grpo", kwargs=dict(clip_eps=0.2, kl_coef=0.04, agg="token_mean", kl_estimator="k3_ratio"),
                 advantage=dict(scale="group", eps=1e-4, ddof=1, estimator="grpo", win_rate=False),
@@ -95,6 +121,31 @@ def local_machine(c: mlc.ConfigDict) -> None:
   c.model.overrides = dict(LOCAL_MODEL, param_dtype="float32", dtype="float32", remat=False)
 
 
+def apply_local_hf(c: mlc.ConfigDict, path: str) -> mlc.ConfigDict:
+  """A runlocal RL job on a small Hugging Face checkpoint folder ``path`` (config.json, safetensors, tokenizer
+  files): GSM8K prompts (``data.source_dir``) in the checkpoint's chat template, an SFT stage on the reference
+  answers, then RL; the model keeps the checkpoint's shape, in float32."""
+  c.init.policy = "hf"
+  c.init.path = path
+  c.tokenizer.kind = "auto"
+  c.model.overrides = dict(param_dtype="float32", dtype="float32", remat=False)
+  c.data.source = "gsm8k"
+  c.data.format = "chat"
+  c.data.user_template = "{prompt}\nEnd with the final answer after ####."
+  c.data.buckets = (256,)
+  c.sampler.max_new_tokens = 64
+  c.sft.steps = 20
+  c.sft.batch_prompts = 8
+  c.sft.eval_every = 0
+  c.train.total_steps = 20
+  c.train.batch_prompts = 4
+  c.train.eval_every = 10
+  c.train.ckpt_every = 10
+  c.eval.num_prompts = 16
+  c.eval.batch_prompts = 16
+  return c
+
+
 def apply_runlocal(c: mlc.ConfigDict) -> mlc.ConfigDict:
   """One CPU, a ~0.5M-parameter model, the synthetic arithmetic task, SFT cold start then RL."""
   local_machine(c)
@@ -103,7 +154,7 @@ def apply_runlocal(c: mlc.ConfigDict) -> mlc.ConfigDict:
   c.tokenizer.vocab_size = 96
   c.tokenizer.train_records = 2000
   c.data.source = "synthetic"
-  c.data.template = "{prompt}\n"
+  c.data.user_template = "{prompt}\n"
   c.data.buckets = (32,)
   c.data.levels = (1,)
   c.data.train_records = 20000

@@ -14,8 +14,13 @@ Pod, every worker (see README "TPU pods"):
     --config.init.path=$CKPT/gemma-2b --config.tokenizer.path=$CKPT/gemma-2b/tokenizer.model \
     --config.data.source_dir=$DATA/gsm8k --config.data.data_dir=$DATA/tfds --workdir $RUNS/grpo-gemma2b
 
+Local run from a small Hugging Face checkpoint folder (CPU, its chat template, GSM8K; README "Bring your own
+checkpoint"):
+  python -m launch.train --config configs/grpo_tpu.py:runlocal,hf=runs/tiny-llama \
+    --config.data.source_dir=../shared/data/gsm8k --workdir runs/grpo-tiny-llama
+
 Variants: ``model=<preset>`` (gemma-2b, llama-3.1-8b, qwen2.5-0.5b, qwen2.5-7b), ``slice=<name>`` (the TPU
-slice the job is sized for; default: the model's in ``POD``, else v5p-32), ``runlocal``. Overrides: ``--config.algo.kwargs.clip_eps_high=0.28`` (DAPO clip-higher),
+slice the job is sized for; default: the model's in ``POD``, else v5p-32), ``runlocal``, ``runlocal,hf=<dir>``. Overrides: ``--config.algo.kwargs.clip_eps_high=0.28`` (DAPO clip-higher),
 ``--config.algo.advantage.scale=none --config.algo.kwargs.agg=dr_grpo`` (Dr. GRPO).
 """
 from configs import common
@@ -30,7 +35,7 @@ POD = {
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, runlocal=False, model="gemma-2b", slice="")
+  arg = common.parse_arg(arg, runlocal=False, model="gemma-2b", slice="", hf="")
   pod = POD.get(arg.model, {})
   arg.slice = arg.slice or pod.get("slice", "v5p-32")
   c = common.rl_base(arg)
@@ -39,4 +44,6 @@ def get_config(arg=None):
       c.train[key] = pod[key]
   if arg.runlocal:
     common.apply_runlocal(c)
+    if arg.hf:
+      common.apply_local_hf(c, arg.hf)
   return c

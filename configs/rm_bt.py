@@ -53,10 +53,10 @@ def rm_base(arg: mlc.ConfigDict, *, kind: str) -> mlc.ConfigDict:
                  overrides=dict(param_dtype="float32", dtype="bfloat16", remat=True))
   c.init = dict(backbone="hf", path="")                      # scratch | hf | rlj
   c.head = dict(kind=kind, num_cosines=64, hidden_dim=0, monotone="none")   # hidden_dim 0: the backbone's D
-  c.tokenizer = dict(kind="sentencepiece", path="", vocab_size=0, train_records=0)  # | train_synthetic | train_data
+  c.tokenizer = common.tokenizer_section()    # kind: auto | hf | sentencepiece | train_synthetic | train_data
   c.data = dict(source="hh_rlhf", source_dir="", data_dir="", split="test", eval_split="", eval_records=256,
-                train_records=0, template="{prompt}", buckets=(512,), add_bos=True, overflow="truncate",
-                num_workers=0, seed=0, max_target=100)
+                train_records=0, buckets=(512,), add_bos=True, overflow="truncate", num_workers=0, seed=0,
+                max_target=100, **common.prompt_section("{prompt}"))
   c.loss = dict(num_taus=32, tau_sampling="midpoint", center_coef=0.0, temperature=1.0, mean_anchor_coef=0.0,
                 crossing_coef=0.0)
   c.train = dict(total_steps=2000, batch_size=64, eval_every=200, eval_batch_size=64, log_every=10,

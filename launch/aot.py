@@ -5,12 +5,12 @@ r"""Ahead-of-time proof that an RL config fits a TPU slice, compiled on a machin
   python -m launch.aot --config configs/grpo_tpu.py --topology v5litepod-16 --config.train.num_microbatches=8
 
 For the slice (``--topology``, default: the config's ``slice``) libtpu describes compile-only devices
-(``launch/tpu_topology.py``); the config's mesh (-1 resolved against the slice's chip count) and sharding rules
+(``launch/aot_tools/tpu_topology.py``); the config's mesh (-1 resolved against the slice's chip count) and sharding rules
 lay the model over them, with abstract parameters (``jax.eval_shape``: nothing is allocated). Then the real TPU
 compiler compiles, at the config's shapes:
 
-- the optimizer step ``rlj.train_step.train_step`` as the trainer jits it (same partials, output shardings,
-  donated state, micro-batches) on one minibatch,
+- the optimizer step from the program factory the trainer uses (``rlj.programs.rl_programs``: same partials,
+  output shardings, donated state, micro-batches) on one minibatch built by the algorithm row's batcher,
 - the rollout's teacher-forced log-prob pass (reference and recomputed old log-probs) on the whole rollout,
 - the sampler's program (prefill + decode loop, ``rlj.sampler``) on the whole rollout, and its prefill and one
   decode step alone for their costs.
@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import sys
-import types
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -37,11 +37,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from launch import builders, checks, flops, hbm, tpu_topology
+from launch import builders, checks
+from launch.aot_tools import flops, hbm, tpu_topology
 from models.transformer import Transformer
-from rlj import rl_algos, rl_loop, sharding, train_state
-from rlj.sampler import Sampler, SamplerConfig, pick_bucket
-from rlj.train_step import train_step
+from rlj import programs, rl_algos, sharding, train_state
+from rlj.batches import minibatches
+from rlj.buckets import pick_bucket
+from rlj.sampler import Sampler
 
 
 
@@ -75,34 +77,30 @@ def check_mesh(config, num_devices: int, hosts: int) -> tuple[tuple[str, ...], t
 def example_rollout(config, rows: int, prompt_len: int) -> dict:
   """Zero host arrays shaped like ``Trainer.rollout``'s output (only shapes and dtypes matter)."""
   t = config.sampler.max_new_tokens
-  out = {"tokens": np.zeros((rows, prompt_len + t), np.int32), "attn_mask": np.ones((rows, prompt_len + t), np.int32),
-         "mask": np.ones((rows, t), np.float32), "old_logp": np.zeros((rows, t), np.float32)}
-  if use_reference(config):
-    out["ref_logp"] = np.zeros((rows, t), np.float32)
-  return out
+  return {"tokens": np.zeros((rows, prompt_len + t), np.int32), "attn_mask": np.ones((rows, prompt_len + t), np.int32),
+          "mask": np.ones((rows, t), np.float32), "old_logp": np.zeros((rows, t), np.float32)}
 
 
-def use_reference(config) -> bool:
-  return config.algo.name == "dno" or float(config.algo.kwargs.get("kl_coef", 0.0)) > 0
+def special_ids(config, vocab_size: int) -> dict:
+  """The tokenizer's eos / pad / stop ids when its files are on this machine. They only change which tokens end
+  a row, never a program's shapes, so without the files the model's last two ids stand in."""
+  path = builders.tokenizer_path(config)
+  if config.tokenizer.kind != "train_synthetic" and path and os.path.exists(path):
+    tok = builders.load_tokenizer(config)
+    return {"eos_id": tok.eos_id, "pad_id": tok.pad_id, "stop_ids": builders.stop_ids(config, tok)}
+  return {"eos_id": vocab_size - 1, "pad_id": vocab_size - 2}
 
 
-def example_minibatch(config, arrays: dict, prompts: int) -> dict:
-  """One optimizer step's batch, built by the trainer's own batch and minibatch functions."""
-  name, g = config.algo.name, config.sampler.num_generations
-  k = len(config.rewards)
+def example_minibatch(config, lc, arrays: dict, prompts: int) -> dict:
+  """One optimizer step's batch, built by the algorithm row's own batcher and the trainer's minibatches (with
+  reference log-probs where the row uses them, as ``Trainer.build_batch`` adds them)."""
+  g, k = config.sampler.num_generations, len(config.rewards)
   values, weights = np.zeros((prompts, g, k), np.float32), np.ones((k,), np.float32)
-  if name in builders.GROUP_ALGOS:
-    batch = rl_algos.policy_gradient_batch(arrays, np.zeros((prompts, g), np.float32))
-  elif name == "p3o":
-    batch = rl_algos.p3o_batch(arrays, values, weights)
-  else:
-    d = config.algo.dno
-    batch, _ = rl_algos.dno_pairs(arrays, values, weights, min_chosen_score=d.min_chosen_score,
-                                  min_margin=d.min_margin, max_pairs=d.max_pairs, win_rate=d.win_rate)
-    batch["ref_logp"] = arrays["old_logp"][: batch["tokens"].shape[0]]
-  unit = rl_algos.ALGORITHMS[name].unit
-  return rl_algos.minibatches(batch, num_minibatches=config.train.num_minibatches, unit=unit,
-                              rng=np.random.default_rng(0), shuffle=False)[0]
+  batch, _ = lc.row.batcher(lc.algo_settings).build(arrays, values, weights, 0)
+  if lc.use_reference:
+    batch["ref_logp"] = np.zeros_like(batch["old_logp"] if "old_logp" in batch else batch["mask"])
+  return minibatches(batch, num_minibatches=lc.num_minibatches, unit=lc.row.unit, rng=np.random.default_rng(0),
+                     shuffle=False)[0]
 
 
 def abstract_batch(batch: dict, mesh, rules) -> dict:
@@ -149,24 +147,18 @@ def compile_all(config, devices, *, log=print) -> tuple[dict, list, dict]:
   key_dtype = jax.eval_shape(lambda: jax.random.key(0)).dtype
   rng, rng_free = jax.ShapeDtypeStruct((), key_dtype, sharding=replicated), jax.ShapeDtypeStruct((), key_dtype)
 
+  lc = builders.loop_config(config)
   sizes_b = {"params": hbm.shard_bytes(state.params), "optimizer state": hbm.shard_bytes(state.opt_state)}
   # The train step's input shardings are given (donated state), so its compiled layout holds these bytes.
-  ref_bytes = sizes_b["params"] if use_reference(config) else 0
+  ref_bytes = sizes_b["params"] if lc.use_reference else 0
   log(f"model {config.model.preset}: {mc.num_params():,} params ({mc.param_dtype}), mesh "
       f"{dict(zip(names, sizes))} on {len(devices)} chips / {hosts} hosts ({devices[0].device_kind})")
 
-  # The optimizer step, as rl_loop.Trainer jits it.
-  env = types.SimpleNamespace(use_reference=use_reference(config))
-  lc = builders.loop_config(config, env)
-  algo = rl_algos.ALGORITHMS[config.algo.name]
-  make_logp = functools.partial(rl_loop.make_logp_fn, model.apply, completion_len=t_len,
-                                temperature=lc.temperature, mesh=mesh, rules=rules)
-  logp_fn = make_logp()
-  step = functools.partial(train_step, logp_fn=logp_fn, objective=functools.partial(algo.objective, **lc.loss_kwargs),
-                           tx=tx, num_microbatches=lc.num_microbatches, sum_microbatches=algo.sum_microbatches)
-  step_fn = jax.jit(step, donate_argnums=0, out_shardings=(state_sh, replicated))
+  # The trainer's programs, from the same factory (rlj.programs) the Trainer uses.
+  progs = programs.rl_programs(model, tx, lc.program_settings(), mesh=mesh, rules=rules, state_shardings=state_sh)
+  step_fn = progs.step
   arrays = example_rollout(config, rows, p_len)
-  batch = abstract_batch(example_minibatch(config, arrays, prompts), mesh, rules)
+  batch = abstract_batch(example_minibatch(config, lc, arrays, prompts), mesh, rules)
   updates = lc.num_epochs * lc.num_minibatches
 
   # Sampler: its own dtype copy of the params (sync_weights), the KV cache for the whole rollout.
@@ -175,10 +167,8 @@ def compile_all(config, devices, *, log=print) -> tuple[dict, list, dict]:
   sampler_params = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, sampler_dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype,
                                      sharding=x.sharding), params)
-  sc = SamplerConfig(max_new_tokens=t_len, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                     num_samples=g, prompt_buckets=tuple(config.data.buckets), batch_buckets=tuple(s.batch_buckets),
-                     keep_cache=s.keep_cache, cache_phases=s.get("cache_phases"))
-  sampler = Sampler(model, sc, mesh=mesh, param_shardings=param_sh, rules=rules)
+  sc = builders.sampler_config(config, **special_ids(config, mc.vocab_size))
+  sampler = programs.sampler(model, sc, mesh=mesh, param_shardings=param_sh, rules=rules)
   bb = pick_bucket(prompts, sc.batch_buckets, "batch")
   cache_abs = jax.eval_shape(functools.partial(sampler.empty_cache, bb * g, p_len))   # p_len + t_len slots
   cache = _with_shardings(cache_abs, sampler.cache_shardings(cache_abs))
@@ -188,7 +178,7 @@ def compile_all(config, devices, *, log=print) -> tuple[dict, list, dict]:
   sampler_params_bytes = hbm.shard_bytes(sampler_params) if sampler_dtype != mc.jnp_param_dtype else 0
 
   tokens = jax.ShapeDtypeStruct((rows, p_len + t_len), jnp.int32, sharding=sharding.batch_sharding(mesh, 2, rules))
-  passes = int(lc.recompute_old_logp and algo.needs_old_logp) + int(use_reference(config))
+  passes = int(lc.recompute_old_logp and lc.row.needs_old_logp) + int(lc.use_reference)
 
   sampler_args = {"KV cache": cache_bytes}
   sampler_args["sampler params" if sampler_params_bytes else "params"] = sampler_params_bytes or sizes_b["params"]
@@ -199,7 +189,7 @@ def compile_all(config, devices, *, log=print) -> tuple[dict, list, dict]:
     train_p = _compile("train_step", step_fn, (state, batch, rng), per_step=updates,
                        args={**sizes_b, "batch": hbm.shard_bytes(batch)})
     log("compiling the rollout log-prob pass ...")
-    logp_fn_jit = jax.jit(make_logp(num_chunks=lc.logp_chunks))   # the Trainer's rollout pass
+    logp_fn_jit = progs.logp   # the Trainer's rollout pass
     logp_p = _compile("completion_logprobs", logp_fn_jit, (params, tokens, tokens), per_step=passes,
                       args={"params": sizes_b["params"], "rollout tokens": 2 * hbm.shard_bytes(tokens)})
     log("compiling the sampler (prefill + decode loop) ...")
@@ -268,8 +258,10 @@ def run(config, topology: str | None = None, *, hbm_gib: float | None = None, lo
   """Compiles the config for ``topology`` (default: ``config.slice``); returns (fits, report text)."""
   if config.job != "rl":
     raise SystemExit(f"launch.aot checks RL jobs; config key 'job' is {config.job!r}")
-  if config.algo.name not in rl_algos.ALGORITHMS:
-    raise SystemExit(f"config key 'algo.name': unknown algorithm {config.algo.name!r}")
+  try:
+    rl_algos.get(config.algo.name)
+  except rl_algos.SettingError as e:
+    raise SystemExit(str(e)) from None
   try:
     sl = tpu_topology.parse(topology or config.slice, hbm_gib=hbm_gib)
   except ValueError as e:

@@ -209,13 +209,13 @@ class Case:
 
 
 CASES = {
-    "train_step": Case("launch.bench_train", "run", "jitted GRPO train step, model FLOPs utilisation"),
-    "sampler": Case("launch.bench_sampler", "run_decode", "compiled sampler decode vs memory-bandwidth bound"),
-    "sampler_hf": Case("launch.bench_sampler", "run_compare",
+    "train_step": Case("launch.benchmarks.train_step", "run", "jitted GRPO train step, model FLOPs utilisation"),
+    "sampler": Case("launch.benchmarks.sampler", "run_decode", "compiled sampler decode vs memory-bandwidth bound"),
+    "sampler_hf": Case("launch.benchmarks.sampler", "run_compare",
                        "compiled sampler vs Python loop vs transformers generate"),
-    "decode_matmuls": Case("launch.bench_matmul", "run", "each weight matmul of a decode step, timed alone"),
-    "logprobs": Case("launch.bench_logprobs", "run", "teacher-forced log-probs, dense vs chunked vs vocab-parallel"),
-    "rl_step": Case("launch.bench_rl", "run", "one runlocal GRPO step broken down"),
+    "decode_matmuls": Case("launch.benchmarks.matmul", "run", "each weight matmul of a decode step, timed alone"),
+    "logprobs": Case("launch.benchmarks.logprobs", "run", "teacher-forced log-probs, dense vs chunked vs vocab-parallel"),
+    "rl_step": Case("launch.benchmarks.rl_step", "run", "one runlocal GRPO step broken down"),
 }
 ALL = ("train_step", "sampler", "logprobs", "rl_step")   # what --case all runs (sampler_hf needs torch)
 

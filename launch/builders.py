@@ -12,13 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from launch.checks import GROUP_ALGOS
 from models import presets
 from models.config import ModelConfig
 from models.transformer import Transformer
 from rewards import combine
-from rlj import checkpoint, rl_loop, sharding, train_state
-from rlj.sampler import Sampler, SamplerConfig
+from rlj import checkpoint, lifecycle, programs, rl_loop, sharding, train_state
+from rlj.batches import Settings
+from rlj.sampler import SamplerConfig
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -38,27 +38,114 @@ class Env:
   state_shardings: Any
   param_shardings: Any
   use_reference: bool
+  workdir: str = ""
+
+
+TOKENIZER_DIR = "tokenizer"   # <workdir>/tokenizer: the run's tokenizer files (save_pretrained), for launch.export
+
+
+def tokenizer_path(config) -> str:
+  """``tokenizer.path``, or ``init.path`` (the checkpoint's own tokenizer) when it is empty."""
+  return config.tokenizer.path or config.init.path
+
+
+def load_tokenizer(config):
+  """The checkpoint tokenizer that ``tokenizer.kind`` / ``path`` / ``pad_id`` / ``chat_template`` name.
+
+  Raises:
+    SystemExit: one line naming the key when the files are missing or do not parse.
+  """
+  from rlj.data import chat, tokenizer as tok_lib
+  t = config.tokenizer
+  path, key = tokenizer_path(config), "tokenizer.path" if config.tokenizer.path else "init.path"
+  if not path:
+    raise SystemExit(f"config key 'tokenizer.path': empty, and so is init.path; pass the checkpoint directory or "
+                     f"its tokenizer.json / tokenizer.model")
+  try:
+    return tok_lib.load(path, t.kind, pad_id=None if t.pad_id < 0 else int(t.pad_id),
+                        chat_template=t.chat_template or None)
+  except chat.ChatTemplateError as e:
+    raise SystemExit(f"config key 'tokenizer.chat_template': {e}") from None
+  except tok_lib.TokenizerError as e:
+    raise SystemExit(f"config key '{key}': {e}") from None
 
 
 def build_tokenizer(config, workdir: str):
+  """The checkpoint's tokenizer, or (``tokenizer.kind=train_synthetic``) one trained on the synthetic task and
+  kept in ``<workdir>/tokenizer.model``; process 0 saves it to ``<workdir>/tokenizer/`` for export."""
   from rlj.data import synthetic, tokenizer as tok_lib  # data extras (sentencepiece)
   t = config.tokenizer
-  if t.kind == "sentencepiece":
-    return tok_lib.Tokenizer.from_file(t.path)
   if t.kind != "train_synthetic":
-    raise SystemExit(f"config key 'tokenizer.kind': {t.kind!r}; choose sentencepiece | train_synthetic")
+    return save_tokenizer(load_tokenizer(config), workdir)
   path = os.path.join(workdir, "tokenizer.model")
   if os.path.exists(path):
-    return tok_lib.Tokenizer.from_file(path)
+    return save_tokenizer(tok_lib.Tokenizer.from_file(path), workdir)
   task = synthetic.ArithmeticTask(num_records=t.train_records, seed=config.data.seed, levels=tuple(config.data.levels))
   corpus = []
   for i in range(len(task)):
     r = task[i]
-    corpus += [config.data.template.format(prompt=r["prompt"]), r["answer"]]
+    corpus += [user_text(config, r["prompt"]), r["answer"]]
   tok = tok_lib.train(corpus, vocab_size=t.vocab_size, byte_fallback=False)
   if jax.process_index() == 0:
     tok.save(path)
+  return save_tokenizer(tok, workdir)
+
+
+def save_tokenizer(tok, workdir: str):
+  """Writes ``tok``'s files to ``<workdir>/tokenizer/`` once (process 0); returns ``tok``."""
+  directory = os.path.join(workdir, TOKENIZER_DIR)
+  if jax.process_index() == 0 and "://" not in workdir and not os.path.isdir(directory):
+    tok.save_pretrained(directory + ".tmp")
+    os.replace(directory + ".tmp", directory)
   return tok
+
+
+def checkpoint_meta(model_config: ModelConfig) -> dict:
+  """What every checkpoint of a job records for ``launch.export``: the model config and the tokenizer folder
+  (relative to the run's workdir)."""
+  return {"model_config": dataclasses.asdict(model_config), "tokenizer_dir": TOKENIZER_DIR}
+
+
+def user_text(config, question: str) -> str:
+  """``data.user_template`` applied to ``question`` (escapes decoded, as the prompt pipeline does)."""
+  from rlj.data import prompts
+  return prompts.PromptFormat(user_template=config.data.user_template).user_text(question)
+
+
+def prompt_format(config, tokenizer):
+  """The config's ``data.format`` / ``user_template`` / ``system_prompt`` as a ``prompts.PromptFormat``."""
+  from rlj.data import prompts
+  d = config.data
+  try:
+    return prompts.from_tokenizer(tokenizer, format=d.format, user_template=d.user_template,
+                                  system_prompt=d.system_prompt)
+  except prompts.PromptError as e:
+    raise SystemExit(f"config key 'data.format': {e}") from None
+
+
+def stop_ids(config, tokenizer) -> tuple[int, ...]:
+  """Every id that ends a completion: the tokenizer's EOS ids (its ``generation_config.json``) and
+  ``sampler.stop_tokens`` (ids, or strings that are one token each)."""
+  out = list(tokenizer.eos_ids)
+  for i, token in enumerate(config.sampler.stop_tokens):
+    key = f"sampler.stop_tokens[{i}]"
+    if isinstance(token, str):
+      tid = tokenizer.token_to_id(token)
+      if tid is None:
+        ids = tokenizer.encode(token)
+        if len(ids) != 1:
+          raise SystemExit(f"config key '{key}': {token!r} is {len(ids)} tokens ({ids}), not one; a stop token must "
+                           f"be a single token of the tokenizer (e.g. a turn marker such as '<|eot_id|>'), or its id")
+        tid = ids[0]
+    elif isinstance(token, int) and not isinstance(token, bool):
+      tid = token
+    else:
+      raise SystemExit(f"config key '{key}': {token!r}; give a token string or an int id")
+    if not 0 <= tid < tokenizer.vocab_size:
+      raise SystemExit(f"config key '{key}': id {tid} is outside the tokenizer's vocabulary [0, "
+                       f"{tokenizer.vocab_size})")
+    out.append(int(tid))
+  return tuple(dict.fromkeys(out))
 
 
 def model_config(config, vocab_size: int) -> ModelConfig:
@@ -78,9 +165,11 @@ def build_env(config, workdir: str) -> Env:
   mesh = sharding.make_mesh([tuple(x) for x in config.mesh])
   rules = [tuple(r) for r in config.sharding_rules]
   tokenizer = build_tokenizer(config, workdir)
+  stop_ids(config, tokenizer)  # a bad sampler.stop_tokens fails here, before anything compiles
   if config.init.policy == "hf":
     from models import hf
-    mc, params = hf.load_hf_checkpoint(config.init.path, mesh=mesh, rules=rules)
+    mc, params = hf.load_hf_checkpoint(
+        config.init.path, shardings=lambda names, shapes: sharding.tree_shardings(names, shapes, mesh, rules))
     mc = dataclasses.replace(mc, **{k: v for k, v in dict(config.model.overrides).items() if k != "vocab_size"})
   else:
     mc, params = model_config(config, tokenizer.vocab_size), None
@@ -95,62 +184,82 @@ def build_env(config, workdir: str) -> Env:
     params, _ = checkpoint.restore_params(config.init.path, params)
   tx = train_state.make_optimizer(train_state.OptimConfig(**config.optim.to_dict()))
   sft_tx = train_state.make_optimizer(train_state.OptimConfig(**config.sft.optim.to_dict()))
+  state, state_sh = train_state_of(params, param_shardings, tx, mesh)
+  use_ref = config.job == "rl" and loop_config(config, tokenizer.pad_id).use_reference
+  return Env(mesh=mesh, rules=rules, tokenizer=tokenizer, model_config=mc, model=model, tx=tx, sft_tx=sft_tx,
+             state=state, state_shardings=state_sh, param_shardings=param_shardings, use_reference=use_ref,
+             workdir=workdir)
+
+
+def train_state_of(params, param_shardings, tx, mesh):
+  """``(TrainState, its shardings)`` for placed params: optimizer moments follow their parameter."""
   abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
   state_sh = train_state.state_shardings(param_shardings, tx, abstract_params, mesh)
   state = jax.jit(lambda p: train_state.TrainState.create(p, tx), out_shardings=state_sh)(params)
-  use_ref = config.job == "rl" and (config.algo.name == "dno" or float(config.algo.kwargs.get("kl_coef", 0.0)) > 0)
-  return Env(mesh=mesh, rules=rules, tokenizer=tokenizer, model_config=mc, model=model, tx=tx, sft_tx=sft_tx,
-             state=state, state_shardings=state_sh, param_shardings=param_shardings, use_reference=use_ref)
+  return state, state_sh
 
 
-def ckpt_tree(state, ref_params=None) -> dict:
-  tree = {"params": state.params, "opt_state": state.opt_state, "step": state.step}
-  if ref_params is not None:
-    tree["ref_params"] = ref_params
-  return tree
+def runs_sft_stage(config) -> bool:
+  """An RL job runs an SFT stage first (in ``<workdir>/sft``): from scratch (``init.policy=sft``), or on a
+  Hugging Face checkpoint when ``sft.steps > 0``."""
+  return config.init.policy == "sft" or (config.init.policy == "hf" and config.sft.steps > 0)
 
 
-def state_from_tree(state, tree):
-  return state.replace(params=tree["params"], opt_state=tree["opt_state"], step=tree["step"])
+def checkpoint_policy(config) -> lifecycle.CheckpointPolicy:
+  t = config.train
+  return lifecycle.CheckpointPolicy(keep=t.keep_checkpoints, every_steps=t.ckpt_every,
+                                    every_minutes=t.ckpt_every_minutes)
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Data
 # ------------------------------------------------------------------------------------------------------------
 
-def prompt_source(config, split: str):
+def prompt_source(config, split: str, workdir: str = ""):
+  """The split's random-access records: the synthetic task, or the tfds build of ``data.source_dir`` in
+  ``data.data_dir`` (default ``<workdir>/tfds``)."""
   from rlj.data import synthetic, tfds_builders
   d = config.data
   if d.source == "synthetic":
     n = d.train_records if split == "train" else d.eval_records
     seed = d.seed if split == "train" else d.seed + 1000003
     return synthetic.ArithmeticTask(num_records=n, seed=seed, levels=tuple(d.levels))
-  if d.source in ("gsm8k", "generic"):
+  if d.source in ("gsm8k", "generic", "messages"):
+    data_dir = d.data_dir or os.path.join(workdir, "tfds")
     if d.source_dir:
-      tfds_builders.build("prompt_answer", d.source, source_dir=d.source_dir, data_dir=d.data_dir)
-    return tfds_builders.data_source("prompt_answer", d.source, data_dir=d.data_dir,
+      tfds_builders.build("prompt_answer", d.source, source_dir=d.source_dir, data_dir=data_dir)
+    return tfds_builders.data_source("prompt_answer", d.source, data_dir=data_dir,
                                      split=d.train_split if split == "train" else d.eval_split)
-  raise SystemExit(f"config key 'data.source': {d.source!r}; choose synthetic | gsm8k | generic")
+  raise SystemExit(f"config key 'data.source': {d.source!r}; choose synthetic | gsm8k | generic | messages")
 
 
 def prompt_iterator(config, env: Env, *, split: str, batch_prompts: int, seed: int, num_epochs=None,
                     shuffle: bool = True, drop_remainder: bool = True):
   from rlj.data import pipeline
-  pc = pipeline.PipelineConfig(batch_size=batch_prompts, buckets=tuple(config.data.buckets),
-                               template=config.data.template, add_bos=config.data.add_bos,
+  fmt = prompt_format(config, env.tokenizer)
+  pc = pipeline.PipelineConfig(batch_size=batch_prompts, buckets=tuple(config.data.buckets), prompt_format=fmt,
+                               add_bos=config.data.add_bos and fmt.add_bos(env.tokenizer),
                                overflow=config.data.overflow, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
                                drop_remainder=drop_remainder, num_workers=config.data.num_workers)
-  return pipeline.prompt_pipeline(prompt_source(config, split), env.tokenizer, pc)
+  return pipeline.prompt_pipeline(prompt_source(config, split, env.workdir), env.tokenizer, pc)
+
+
+def sampler_config(config, *, eos_id: int, pad_id: int, stop_ids: tuple[int, ...] = (), greedy: bool = False,
+                   num_samples: int | None = None) -> SamplerConfig:
+  """The config's ``sampler`` section as a ``SamplerConfig`` (the trainer's and ``launch.aot``'s); ``stop_ids``:
+  further ids that end a completion besides ``eos_id`` (``stop_ids(config, tokenizer)``)."""
+  s = config.sampler
+  return SamplerConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                       greedy=greedy, num_samples=num_samples or s.num_generations, eos_id=eos_id, pad_id=pad_id,
+                       stop_ids=tuple(i for i in stop_ids if i != eos_id),
+                       prompt_buckets=tuple(config.data.buckets), batch_buckets=tuple(s.batch_buckets),
+                       keep_cache=s.keep_cache, cache_phases=s.get("cache_phases"))
 
 
 def make_sampler(config, env: Env, *, greedy: bool = False, num_samples: int | None = None):
-  s = config.sampler
-  sc = SamplerConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                     greedy=greedy, num_samples=num_samples or s.num_generations, eos_id=env.tokenizer.eos_id,
-                     pad_id=env.tokenizer.pad_id, prompt_buckets=tuple(config.data.buckets),
-                     batch_buckets=tuple(s.batch_buckets), keep_cache=s.keep_cache,
-                     cache_phases=s.get("cache_phases"))
-  return Sampler(env.model, sc, mesh=env.mesh, param_shardings=env.param_shardings, rules=env.rules)
+  sc = sampler_config(config, eos_id=env.tokenizer.eos_id, pad_id=env.tokenizer.pad_id,
+                      stop_ids=stop_ids(config, env.tokenizer), greedy=greedy, num_samples=num_samples)
+  return programs.sampler(env.model, sc, mesh=env.mesh, param_shardings=env.param_shardings, rules=env.rules)
 
 
 def eval_fn(config, env: Env):
@@ -212,17 +321,19 @@ def rl_components(config, env: Env, data, writer) -> rl_loop.Components:
   return comps
 
 
-def loop_config(config, env: Env) -> rl_loop.LoopConfig:
+def algo_settings(config, pad_id: int = 0) -> Settings:
+  """The config's ``algo`` section (and the sizes it depends on) as the algorithm row's plain settings."""
   a, t, s = config.algo, config.train, config.sampler
-  loss_kwargs = dict(a.kwargs)
-  if a.name in GROUP_ALGOS:
-    loss_kwargs.setdefault("max_len", s.max_new_tokens)
+  options = {k: dict(v) for k, v in a.items() if k not in ("name", "kwargs")}
+  return Settings(loss_kwargs=dict(a.kwargs), options=options, num_generations=s.num_generations,
+                  max_new_tokens=s.max_new_tokens, num_minibatches=t.num_minibatches, seed=config.seed,
+                  pad_id=pad_id)
+
+
+def loop_config(config, pad_id: int = 0) -> rl_loop.LoopConfig:
+  t = config.train
   return rl_loop.LoopConfig(
-      algo=a.name, loss_kwargs=loss_kwargs, adv_kwargs=dict(a.advantage), total_steps=t.total_steps,
-      num_generations=s.num_generations, temperature=s.temperature, max_new_tokens=s.max_new_tokens,
-      num_epochs=t.num_epochs, num_minibatches=t.num_minibatches, num_microbatches=t.num_microbatches,
-      recompute_old_logp=t.recompute_old_logp, use_reference=env.use_reference and a.name != "dno",
-      eval_every=t.eval_every, seed=config.seed, max_consecutive_skips=t.max_consecutive_skips,
-      dno_iteration_steps=a.dno.iteration_steps, dno_replay=tuple(a.dno.replay),
-      dno_select=dict(min_chosen_score=a.dno.min_chosen_score, min_margin=a.dno.min_margin,
-                      max_pairs=a.dno.max_pairs, win_rate=a.dno.win_rate))
+      algo=config.algo.name, algo_settings=algo_settings(config, pad_id), total_steps=t.total_steps,
+      temperature=config.sampler.temperature, num_epochs=t.num_epochs, num_microbatches=t.num_microbatches,
+      recompute_old_logp=t.recompute_old_logp, eval_every=t.eval_every,
+      max_consecutive_skips=t.max_consecutive_skips)

@@ -13,14 +13,14 @@ import os
 import jax
 import numpy as np
 
-from algorithms import grpo
-from algorithms import kl as kl_lib
+from launch import builders
 from models import presets
 from models.config import ModelConfig
 from rewards import combine
 from rlj import rl_algos, sharding
 
-GROUP_ALGOS = ("grpo", "gdpo")
+
+TOKENIZER_KINDS = ("auto", "hf", "sentencepiece", "train_synthetic")
 
 
 def fail(key: str, msg: str):
@@ -51,21 +51,10 @@ def validate(config) -> None:
 
 
 def _check_algo(config) -> None:
-  a, g = config.algo, config.sampler.num_generations
-  if a.name not in rl_algos.ALGORITHMS:
-    fail("algo.name", f"unknown algorithm {a.name!r}; choose one of {sorted(rl_algos.ALGORITHMS)}")
-  if a.name in GROUP_ALGOS + ("dno",) and g < 2:
-    fail("sampler.num_generations", f"{a.name} compares completions of a prompt: needs >= 2, got {g}")
-  if a.name == "p3o" and g % 2:
-    fail("sampler.num_generations", f"p3o pairs completions: needs an even number, got {g}")
-  kind = a.kwargs.get("kl_estimator", None)
-  if kind is not None and kind not in kl_lib.KINDS:
-    fail("algo.kwargs.kl_estimator", f"unknown estimator {kind!r}; choose one of {kl_lib.KINDS}")
-  if a.name in GROUP_ALGOS:
-    if a.advantage.scale not in grpo.SCALES:
-      fail("algo.advantage.scale", f"{a.advantage.scale!r}; choose one of {grpo.SCALES}")
-    if a.advantage.estimator not in ("grpo", "rloo"):
-      fail("algo.advantage.estimator", f"{a.advantage.estimator!r}; choose grpo | rloo")
+  try:
+    rl_algos.get(config.algo.name).check(builders.algo_settings(config))
+  except rl_algos.SettingError as e:
+    fail(e.key, e.message)
   s = config.sampler
   if s.temperature <= 0 or not 0 < s.top_p <= 1 or s.top_k < 0 or s.max_new_tokens < 1:
     fail("sampler", f"needs temperature > 0 (got {s.temperature}), 0 < top_p <= 1 (got {s.top_p}), top_k >= 0 "
@@ -115,15 +104,16 @@ def _check_batches(config, dp: int, num_processes: int) -> None:
       fail("train.num_minibatches", f"num_minibatches ({t.num_minibatches}) and num_microbatches "
            f"({t.num_microbatches}) must be >= 1")
     rows = t.batch_prompts * config.sampler.num_generations * num_processes
-    unit = rl_algos.ALGORITHMS[config.algo.name].unit
+    row = rl_algos.get(config.algo.name)
+    unit = row.unit
     per_mb = rows // t.num_minibatches
-    if config.algo.name != "dno" and (rows % t.num_minibatches or per_mb % dp):
+    if row.fixed_rows and (rows % t.num_minibatches or per_mb % dp):
       fail("train.batch_prompts", f"{rows} rows (batch_prompts x num_generations) must split into "
            f"train.num_minibatches={t.num_minibatches} minibatches of a multiple of the data-parallel size {dp}")
     if per_mb % (t.num_microbatches * unit):
       fail("train.num_microbatches", f"a minibatch of {per_mb} rows does not split into "
            f"{t.num_microbatches} micro-batches of whole {'pairs' if unit == 2 else 'rows'}")
-  runs_sft = config.job == "sft" or config.init.policy == "sft"
+  runs_sft = config.job == "sft" or builders.runs_sft_stage(config)
   if runs_sft and config.sft.steps and (config.sft.batch_prompts * num_processes) % dp:
     fail("sft.batch_prompts", f"{config.sft.batch_prompts} prompts per step must be a multiple of the "
          f"data-parallel size {dp}")
@@ -137,19 +127,85 @@ def _check_sources(config) -> None:
   if config.init.policy == "hf" and not os.path.isfile(os.path.join(config.init.path, "config.json")):
     fail("init.path", f"{config.init.path!r} has no config.json: init.policy='hf' needs a Hugging Face model folder")
   t = config.tokenizer
-  if t.kind not in ("sentencepiece", "train_synthetic"):
-    fail("tokenizer.kind", f"{t.kind!r}; choose sentencepiece | train_synthetic")
-  if t.kind == "sentencepiece" and not os.path.isfile(t.path):
-    fail("tokenizer.path", f"{t.path!r} is not a sentencepiece .model file")
+  if t.kind not in TOKENIZER_KINDS:
+    fail("tokenizer.kind", f"{t.kind!r}; choose {' | '.join(TOKENIZER_KINDS)}")
+  if t.kind != "train_synthetic":
+    path, key = builders.tokenizer_path(config), "tokenizer.path" if t.path else "init.path"
+    if not path:
+      fail("tokenizer.path", "empty, and so is init.path; pass the checkpoint directory or its tokenizer file")
+    if not os.path.exists(path):
+      fail(key, f"{path!r} does not exist; pass the checkpoint directory or its tokenizer.json / tokenizer.model")
   if t.kind == "train_synthetic" and t.vocab_size < 8:
     fail("tokenizer.vocab_size", f"train_synthetic needs the vocabulary size to train, got {t.vocab_size}")
-  if config.data.source not in ("synthetic", "gsm8k", "generic"):
-    fail("data.source", f"{config.data.source!r}; choose synthetic | gsm8k | generic")
+  d = config.data
+  if d.source not in ("synthetic", "gsm8k", "generic", "messages"):
+    fail("data.source", f"{d.source!r}; choose synthetic | gsm8k | generic | messages")
+  if d.source != "synthetic" and not (d.source_dir or d.data_dir):
+    fail("data.source_dir", f"data.source={d.source!r} needs the folder with its train.jsonl / test.jsonl files "
+         f"(or data.data_dir holding the built dataset)")
+  if d.source_dir and not os.path.isdir(d.source_dir):
+    fail("data.source_dir", f"{d.source_dir!r} is not a directory; pass the folder with <split>.jsonl files")
+  _check_prompt_keys(config)
   if config.init.policy != "hf":
     try:
       presets.get(config.model.preset)
     except ValueError as e:
       fail("model.preset", str(e))
+
+
+def _check_prompt_keys(config) -> None:
+  """``data.format`` / ``user_template`` / ``system_prompt`` on their own (the template against the tokenizer:
+  ``_check_prompts``)."""
+  from rlj.data import prompts
+  d = config.data
+  if d.format not in prompts.FORMATS:
+    fail("data.format", f"{d.format!r}; choose {' | '.join(prompts.FORMATS)}")
+  try:
+    prompts.check_user_template(prompts.decode_escapes(d.user_template))
+  except prompts.PromptError as e:
+    fail("data.user_template", str(e))
+  if d.system_prompt and d.format != "chat":
+    fail("data.system_prompt", "a system prompt needs data.format='chat'; with 'plain' put the text into "
+         "data.user_template")
+  if d.format == "chat" and config.tokenizer.kind == "train_synthetic":
+    fail("data.format", "'chat' renders the checkpoint's chat template and a train_synthetic tokenizer has none; "
+         "use data.format='plain' or a checkpoint tokenizer")
+
+
+def first_record(config) -> dict | None:
+  """The first training record, read cheaply (the synthetic task's, or the first line of
+  ``data.source_dir``'s train split); None when only a built tfds dataset holds the data."""
+  from rlj.data import jsonl, synthetic
+  d = config.data
+  if d.source == "synthetic":
+    return synthetic.ArithmeticTask(num_records=1, seed=d.seed, levels=tuple(d.levels))[0]
+  split = d.get("train_split", d.get("split"))
+  files = [os.path.join(d.source_dir, split + ext) for ext in (".jsonl", ".jsonl.gz")] if d.source_dir else []
+  for path in (f for f in files if os.path.isfile(f)):
+    try:
+      for line_no, raw in jsonl.read_jsonl(path):
+        record = jsonl.prompt_answer_record(raw, where=f"{path}:{line_no}",
+                                            layout="messages" if d.source == "messages" else None)
+        return {**record, "index": 0}
+    except jsonl.JsonlError as e:
+      fail("data.source_dir", str(e))
+  return None
+
+
+def _check_prompts(config, tok) -> None:
+  """The prompt format against the tokenizer (a chat template it has), rendered on the first training example,
+  and ``sampler.stop_tokens`` resolved to ids."""
+  from rlj.data import chat, prompts
+  fmt = builders.prompt_format(config, tok)
+  builders.stop_ids(config, tok)
+  record = first_record(config) if config.data.source in ("synthetic", "gsm8k", "generic", "messages") else None
+  if record is None:
+    return
+  try:
+    fmt.render(record)
+  except (chat.ChatTemplateError, prompts.PromptError) as e:
+    fail("data.format", f"the prompt of the first training example does not render: {e}; change "
+         f"data.system_prompt / data.user_template, pick another tokenizer.chat_template, or use data.format=plain")
 
 
 def _check_model(config) -> None:
@@ -168,9 +224,11 @@ def _check_vocab(config) -> int | None:
   """Checks that the model's embedding covers the tokenizer (larger is fine: padding up); returns the
   tokenizer's vocabulary size when a file gives it (None for ``train_synthetic``)."""
   t = config.tokenizer
-  if t.kind == "sentencepiece":
-    from rlj.data import tokenizer as tok_lib
-    vocab = tok_lib.Tokenizer.from_file(t.path).vocab_size
+  key = "tokenizer.path" if t.path else "init.path"
+  if t.kind != "train_synthetic":
+    tok = builders.load_tokenizer(config)
+    _check_prompts(config, tok)
+    vocab = tok.vocab_size
     pieces = f"the tokenizer has {vocab} pieces"
   else:  # train_synthetic trains at most tokenizer.vocab_size pieces
     vocab = int(t.vocab_size)
@@ -179,15 +237,15 @@ def _check_vocab(config) -> int | None:
     with open(os.path.join(config.init.path, "config.json")) as f:
       model_vocab = int(json.load(f)["vocab_size"])
     if model_vocab < vocab:
-      fail("tokenizer.path", f"{pieces} but the checkpoint in init.path embeds only {model_vocab}; use the "
-           f"tokenizer that came with the checkpoint")
+      fail(key, f"{pieces} but the checkpoint in init.path embeds only {model_vocab}; use the tokenizer that came "
+           f"with the checkpoint")
   elif not config.model.vocab_from_tokenizer:
     model_vocab = int(dict(config.model.overrides).get("vocab_size", presets.get(config.model.preset).vocab_size))
     if model_vocab < vocab:
       fail("model.vocab_from_tokenizer", f"model {config.model.preset!r} embeds {model_vocab} tokens but "
            f"{pieces}; set model.vocab_from_tokenizer=True (or a model.overrides.vocab_size >= {vocab}), or "
            f"use the tokenizer that matches the preset")
-  return vocab if t.kind == "sentencepiece" else None
+  return vocab if t.kind != "train_synthetic" else None
 
 
 def _check_rewards(specs, key: str, *, tokenizer_vocab: int | None, text_only: bool = False) -> None:
@@ -231,6 +289,12 @@ def reward_model_meta(spec: dict, key: str) -> dict:
   from rlj import rm_reward
   if kwargs.get("scalarize", "mean") not in rm_reward.SCALARIZE:
     fail(f"{key}.kwargs.scalarize", f"{kwargs['scalarize']!r}; choose one of {sorted(rm_reward.SCALARIZE)}")
+  if kwargs.get("method", "preference") not in rm_reward.PAIRWISE_METHODS:
+    fail(f"{key}.kwargs.method", f"{kwargs['method']!r}; choose one of {list(rm_reward.PAIRWISE_METHODS)}")
+  unknown = sorted(set(kwargs) - {"path", "scalarize", "alpha", "pairwise", "method", "temperature"})
+  if unknown:
+    fail(f"{key}.kwargs", f"unknown keys {unknown}; a reward_model reward takes path, scalarize, alpha, pairwise, "
+         f"method, temperature")
   train_one = "train one with `python -m launch.train --config configs/rm_bt.py` (or rm_iqn.py) and pass its workdir"
   if not os.path.isdir(path):
     fail(f"{key}.kwargs.path", f"reward model checkpoint {path!r} of reward {name!r} does not exist; {train_one}")

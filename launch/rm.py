@@ -1,20 +1,19 @@
 r"""The reward-model job (``job = "rm"``): ``python -m launch.train --config configs/rm_bt.py[:runlocal]``.
 
-Trains a Bradley-Terry or IQN reward model (``models.reward_model.RewardModel``) on preference pairs with the
-pure steps of ``rlj.rm_step``, logs with ``rlj.metrics_writer``, evaluates strict held-out accuracy every
-``train.eval_every`` steps and at the end (printed as ``held-out accuracy: X``), and writes orbax
-checkpoints to ``<workdir>/checkpoints`` with state ``{"params", "opt_state", "step"}`` and a meta record
-whose ``reward_model`` entry (``reward_model_meta``) is everything ``rlj.rm_reward`` needs to rebuild the
-model from the run folder alone. The tokenizer's ``.model`` is copied to ``<workdir>/tokenizer.model``.
+Config -> objects for a Bradley-Terry or IQN reward model (``models.reward_model.RewardModel``) on preference
+pairs; the loop is the engine's (``rlj.rm_loop.run_rm``: the steps of ``rlj.rm_step``, held-out strict accuracy
+every ``train.eval_every`` steps and at the end, printed as ``held-out accuracy: X``), and checkpoints follow the
+one job lifecycle (``rlj.lifecycle``) with a meta record whose ``reward_model`` entry (``reward_model_meta``) is
+everything ``rlj.rm_reward`` needs to rebuild the model from the run folder alone. A sentencepiece tokenizer's
+``.model`` is copied to ``<workdir>/tokenizer.model``; every tokenizer's files go to ``<workdir>/tokenizer/``.
 
-Sections: tokenizer -> data (sources, held-out split, pipelines) -> model and state -> loop.
+Sections: tokenizer -> data (sources, held-out split, pipelines) -> model and state -> the engine's loop.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import time
 from typing import Any, Iterator
 
 import jax
@@ -23,7 +22,7 @@ import numpy as np
 
 from launch import builders
 from rewards import quantile
-from rlj import checkpoint, metrics_writer, preemption, rm_step, sharding, train_state
+from rlj import checkpoint, lifecycle, metrics_writer, preemption, rm_loop, rm_step, sharding, train_state
 from rlj.rm_step import PreferenceBatch
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -45,23 +44,24 @@ def _corpus(source, n: int) -> list[str]:
 
 
 def build_tokenizer(config, workdir: str, train_source):
-  """A sentencepiece file (``tokenizer.kind=sentencepiece``) or one trained on the first
-  ``tokenizer.train_records`` training pairs (``train_synthetic`` / ``train_data``), saved in ``workdir``."""
+  """The checkpoint's tokenizer (``tokenizer.kind`` auto | hf | sentencepiece, ``builders.load_tokenizer``) or one
+  trained on the first ``tokenizer.train_records`` training pairs (``train_synthetic`` / ``train_data``); a
+  sentencepiece model is kept in ``<workdir>/tokenizer.model``, every tokenizer in ``<workdir>/tokenizer/``."""
   from rlj.data import tokenizer as tok_lib
   t, path = config.tokenizer, os.path.join(workdir, TOKENIZER_FILE)
-  if t.kind == "sentencepiece":
-    tok = tok_lib.Tokenizer.from_file(t.path)
+  if t.kind in ("auto", "hf", "sentencepiece"):
+    tok = builders.load_tokenizer(config)
   elif t.kind in ("train_synthetic", "train_data"):
     if os.path.exists(path):  # a resumed run keeps its tokenizer
-      return tok_lib.Tokenizer.from_file(path)
+      return builders.save_tokenizer(tok_lib.Tokenizer.from_file(path), workdir)
     tok = tok_lib.train(_corpus(train_source, t.train_records), vocab_size=t.vocab_size,
                         byte_fallback=t.kind == "train_data")
   else:
-    raise SystemExit(f"config key 'tokenizer.kind': {t.kind!r}; choose sentencepiece | train_synthetic | "
-                     f"train_data")
-  if jax.process_index() == 0 and not os.path.exists(path):
+    raise SystemExit(f"config key 'tokenizer.kind': {t.kind!r}; choose auto | hf | sentencepiece | "
+                     f"train_synthetic | train_data")
+  if jax.process_index() == 0 and not os.path.exists(path) and isinstance(tok, tok_lib.Tokenizer):
     tok.save(path)
-  return tok
+  return builders.save_tokenizer(tok, workdir)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -118,11 +118,14 @@ def preference_sources(config, workdir: str):
   return Subset(full, 0, min(d.train_records or train_stop, train_stop)), held_out
 
 
-def pipeline_config(config, *, batch_size: int, seed: int, shuffle: bool, num_epochs, drop_remainder: bool):
+def pipeline_config(config, tokenizer, *, batch_size: int, seed: int, shuffle: bool, num_epochs,
+                    drop_remainder: bool):
   from rlj.data import pipeline
   d = config.data
-  return pipeline.PipelineConfig(batch_size=batch_size, buckets=tuple(d.buckets), template=d.template,
-                                 add_bos=d.add_bos, overflow=d.overflow, seed=seed, shuffle=shuffle,
+  fmt = builders.prompt_format(config, tokenizer)
+  return pipeline.PipelineConfig(batch_size=batch_size, buckets=tuple(d.buckets), prompt_format=fmt,
+                                 add_bos=d.add_bos and fmt.add_bos(tokenizer), overflow=d.overflow, seed=seed,
+                                 shuffle=shuffle,
                                  num_epochs=num_epochs, drop_remainder=drop_remainder,
                                  num_workers=d.num_workers)
 
@@ -173,7 +176,9 @@ def init_params(config, model, mesh, rules, model_config):
   b = config.init.backbone
   if b == "hf":
     from models import hf
-    _, backbone = hf.load_hf_checkpoint(config.init.path, mesh=mesh, rules=rules, dtype=model_config.param_dtype)
+    _, backbone = hf.load_hf_checkpoint(
+        config.init.path, dtype=model_config.param_dtype,
+        shardings=lambda names, shapes: sharding.tree_shardings(names, shapes, mesh, rules))
   elif b == "rlj":
     backbone, _ = checkpoint.restore_params(config.init.path, params["backbone"])
   elif b == "scratch":
@@ -201,40 +206,18 @@ def build_model_config(config, tokenizer):
   return builders.model_config(config, tokenizer.vocab_size)
 
 
-def reward_model_meta(config, model_config) -> dict:
-  """What ``rlj.rm_reward.load_reward_model`` rebuilds the model from (stored in every checkpoint's meta)."""
+def reward_model_meta(config, model_config, tokenizer=None) -> dict:
+  """What ``rlj.rm_reward.load_reward_model`` rebuilds the model from (stored in every checkpoint's meta);
+  ``tokenizer`` names the run's tokenizer: ``tokenizer.model`` for a sentencepiece model, else the folder."""
+  from rlj.data import tokenizer as tok_lib
+  tokenizer_file = TOKENIZER_FILE if tokenizer is None or isinstance(tokenizer, tok_lib.Tokenizer) else (
+      builders.TOKENIZER_DIR)
   return {"model_config": dataclasses.asdict(model_config), "preset": config.model.preset,
           "overrides": dict(config.model.overrides), "kind": config.head.kind,
           "num_cosines": config.head.num_cosines, "head_hidden_dim": config.head.hidden_dim or None,
-          "monotone": config.head.monotone, "num_taus": config.loss.num_taus, "tokenizer": TOKENIZER_FILE,
-          "template": config.data.template, "add_bos": config.data.add_bos}
-
-
-def ckpt_tree(state) -> dict:
-  return {"params": state.params, "opt_state": state.opt_state, "step": state.step}
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Job
-# ------------------------------------------------------------------------------------------------------------
-
-class _LaggedSkips:
-  """``train_state.SkipCounter`` fed each step's device flag one step late, so the host never waits for the
-  device; ``flush`` reads the pending flag (before a checkpoint)."""
-
-  def __init__(self, limit: int):
-    self.counter = train_state.SkipCounter(limit, what="steps", hint="Lower optim.learning_rate")
-    self._pending = None
-
-  def add(self, step: int, skipped: jax.Array) -> None:
-    self.flush()
-    self._pending = (step, skipped)
-
-  def flush(self) -> None:
-    if self._pending is not None:
-      step, skipped = self._pending
-      self._pending = None
-      self.counter.add(float(skipped), f"at step {step}")
+          "monotone": config.head.monotone, "num_taus": config.loss.num_taus, "tokenizer": tokenizer_file,
+          "format": config.data.format, "template": config.data.user_template,
+          "system_prompt": config.data.system_prompt, "add_bos": config.data.add_bos}
 
 
 def _train_batches(it, mesh, rules) -> Iterator[PreferenceBatch]:
@@ -255,9 +238,7 @@ def run(config, workdir: str) -> dict:
   model = reward_model(config, mc)
   params, param_shardings = init_params(config, model, mesh, rules, mc)
   tx = train_state.make_optimizer(train_state.OptimConfig(**config.optim.to_dict()))
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-  state_sh = train_state.state_shardings(param_shardings, tx, abstract, mesh)
-  state = jax.jit(lambda p: train_state.TrainState.create(p, tx), out_shardings=state_sh)(params)
+  state, _ = builders.train_state_of(params, param_shardings, tx, mesh)
   del params
 
   t = config.train
@@ -267,71 +248,35 @@ def run(config, workdir: str) -> dict:
       raise SystemExit(f"config key 'train.{key}': {t[key]} pairs must split over the {dp}-way batch axes "
                        f"and {jax.process_count()} process(es)")
   it = pipeline.preference_pipeline(train_source, tokenizer, pipeline_config(
-      config, batch_size=t.batch_size // jax.process_count(), seed=config.seed, shuffle=True, num_epochs=None,
+      config, tokenizer, batch_size=t.batch_size // jax.process_count(), seed=config.seed, shuffle=True, num_epochs=None,
       drop_remainder=True))
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=t.keep_checkpoints,
-                                 every_steps=t.ckpt_every, every_minutes=t.ckpt_every_minutes)
-  start = 0
-  restored = ckpt.restore_latest(ckpt_tree(state))
-  if restored is not None:
-    start, tree, meta = restored
-    state = state.replace(params=tree["params"], opt_state=tree["opt_state"], step=tree["step"])
-    it.set_state(meta["data"])
-    print(f"resumed from step {start} in {workdir}", flush=True)
   eval_hosts = list(pipeline.preference_pipeline(eval_source, tokenizer, pipeline_config(
-      config, batch_size=t.eval_batch_size // jax.process_count(), seed=0, shuffle=False, num_epochs=1,
+      config, tokenizer, batch_size=t.eval_batch_size // jax.process_count(), seed=0, shuffle=False, num_epochs=1,
       drop_remainder=False)))
   eval_batches = [to_batch(h, mesh, rules) for h in eval_hosts]
-
   loss_kwargs = dict(config.loss)
-  train_fn = rm_step.make_train_step(model, tx, **loss_kwargs)
-  eval_fn = rm_step.make_eval_step(model, **loss_kwargs)
-  writer = metrics_writer.MetricsWriter(workdir, total_steps=t.total_steps, enabled=jax.process_index() == 0,
-                                        start_step=start)
-  rm_meta = reward_model_meta(config, mc)
-  root = jax.random.key(config.seed)
-
-  def evaluate(step):
-    held_out = rm_step.evaluate(eval_fn, state.params, eval_batches)
-    writer.write(step, {f"eval/{k}": v for k, v in held_out.items()})
-    return held_out
-
-  def save(step):
-    skips.flush()
-    meta = {"job": "rm", "step": step, "data": it.get_state(), "reward_model": rm_meta, "eval": held_out}
-    ckpt.save(step, ckpt_tree(state), meta)
-
-  held_out = None
-  batches = _train_batches(it, mesh, rules)
-  t0, pairs = time.time(), 0
-  skips = _LaggedSkips(t.max_consecutive_skips)
-  stopped = False
   with preemption.StopRequest() as stop:
-    on_step_end = preemption.checkpoint_hook(ckpt, stop, total_steps=t.total_steps, save=save,
-                                             label="reward model")
-    for step in range(start + 1, t.total_steps + 1):
-      batch = next(batches)
-      state, metrics = train_fn(state, batch, jax.random.fold_in(root, step))
-      skips.add(step, metrics["skipped"])
-      pairs += batch.chosen_tokens.shape[0]
-      if step % t.log_every == 0 or step == t.total_steps:
-        metrics = jax.device_get(metrics)
-        metrics["pairs_per_s"] = pairs / max(time.time() - t0, 1e-9)
-        writer.write(step, metrics)
-        t0, pairs = time.time(), 0
-      last = step == t.total_steps
-      if last or (t.eval_every and step % t.eval_every == 0):
-        held_out = evaluate(step)
-      stopped = on_step_end(step)
-      if stopped:
-        break
-  ckpt.close()
-  writer.close()
-  it.close()
+    job = lifecycle.Lifecycle(os.path.join(workdir, "checkpoints"), builders.checkpoint_policy(config), job="rm",
+                              total_steps=t.total_steps, stop=stop, data=it, label="reward model",
+                              meta=builders.checkpoint_meta(mc))
+    start, state, _, _ = job.resume(state)
+    if start:
+      print(f"resumed from step {start} in {workdir}", flush=True)
+    writer = metrics_writer.MetricsWriter(workdir, total_steps=t.total_steps, enabled=jax.process_index() == 0,
+                                          start_step=start)
+    try:
+      state, held_out, stopped = rm_loop.run_rm(
+          state, train_fn=rm_step.make_train_step(model, tx, **loss_kwargs),
+          eval_fn=rm_step.make_eval_step(model, **loss_kwargs), batches=_train_batches(it, mesh, rules),
+          eval_batches=eval_batches, job=job, writer=writer, total_steps=t.total_steps, start_step=start,
+          log_every=t.log_every, eval_every=t.eval_every, seed=config.seed,
+          max_consecutive_skips=t.max_consecutive_skips, meta={"reward_model": reward_model_meta(config, mc, tokenizer)})
+    finally:
+      job.close()
+      writer.close()
+      it.close()
   if stopped:
     return {}
-  if held_out is None:  # the run had already finished: report the restored model
-    held_out = evaluate(start)
   if jax.process_index() == 0:
     metrics_writer.plot_curves(workdir, keys=PLOT_KEYS)
   extra = f" (quantile-mean accuracy {held_out['mean_accuracy']:.4f})" if "mean_accuracy" in held_out else ""

@@ -23,7 +23,7 @@ import jax
 
 from launch import builders, checks, distributed
 from rewards import combine
-from rlj import checkpoint, host_data, metrics_writer, preemption, rl_loop, sft, train_state
+from rlj import lifecycle, metrics_writer, preemption, rl_loop, sft, train_state
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "job config file (configs/*.py[:args])", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run folder; default: runs/<config>-<time>. An existing one resumes.")
@@ -70,50 +70,33 @@ class Stopped(Exception):
   """A stop request (SIGTERM / preemption) ended the job at a step boundary after a checkpoint."""
 
 
-def make_checkpointer(config, workdir: str) -> checkpoint.Checkpointer:
-  t = config.train
-  return checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=t.keep_checkpoints,
-                                 every_steps=t.ckpt_every, every_minutes=t.ckpt_every_minutes)
-
-
 def run_sft_stage(config, env, state, workdir: str, stop):
   """Runs (or resumes) the SFT job in ``workdir``; returns the trained state.
 
   Raises:
     Stopped: when a stop request ended the stage early (after saving).
   """
-  ckpt = make_checkpointer(config, workdir)
-  start = 0
-  restored = ckpt.restore_latest(builders.ckpt_tree(state))
-  if restored is not None:
-    start, tree, meta = restored
-    state = builders.state_from_tree(state, tree)
-    if start >= config.sft.steps:
-      logging.info("SFT stage in %s already finished at step %d", workdir, start)
-      ckpt.close()
-      return state
-  writer = metrics_writer.MetricsWriter(workdir, total_steps=config.sft.steps, enabled=jax.process_index() == 0,
-                                        start_step=start)
   data = builders.prompt_iterator(config, env, split="train", batch_prompts=config.sft.batch_prompts,
                                   seed=config.seed + 1)
-  if restored is not None and restored[2].get("data") is not None:
-    data.set_state(host_data.own_entry(restored[2]["data"]))
-  eval_fn = builders.eval_fn(config, env)
-
-  def save(step, st):
-    ckpt.save(step, builders.ckpt_tree(st),
-              {"job": "sft", "step": step, "data": host_data.allgather_json(data.get_state())})  # one per process
-
-  on_step_end = preemption.checkpoint_hook(ckpt, stop, total_steps=config.sft.steps, save=save, label="SFT stage")
+  job = lifecycle.Lifecycle(os.path.join(workdir, "checkpoints"), builders.checkpoint_policy(config), job="sft",
+                            total_steps=config.sft.steps, stop=stop, data=data, label="SFT stage",
+                            meta=builders.checkpoint_meta(env.model_config))
+  start, state, _, _ = job.resume(state)
+  if start >= config.sft.steps:
+    logging.info("SFT stage in %s already finished at step %d", workdir, start)
+    job.close()
+    return state
+  writer = metrics_writer.MetricsWriter(workdir, total_steps=config.sft.steps, enabled=jax.process_index() == 0,
+                                        start_step=start)
   try:
     state, history = sft.run_sft(
         state, model=env.model, tx=env.sft_tx, mesh=env.mesh, rules=env.rules,
         state_shardings=env.state_shardings, tokenizer=env.tokenizer, train_iter=data,
         completion_len=config.sampler.max_new_tokens, steps=config.sft.steps, writer=writer, start_step=start,
-        eval_fn=eval_fn, eval_every=config.sft.eval_every, on_step_end=on_step_end,
+        eval_fn=builders.eval_fn(config, env), eval_every=config.sft.eval_every, job=job,
         max_consecutive_skips=config.train.max_consecutive_skips, seed=config.seed)
   finally:
-    ckpt.close()
+    job.close()
     writer.close()
   metrics_writer.plot_curves(workdir)
   if history and history[-1]["step"] < config.sft.steps:
@@ -128,42 +111,28 @@ def run_rl(config, env, workdir: str, stop) -> list[dict]:
     Stopped: when a stop request ended the job early (after saving).
   """
   state = env.state
-  if config.init.policy == "sft":
+  if builders.runs_sft_stage(config):
     sft_state = run_sft_stage(config, env, state, os.path.join(workdir, "sft"), stop)
     # RL starts from the SFT weights with a fresh optimizer.
     state = train_state.TrainState.create(sft_state.params, env.tx)
     state = jax.device_put(state, env.state_shardings)
   # A copy: the state's buffers are donated to the train step, the reference must outlive them.
   ref_params = jax.tree.map(jax.numpy.copy, state.params) if env.use_reference else None
-
-  ckpt = make_checkpointer(config, workdir)
-  start = 0
-  restored = ckpt.restore_latest(builders.ckpt_tree(state, ref_params))
   data = builders.prompt_iterator(config, env, split="train", batch_prompts=config.train.batch_prompts,
                                   seed=config.seed)
-  if restored is not None:
-    start, tree, meta = restored
-    state = builders.state_from_tree(state, tree)
-    ref_params = tree.get("ref_params", ref_params)
-    if meta.get("data") is not None:
-      data.set_state(host_data.own_entry(meta["data"]))
-    logging.info("resumed from step %d in %s", start, workdir)
+  job = lifecycle.Lifecycle(os.path.join(workdir, "checkpoints"), builders.checkpoint_policy(config), job="rl",
+                            total_steps=config.train.total_steps, stop=stop, data=data, label="RL",
+                            meta=builders.checkpoint_meta(env.model_config))
+  start, state, extra, meta = job.resume(state, {"ref_params": ref_params})
   writer = metrics_writer.MetricsWriter(workdir, total_steps=config.train.total_steps,
                                         enabled=jax.process_index() == 0, start_step=start)
-  comps = builders.rl_components(config, env, data, writer)
-  trainer = rl_loop.Trainer(comps, builders.loop_config(config, env))
-  if restored is not None and "host" in restored[2]:
-    trainer.load_host_state(restored[2]["host"])
-  def save(step, st, ref):
-    ckpt.save(step, builders.ckpt_tree(st, ref if env.use_reference else None),
-              {"job": "rl", "step": step, "data": host_data.allgather_json(data.get_state())},
-              host=trainer.host_state())
-
-  on_step_end = preemption.checkpoint_hook(ckpt, stop, total_steps=config.train.total_steps, save=save, label="RL")
+  trainer = rl_loop.Trainer(builders.rl_components(config, env, data, writer),
+                            builders.loop_config(config, env.tokenizer.pad_id))
+  trainer.load_host_state(meta.get("host"))
   try:
-    _, _, history = trainer.run(state, ref_params, start_step=start, on_step_end=on_step_end)
+    _, _, history = trainer.run(state, extra["ref_params"], start_step=start, job=job)
   finally:
-    ckpt.close()
+    job.close()
     writer.close()
   png = metrics_writer.plot_curves(workdir)
   logging.info("curves: %s", png)

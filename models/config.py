@@ -1,16 +1,23 @@
-"""Model configuration: one frozen dataclass that describes a Llama / Qwen2 / Gemma decoder.
+"""Model configuration: one frozen dataclass that describes a Llama / Qwen2 / Qwen3 / Gemma 1-3 / Mistral decoder.
 
-Family differences are switches, not subclasses:
+Family differences are switches, not subclasses (norm_plus_one: x · (1 + w); scale_embeddings: x · sqrt(D)):
 
-| field              | Llama      | Qwen2      | Gemma                 |
-|--------------------|------------|------------|-----------------------|
-| activation         | "silu"     | "silu"     | "gelu_tanh"           |
-| norm_plus_one      | False      | False      | True  (x * (1 + w))   |
-| qkv_bias           | False      | True       | False                 |
-| tie_embeddings     | 8B: False  | 0.5B: True | True                  |
-| scale_embeddings   | False      | False      | True  (x * sqrt(D))   |
+| field                 | Llama     | Mistral | Qwen2      | Qwen3      | Gemma     | Gemma 2     | Gemma 3           |
+|-----------------------|-----------|---------|------------|------------|-----------|-------------|-------------------|
+| activation            | silu      | silu    | silu       | silu       | gelu_tanh | gelu_tanh   | gelu_tanh         |
+| norm_plus_one         | False     | False   | False      | False      | True      | True        | True              |
+| qkv_bias              | False     | False   | True       | False      | False     | False       | False             |
+| qk_norm               | False     | False   | False      | True       | False     | False       | True              |
+| post_norms            | False     | False   | False      | False      | False     | True        | True              |
+| tie_embeddings        | 3.2: True | False   | 0.5B: True | 0.6B: True | True      | True        | True              |
+| scale_embeddings      | False     | False   | False      | False      | True      | True        | True              |
+| query_pre_attn_scalar | None      | None    | None       | None       | None      | 256         | 256               |
+| attn/final softcap    | None      | None    | None       | None       | None      | 50 / 30     | None              |
+| layer_types           | full      | sliding | full       | full       | full      | alternating | 5 sliding, 1 full |
+| rope_local_theta      | None      | None    | None       | None       | None      | None        | 10k (global 1M)   |
 
-Use ``dataclasses.replace(config, dtype="bfloat16")`` to derive variants.
+Use ``dataclasses.replace(config, dtype="bfloat16")`` to derive variants. Defaults keep the Llama numerics: a
+field left at its default adds no operation to the forward pass.
 """
 from __future__ import annotations
 
@@ -20,6 +27,16 @@ from typing import Optional
 import jax.numpy as jnp
 
 ACTIVATIONS = ("silu", "gelu_tanh")
+LAYER_TYPES = ("full", "sliding")
+
+
+def sliding_pattern(num_layers: int, every: int) -> tuple[str, ...]:
+  """``layer_types`` with every ``every``-th layer global and the rest sliding-window:
+
+  layer i is "full" when (i + 1) % every == 0, else "sliding" (Gemma 2: every=2, starting with a sliding
+  layer; Gemma 3: every=6, i.e. 5 local : 1 global), as Hugging Face's ``sliding_window_pattern`` does.
+  """
+  return tuple("full" if (i + 1) % every == 0 else "sliding" for i in range(num_layers))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +58,18 @@ class ModelConfig:
     rope_scaling: Llama-3.1 frequency scaling as (factor, low_freq_factor, high_freq_factor,
       original_max_position_embeddings), or None for plain RoPE.
     qkv_bias: biases on the q/k/v projections (Qwen2).
+    qk_norm: an RMSNorm over Dh of every query and key head before RoPE (Qwen3, Gemma 3), with the model's
+      ``norm_plus_one`` and ``norm_eps``; its weights [Dh] are shared by the heads.
+    post_norms: RMSNorms on the attention and MLP outputs before each residual add (Gemma 2/3 "sandwich"):
+      x' = x + norm(Attn(norm(x))), x'' = x' + norm(MLP(norm(x'))).
+    query_pre_attn_scalar: attention scores are q·k / sqrt(query_pre_attn_scalar) (Gemma 2/3); None: sqrt(Dh).
+    attn_logit_softcap: c in scores <- c·tanh(scores / c) before the mask and softmax (Gemma 2); None: off.
+    final_logit_softcap: c in logits <- c·tanh(logits / c) (Gemma 2); None: off.
+    sliding_window: W, the keys a "sliding" layer's query sees: slots s - W < t <= s (itself and W - 1 before).
+    layer_types: one of ``LAYER_TYPES`` per layer ("full": causal over all keys, "sliding": the last W keys);
+      None: every layer "full". See ``sliding_pattern``.
+    rope_local_theta: RoPE base of the "sliding" layers (Gemma 3: 10k, its global layers ``rope_theta`` 1M),
+      which then take no ``rope_scaling``; None: every layer uses ``rope_theta`` and ``rope_scaling``.
     tie_embeddings: the output projection is the transposed embedding table.
     scale_embeddings: multiply embeddings by sqrt(D) cast to the compute dtype (Gemma).
     param_dtype: storage dtype of the parameters ("float32" or "bfloat16").
@@ -72,6 +101,14 @@ class ModelConfig:
   rope_theta: float = 10_000.0
   rope_scaling: Optional[tuple[float, float, float, int]] = None
   qkv_bias: bool = False
+  qk_norm: bool = False
+  post_norms: bool = False
+  query_pre_attn_scalar: Optional[float] = None
+  attn_logit_softcap: Optional[float] = None
+  final_logit_softcap: Optional[float] = None
+  sliding_window: Optional[int] = None
+  layer_types: Optional[tuple[str, ...]] = None
+  rope_local_theta: Optional[float] = None
   tie_embeddings: bool = False
   scale_embeddings: bool = False
   param_dtype: str = "float32"
@@ -81,6 +118,9 @@ class ModelConfig:
   cache_keys_slots_last: bool = False
 
   def __post_init__(self):
+    for name in ("rope_scaling", "layer_types"):   # JSON round trips turn tuples into lists (unhashable)
+      if isinstance(getattr(self, name), list):
+        object.__setattr__(self, name, tuple(getattr(self, name)))
     if self.activation not in ACTIVATIONS:
       raise ValueError(f"activation {self.activation!r}: choose one of {ACTIVATIONS}")
     if self.num_heads % self.num_kv_heads:
@@ -91,6 +131,32 @@ class ModelConfig:
       jnp.dtype(getattr(self, name))  # raises on an unknown dtype name
     if self.rope_scaling is not None and len(self.rope_scaling) != 4:
       raise ValueError("rope_scaling must be (factor, low_freq_factor, high_freq_factor, original_max_len)")
+    if self.layer_types is not None:
+      if len(self.layer_types) != self.num_layers or not set(self.layer_types) <= set(LAYER_TYPES):
+        raise ValueError(f"layer_types must hold num_layers={self.num_layers} entries from {LAYER_TYPES}, "
+                         f"got {self.layer_types}")
+      if "sliding" in self.layer_types and self.sliding_window is None:
+        raise ValueError("layer_types has 'sliding' layers but sliding_window is None")
+    if self.sliding_window is not None and (self.sliding_window < 1 or self.layer_types is None):
+      raise ValueError(f"sliding_window={self.sliding_window} needs a positive window and layer_types saying "
+                       "which layers slide (models.config.sliding_pattern)")
+    for name in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap", "rope_local_theta"):
+      if getattr(self, name) is not None and getattr(self, name) <= 0:
+        raise ValueError(f"{name} must be positive or None, got {getattr(self, name)}")
+
+  @property
+  def sliding_layers(self) -> tuple[bool, ...]:
+    """[L] whether each layer attends over a sliding window (static)."""
+    return tuple(t == "sliding" for t in (self.layer_types or ("full",) * self.num_layers))
+
+  @property
+  def has_sliding(self) -> bool:
+    return any(self.sliding_layers)
+
+  @property
+  def local_rope(self) -> bool:
+    """Sliding layers use RoPE angles of their own (``rope_local_theta``)."""
+    return self.rope_local_theta is not None and self.has_sliding
 
   @property
   def jnp_dtype(self) -> jnp.dtype:
@@ -106,6 +172,7 @@ class ModelConfig:
     attn = d * hd * (self.num_heads * 2 + self.num_kv_heads * 2)
     if self.qkv_bias:
       attn += hd * (self.num_heads + 2 * self.num_kv_heads)
-    block = attn + 3 * d * self.mlp_dim + 2 * d
+    norms = (4 if self.post_norms else 2) * d + (2 * hd if self.qk_norm else 0)
+    block = attn + 3 * d * self.mlp_dim + norms
     head = 0 if self.tie_embeddings else d * self.vocab_size
     return self.vocab_size * d + self.num_layers * block + d + head

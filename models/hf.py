@@ -1,8 +1,9 @@
 """Hugging Face checkpoints (config.json + safetensors) <-> this project's config and param tree.
 
-Supported ``model_type``s: "llama", "qwen2", "gemma". Only safetensors are read or written (never pickle).
-Loading places every tensor straight onto its ``NamedSharding``; host memory peaks at one stacked parameter
-(e.g. all layers' MLP gate kernels). Saving writes ``model.safetensors``, or numbered shards plus
+Supported ``model_type``s: llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text (``models.hf_config``
+translates config.json). Only safetensors are read or written (never pickle). Loading places every tensor
+straight onto the sharding the caller picks; host memory peaks at one stacked parameter (e.g. all layers' MLP
+gate kernels). Saving writes ``model.safetensors``, or numbered shards plus
 ``model.safetensors.index.json`` when the weights exceed ``max_shard_bytes``; ``transformers``'
 ``from_pretrained`` loads the result.
 
@@ -16,7 +17,7 @@ import contextlib
 import dataclasses
 import json
 import os
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import flax.linen as nn
 import jax
@@ -27,89 +28,12 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from models.config import ModelConfig
+from models.hf_config import SUPPORTED, config_from_hf, config_to_hf  # noqa: F401  (re-exported)
 from models.transformer import Transformer
-from rlj.sharding import DEFAULT_RULES, tree_shardings
 
-SUPPORTED = ("llama", "qwen2", "gemma")
-_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# config.json
-# ---------------------------------------------------------------------------------------------------------
-
-def _rope(d: dict) -> tuple[float, Optional[tuple[float, float, float, int]]]:
-  params = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
-  theta = float(params.get("rope_theta", d.get("rope_theta", 10_000.0)))
-  kind = params.get("rope_type", params.get("type", "default"))
-  if kind == "default":
-    return theta, None
-  if kind == "llama3":
-    return theta, (float(params["factor"]), float(params["low_freq_factor"]), float(params["high_freq_factor"]),
-                   int(params["original_max_position_embeddings"]))
-  raise ValueError(f"config.json: rope type {kind!r} is not supported (only 'default' and 'llama3')")
-
-
-def config_from_hf(d: dict) -> ModelConfig:
-  """Translates a Hugging Face config.json dict (llama / qwen2 / gemma) into a ``ModelConfig``.
-
-  The param and compute dtypes are float32; ``load_hf_checkpoint`` sets them from its ``dtype``.
-
-  Warning:
-    Gemma checkpoints that say ``hidden_act: "gelu"`` get the tanh approximation, as the original Gemma
-    implementation (and older transformers releases) use.
-  """
-  kind = d.get("model_type")
-  if kind not in SUPPORTED:
-    raise ValueError(f"config.json: model_type {kind!r} is not supported; choose one of {SUPPORTED}")
-  if kind == "llama" and (d.get("attention_bias") or d.get("mlp_bias")):
-    raise ValueError("config.json: llama with attention_bias / mlp_bias is not supported")
-  if kind == "qwen2" and d.get("use_sliding_window"):
-    raise ValueError("config.json: qwen2 with use_sliding_window=true is not supported")
-  act = d.get("hidden_activation") or d.get("hidden_act", "silu")
-  if kind == "gemma" and act == "gelu":
-    act = "gelu_pytorch_tanh"
-  if act not in _ACTIVATIONS:
-    raise ValueError(f"config.json: activation {act!r} is not supported; choose one of {sorted(_ACTIVATIONS)}")
-  theta, scaling = _rope(d)
-  heads = int(d["num_attention_heads"])
-  return ModelConfig(
-      vocab_size=int(d["vocab_size"]), num_layers=int(d["num_hidden_layers"]), embed_dim=int(d["hidden_size"]),
-      num_heads=heads, num_kv_heads=int(d.get("num_key_value_heads") or heads),
-      head_dim=int(d.get("head_dim") or d["hidden_size"] // heads), mlp_dim=int(d["intermediate_size"]),
-      activation=_ACTIVATIONS[act], norm_eps=float(d.get("rms_norm_eps", 1e-6)), norm_plus_one=kind == "gemma",
-      rope_theta=theta, rope_scaling=scaling, qkv_bias=kind == "qwen2",
-      tie_embeddings=bool(d.get("tie_word_embeddings", kind == "gemma")), scale_embeddings=kind == "gemma")
-
-
-def config_to_hf(config: ModelConfig) -> dict:
-  """The config.json dict that ``transformers`` needs to rebuild ``config`` (inverse of config_from_hf)."""
-  c = config
-  kind = "gemma" if c.norm_plus_one else ("qwen2" if c.qkv_bias else "llama")
-  gemma = kind == "gemma"
-  if (c.scale_embeddings != gemma or (gemma and (c.qkv_bias or c.activation != "gelu_tanh"))
-      or (not gemma and c.activation != "silu")):
-    raise ValueError(f"config {c} matches none of the Hugging Face families {SUPPORTED}")
-  rope = {"rope_type": "default", "rope_theta": c.rope_theta}
-  max_len = 8192
-  if c.rope_scaling is not None:
-    factor, low, high, old_len = c.rope_scaling
-    rope.update(rope_type="llama3", factor=factor, low_freq_factor=low, high_freq_factor=high,
-                original_max_position_embeddings=old_len)
-    max_len = int(old_len * factor)
-  arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gemma": "GemmaForCausalLM"}[kind]
-  out = dict(
-      architectures=[arch], model_type=kind, vocab_size=c.vocab_size, hidden_size=c.embed_dim,
-      intermediate_size=c.mlp_dim, num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
-      num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim, hidden_act="gelu_pytorch_tanh" if gemma else "silu",
-      rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, rope_parameters=rope, max_position_embeddings=max_len,
-      tie_word_embeddings=c.tie_embeddings, dtype=c.param_dtype, torch_dtype=c.param_dtype)
-  if kind == "llama":
-    out.update(attention_bias=False, mlp_bias=False)
-  if kind == "qwen2":
-    out.update(use_sliding_window=False)
-  return out
+# Placement of loaded tensors: (logical PartitionSpecs, ShapeDtypeStructs) -> shardings, or a tree of them.
+Shardings = Union[Callable[[Any, Any], Any], Any]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -136,8 +60,6 @@ def _specs(c: ModelConfig) -> list[_Spec]:
       _Spec(("embedder", "embedding"), "model.embed_tokens.weight", (c.vocab_size, d), ident, ident),
       _Spec(("final_norm", "scale"), "model.norm.weight", (d,), ident, ident),
       _Spec(("layers", "attn_norm", "scale"), "model.layers.{i}.input_layernorm.weight", (d,), ident, ident),
-      _Spec(("layers", "mlp_norm", "scale"), "model.layers.{i}.post_attention_layernorm.weight", (d,), ident,
-            ident),
       _Spec(("layers", "mlp", "gate"), "model.layers.{i}.mlp.gate_proj.weight", (f, d), t, t),
       _Spec(("layers", "mlp", "up"), "model.layers.{i}.mlp.up_proj.weight", (f, d), t, t),
       _Spec(("layers", "mlp", "down"), "model.layers.{i}.mlp.down_proj.weight", (d, f), t, t),
@@ -145,6 +67,16 @@ def _specs(c: ModelConfig) -> list[_Spec]:
             lambda a: a.reshape(d, c.num_heads, dh).transpose(1, 2, 0),
             lambda a: a.transpose(2, 0, 1).reshape(d, c.num_heads * dh)),
   ]
+  # Gemma 2/3 name the four norms around attention and MLP; elsewhere post_attention_layernorm is the MLP's.
+  norms = ({"attn_post_norm": "post_attention_layernorm", "mlp_norm": "pre_feedforward_layernorm",
+            "mlp_post_norm": "post_feedforward_layernorm"} if c.post_norms else
+           {"mlp_norm": "post_attention_layernorm"})
+  for ours, theirs in norms.items():
+    specs.append(_Spec(("layers", ours, "scale"), f"model.layers.{{i}}.{theirs}.weight", (d,), ident, ident))
+  if c.qk_norm:
+    for name in ("q", "k"):
+      specs.append(_Spec(("layers", "attn", f"{name}_norm", "scale"),
+                         f"model.layers.{{i}}.self_attn.{name}_norm.weight", (dh,), ident, ident))
   for name, n in (("q", c.num_heads), ("k", c.num_kv_heads), ("v", c.num_kv_heads)):
     specs.append(_Spec(("layers", "attn", name), f"model.layers.{{i}}.self_attn.{name}_proj.weight", (n * dh, d),
                        lambda a, n=n: a.reshape(n, dh, d).transpose(2, 0, 1),
@@ -205,15 +137,16 @@ def _checkpoint_dtype(d: dict) -> str:
   return "bfloat16" if name == "bfloat16" else "float32"
 
 
-def load_hf_checkpoint(path: str, *, mesh: Optional[jax.sharding.Mesh] = None, rules=DEFAULT_RULES,
+def load_hf_checkpoint(path: str, *, shardings: Optional[Shardings] = None,
                        dtype: Optional[str] = None) -> tuple[ModelConfig, Any]:
   """Reads a Hugging Face checkpoint directory into ``(ModelConfig, params)``.
 
   Args:
     path: directory with config.json and model.safetensors, or shards with model.safetensors.index.json.
-    mesh: place each parameter on ``NamedSharding(mesh, spec)`` from its logical names and ``rules``; None
-      puts everything on the first device.
-    rules: logical-axis rules (see ``rlj.sharding``).
+    shardings: where each parameter goes: a callable ``(logical, shapes) -> tree of jax Shardings`` called with
+      the param tree's logical-name ``PartitionSpec``s (``nn.get_partition_spec``) and its unboxed
+      ``ShapeDtypeStruct``s (``rlj.sharding.tree_shardings`` with a mesh and rules bound fits), or such a
+      tree itself; None puts everything on the first device.
     dtype: param and compute dtype ("float32" / "bfloat16"); None takes the checkpoint's (float16 -> float32).
   Returns:
     (config, params) with ``params`` an unboxed tree matching ``Transformer(config).init(...)["params"]``.
@@ -226,10 +159,10 @@ def load_hf_checkpoint(path: str, *, mesh: Optional[jax.sharding.Mesh] = None, r
   config = dataclasses.replace(config_from_hf(hf_config), param_dtype=dtype, dtype=dtype)
   abstract = abstract_params(config)
   shapes = nn.unbox(abstract)
-  if mesh is None:
+  if shardings is None:
     shardings = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), shapes)
-  else:
-    shardings = tree_shardings(nn.get_partition_spec(abstract), shapes, mesh, rules)
+  elif callable(shardings):
+    shardings = shardings(nn.get_partition_spec(abstract), shapes)
 
   files = _tensor_files(path)
   specs = _specs(config)

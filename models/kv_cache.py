@@ -4,6 +4,10 @@ Slots are positions in the cache buffer, not token positions: a left-padded prom
 [0, P) (its padding included, with ``key_mask`` False there), then each decoded token takes the next slot.
 A query in slot s attends to every slot t <= s whose ``key_mask`` is True. RoPE positions are passed by
 the caller separately, so padding does not shift them.
+
+Sliding-window layers (``ModelConfig.layer_types``) keep all S_max slots as well and mask those outside their
+window (``attention.sliding_window_mask``): one cache layout for every layer of a scanned stack, at the memory
+of a full-length cache for the local layers too (a ring buffer of W slots would save it).
 """
 from __future__ import annotations
 

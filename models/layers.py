@@ -59,24 +59,37 @@ def dense(x: jax.Array, w: jax.Array, contract: int = 1, *, dtype: Optional[Dtyp
 class RMSNorm(nn.Module):
   """Root-mean-square norm: y = x / sqrt(mean(x²) + eps) · w   (Gemma: · (1 + w), w initialised at 0).
 
-  The statistics are computed in float32. Following the Hugging Face implementations, Llama/Qwen2 cast
-  the normalised x back to the compute dtype before multiplying by w, Gemma multiplies in float32.
+  The statistics are computed in float32. Following the Hugging Face implementations, Llama/Qwen2/Qwen3 cast
+  the normalised x back to the compute dtype before multiplying by w, Gemma 1-3 multiply in float32.
+  ``axis_name`` is the logical name of the normalised axis ("head_dim" for the per-head q/k norms).
   """
   eps: float = 1e-6
   plus_one: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  axis_name: str = "embed"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
-    scale = param(self, "scale", ("embed",), (x.shape[-1],), self.param_dtype, init)
+    scale = param(self, "scale", (self.axis_name,), (x.shape[-1],), self.param_dtype, init)
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
     scale = scale.reshape((1,) * (x.ndim - 1) + scale.shape)
     if self.plus_one:
       return (y * (1.0 + scale.astype(jnp.float32))).astype(self.dtype)
     return y.astype(self.dtype) * scale.astype(self.dtype)
+
+
+def softcap(x: jax.Array, cap: Optional[float]) -> jax.Array:
+  """Logit soft-capping, x <- cap · tanh(x / cap) (identity for ``cap`` None): bounds |x| below cap smoothly.
+
+  Gemma 2 caps attention scores at 50 and final logits at 30 ("Gemma 2: Improving Open Language Models at a
+  Practical Size", arXiv:2408.00118, Sec. 2, "Logit soft-capping"). Computed in x's dtype (float32 here).
+  """
+  if cap is None:
+    return x
+  return jnp.tanh(x / cap) * cap
 
 
 def rope_inv_freq(head_dim: int, theta: float,

@@ -1,8 +1,14 @@
-"""Decoder-only transformer covering the Llama, Qwen2 and Gemma families (Flax linen, pure apply).
+"""Decoder-only transformer covering the Llama, Mistral, Qwen2/3 and Gemma 1/2/3 families (Flax linen, pure apply).
 
   x₀ = embed(tokens) [· sqrt(D) for Gemma]
   xₗ₊₁ = xₗ' + MLP(norm(xₗ')),   xₗ' = xₗ + Attn(norm(xₗ))       (pre-norm residual blocks)
   logits = norm(x_L) · Wₒᵤₜ         (Wₒᵤₜ = embeddingᵀ when tied), float32
+  Gemma 2/3 (``post_norms``): xₗ' = xₗ + norm(Attn(norm(xₗ))), xₗ₊₁ = xₗ' + norm(MLP(norm(xₗ')));
+  Gemma 2 also soft-caps the logits, logits <- c·tanh(logits / c) (``final_logit_softcap``).
+
+Per-layer patterns (``config.layer_types``: sliding-window or global attention; sliding layers' own RoPE base
+``rope_local_theta``) are static per unscanned block; in the scanned stack each block looks its kind up from
+its traced layer number and selects its mask and RoPE angles with it.
 
 The L blocks are one ``nn.scan`` (parameters stacked on a leading "layers" axis), so compile time does not
 grow with depth; ``config.remat`` wraps each block in ``nn.remat``. With ``config.scan_layers=False`` they
@@ -26,10 +32,10 @@ import jax
 import jax.numpy as jnp
 
 from models import kv_cache
-from models.attention import Attention, attention_mask
+from models.attention import Attention, attention_mask, sliding_window_mask
 from models.config import ModelConfig
 from models.kv_cache import KVCache
-from models.layers import MLP, Embedder, RMSNorm, dense, param, rope_angles, rope_inv_freq
+from models.layers import MLP, Embedder, RMSNorm, dense, param, rope_angles, rope_inv_freq, softcap
 
 
 class Block(nn.Module):
@@ -39,22 +45,49 @@ class Block(nn.Module):
   own layer ``layer`` in place (``kv_cache.write_layer``): a decode step then touches only the new slots and
   reads the layer it attends over, instead of copying the whole cache as scanned-over inputs and outputs
   would. Unscanned (``layer`` None), the carry holds this block's own (k, v) buffers.
+
+  ``layer_index`` is an unscanned block's layer number, so its sliding-window flag is a Python bool; a
+  scanned block reads the flag of its traced ``layer`` from the config's constant pattern.
+  ``local_rope`` is the (sin, cos) pair of sliding layers when they have their own RoPE base, else None.
   """
   config: ModelConfig
+  layer_index: Optional[int] = None
+
+  def _sliding(self, layer):
+    """Whether this block attends over a sliding window: a Python bool, or a traced bool in a scanned stack."""
+    pattern = self.config.sliding_layers
+    if self.layer_index is not None or len(set(pattern)) == 1:
+      return pattern[self.layer_index or 0]
+    return jnp.asarray(pattern)[layer]
 
   @nn.compact
-  def __call__(self, carry, layer, sin, cos, mask, index):
+  def __call__(self, carry, layer, sin, cos, mask, index, local_rope=None):
     x, cache = carry
     c = self.config
     dtype, pdtype = c.jnp_dtype, c.jnp_param_dtype
+    if c.has_sliding:
+      sliding = self._sliding(layer)
+      if sliding is not False:
+        mask = sliding_window_mask(mask, c.sliding_window, index, sliding)
+      if local_rope is not None and sliding is not False:
+        sin, cos = (local_rope if sliding is True else
+                    (jnp.where(sliding, local_rope[0], sin), jnp.where(sliding, local_rope[1], cos)))
     norm = dict(eps=c.norm_eps, plus_one=c.norm_plus_one, dtype=dtype, param_dtype=pdtype)
+    scale = None if c.query_pre_attn_scalar is None else float(c.query_pre_attn_scalar) ** -0.5
     h = RMSNorm(name="attn_norm", **norm)(x)
-    h, cache = Attention(c.num_heads, c.num_kv_heads, c.head_dim, qkv_bias=c.qkv_bias, dtype=dtype,
+    h, cache = Attention(c.num_heads, c.num_kv_heads, c.head_dim, qkv_bias=c.qkv_bias, qk_norm=c.qk_norm,
+                         norm_eps=c.norm_eps, norm_plus_one=c.norm_plus_one, scale=scale,
+                         logit_cap=c.attn_logit_softcap, dtype=dtype,
                          cache_keys_slots_last=c.cache_keys_slots_last,
                          param_dtype=pdtype, name="attn")(h, sin, cos, mask, cache, index, layer)
+    if c.post_norms:
+      h = RMSNorm(name="attn_post_norm", **norm)(h)
     x = x + h
     h = RMSNorm(name="mlp_norm", **norm)(x)
-    x = x + MLP(c.mlp_dim, activation=c.activation, dtype=dtype, param_dtype=pdtype, name="mlp")(h)
+    h = MLP(c.mlp_dim, activation=c.activation, dtype=dtype, param_dtype=pdtype, name="mlp")(h)
+    if c.post_norms:
+      h = RMSNorm(name="mlp_post_norm", **norm)(h)
+    x = x + h
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     return (x, cache), None
 
@@ -62,7 +95,7 @@ class Block(nn.Module):
 def _stacked_blocks(config: ModelConfig):
   block = nn.remat(Block, prevent_cse=False) if config.remat else Block
   return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                  length=config.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
 
 
@@ -97,7 +130,7 @@ class Transformer(nn.Module):
       self.layers = _stacked_blocks(c)(c)
     else:    # a list: linen names the blocks layers_0 .. layers_{L-1}
       block = nn.remat(Block, prevent_cse=False) if c.remat else Block
-      self.layers = [block(c) for _ in range(c.num_layers)]
+      self.layers = [block(c, layer_index=i) for i in range(c.num_layers)]
     self.final_norm = RMSNorm(eps=c.norm_eps, plus_one=c.norm_plus_one, dtype=dtype, param_dtype=pdtype)
     if not c.tie_embeddings:
       self.lm_head = param(self, "lm_head", ("embed", "vocab"), (c.embed_dim, c.vocab_size), pdtype)
@@ -108,29 +141,30 @@ class Transformer(nn.Module):
     x = self.embedder.encode(tokens)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     sin, cos = rope_angles(positions, rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling))
+    local_rope = rope_angles(positions, rope_inv_freq(c.head_dim, c.rope_local_theta)) if c.local_rope else None
     if cache is None:
-      x, _ = self._blocks(x, None, sin, cos, attention_mask(attn_mask), None)
+      x, _ = self._blocks(x, None, sin, cos, attention_mask(attn_mask), None, local_rope)
     else:
       key_mask = kv_cache.update_key_mask(cache.key_mask, attn_mask, cache.index)
       mask = attention_mask(attn_mask, key_mask, cache.index)
-      x, (k, v) = self._blocks(x, (cache.k, cache.v), sin, cos, mask, cache.index)
+      x, (k, v) = self._blocks(x, (cache.k, cache.v), sin, cos, mask, cache.index, local_rope)
       cache = KVCache(k=k, v=v, key_mask=key_mask, index=cache.index + tokens.shape[1])
     return self.final_norm(x), cache
 
-  def _blocks(self, x, kv, sin, cos, mask, index):
+  def _blocks(self, x, kv, sin, cos, mask, index, local_rope=None):
     """The L blocks over the residual stream x; ``kv`` is the cache's (k, v) or None."""
     c = self.config
     if c.scan_layers:
       layers = jnp.arange(c.num_layers, dtype=jnp.int32)   # scanned over: block l reads and writes cache layer l
-      (x, kv), _ = self.layers((x, kv), layers, sin, cos, mask, index)
+      (x, kv), _ = self.layers((x, kv), layers, sin, cos, mask, index, local_rope)
       return x, kv
     if kv is None:
       for block in self.layers:
-        (x, _), _ = block((x, None), None, sin, cos, mask, None)
+        (x, _), _ = block((x, None), None, sin, cos, mask, None, local_rope)
       return x, None
     ks, vs = list(kv[0]), list(kv[1])
     for i, block in enumerate(self.layers):
-      (x, (ks[i], vs[i])), _ = block((x, (ks[i], vs[i])), None, sin, cos, mask, index)
+      (x, (ks[i], vs[i])), _ = block((x, (ks[i], vs[i])), None, sin, cos, mask, index, local_rope)
     return x, (tuple(ks), tuple(vs))
 
   def logits(self, hidden: jax.Array) -> jax.Array:
@@ -139,6 +173,7 @@ class Transformer(nn.Module):
       out = self.embedder.decode(hidden)
     else:
       out = dense(hidden, self.lm_head, dtype=self.config.jnp_dtype, preferred_element_type=jnp.float32)
+    out = softcap(out, self.config.final_logit_softcap)   # Gemma 2; identity otherwise
     return nn.with_logical_constraint(out, ("batch", "length", "vocab"))
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, attn_mask: jax.Array,

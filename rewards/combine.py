@@ -16,9 +16,9 @@ fault of the rows it failed on; a batch call that raises is retried row by row t
 
 A missing value then follows the NaN convention of the algorithms (ALGORITHMS.md): GDPO leaves the component
 out of that row's normalisation; the GRPO family sums the other components of the row (the missing one counts
-0, ``rlj.rl_algos.scalar_rewards``), and a row whose every component is missing gets advantage 0 and is left
-out of its group's mean and std (``algorithms.grpo.advantages``). P3O scores such a row 0 and DNO ranks it
-below every scored row (``rlj.rl_algos.p3o_batch``, ``dno_pairs``).
+0, ``weighted_total``), and a row whose every component is missing stays missing (NaN): it gets advantage 0 and
+is left out of its group's mean and std (``algorithms.grpo.advantages``). P3O scores such a row 0 and DNO ranks
+it below every scored row (``rlj.rl_algos.p3o_batch``, ``rlj.dno_replay.select_pairs``).
 """
 from __future__ import annotations
 
@@ -263,8 +263,18 @@ def _where(i: int | None, prompts: Sequence[str], completions: Sequence[str], li
   return f"on row {i} (prompt {clip(str(prompts[i]))!r}, completion {clip(str(completions[i]))!r})"
 
 
+def weighted_total(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+  """sum_k w_k r_k over the last axis ([..., K] -> [...]), the one place the missing-value rule lives:
+  a NaN component (not applicable, or a fault scored missing) contributes 0; a row whose every component is
+  NaN stays NaN (it has no reward at all, and the algorithms treat it as missing)."""
+  values = np.asarray(values, np.float32)
+  all_nan = np.all(np.isnan(values), axis=-1)
+  total = np.nansum(values * np.asarray(weights, np.float32), axis=-1).astype(np.float32)
+  return np.where(all_nan, np.float32(np.nan), total)
+
+
 def weighted_sum(rewards: Rewards, weights: Mapping[str, float] | Sequence[float] | None = None) -> np.ndarray:
-  """sum_k w_k r_k -> [B, G]; NaN components (not applicable to a row) contribute 0.
+  """``weighted_total`` of a ``Rewards``' values -> [B, G].
 
   ``weights`` maps names to weights (missing names weigh 0) or lists K weights; None weighs all 1.
   """
@@ -280,7 +290,7 @@ def weighted_sum(rewards: Rewards, weights: Mapping[str, float] | Sequence[float
     w = np.asarray(weights, np.float32)
     if w.shape != (k,):
       raise ValueError(f"need {k} weights for {list(rewards.names)}, got {w.shape}")
-  return np.nansum(rewards.values * w, axis=-1).astype(np.float32)
+  return weighted_total(rewards.values, w)
 
 
 def weights_of(specs: Sequence[RewardSpec | Mapping[str, Any]]) -> dict[str, float]:

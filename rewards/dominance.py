@@ -158,28 +158,3 @@ def verdicts(q: jax.Array, levels: Levels, *, threshold: float = 0.0, **kwargs) 
     v = dom.astype(jnp.float32) - dom.T.astype(jnp.float32)
     s = jnp.where(s == 0, v, s)
   return s
-
-
-def win_rates(pref: jax.Array) -> jax.Array:
-  """Win rate of each group member against the rest: r_j = (1/(G-1)) sum_{j' != j} P[j, j'].
-
-  Pref-GRPO style group rewards ("Pref-GRPO: Pairwise Preference Reward-based GRPO for Stable Text-to-Image
-  Reinforcement Learning", arXiv:2508.20751). With P[j, j'] + P[j', j] = 1 the rates sum to G/2.
-
-  Args:
-    pref: [..., G, G] pairwise win probabilities P(j beats j'); the diagonal is ignored.
-
-  Returns:
-    [..., G] float32 in [0, 1].
-  """
-  pref = jnp.asarray(pref, jnp.float32)
-  g = pref.shape[-1]
-  if g < 2 or pref.shape[-2] != g:
-    raise ValueError(f"pref must be [..., G, G] with G >= 2, got {pref.shape}")
-  off = jnp.broadcast_to(1.0 - jnp.eye(g, dtype=jnp.float32), pref.shape)
-  return jnp.sum(pref * off, axis=-1) / (g - 1)
-
-
-def win_rates_from_verdicts(s: jax.Array) -> jax.Array:
-  """Win rates from verdicts s in [-1, 1]: r_j = (1/(G-1)) sum_{j' != j} (1 + s[j, j']) / 2; [..., G]."""
-  return win_rates((1.0 + jnp.asarray(s, jnp.float32)) / 2.0)

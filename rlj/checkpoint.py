@@ -177,18 +177,26 @@ def _as_abstract(x):
   return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
 
 
-def restore_params(directory: str, abstract_params: Any, *, item: str = "params") -> tuple[Any, dict]:
-  """Loads the params of the newest checkpoint in ``directory`` (an rlj policy / SFT / reward-model run).
+def restore_params(directory: str, abstract_params: Any, *, item: str = "params",
+                   step: int | None = None) -> tuple[Any, dict]:
+  """Loads the params of the newest checkpoint (or of ``step``) in ``directory`` (an rlj policy / SFT /
+  reward-model run).
 
   The checkpoint's ``state`` is a dict holding ``item`` (the trainers save ``{"params": ..., ...}``); only
   that subtree is read.
 
   Raises:
-    FileNotFoundError: naming the directory when it holds no checkpoint.
+    FileNotFoundError: naming the directory when it holds no checkpoint (or none at ``step``).
   """
   ckpt = Checkpointer(directory, async_save=False)
-  step = ckpt.latest_step()
   if step is None:
+    step = ckpt.latest_step()
+  elif step not in ckpt.all_steps():
+    steps = ckpt.all_steps()
+    ckpt.close()
+    raise FileNotFoundError(f"no rlj checkpoint at step {step} in {directory!r} (it has steps {steps})")
+  if step is None:
+    ckpt.close()
     raise FileNotFoundError(f"no rlj checkpoint found in {directory!r}")
   abstract = {item: jax.tree.map(_as_abstract, abstract_params)}
   args = ocp.args.Composite(state=ocp.args.PyTreeRestore(

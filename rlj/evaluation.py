@@ -15,11 +15,13 @@ from rewards import combine
 from rlj import host_data
 
 
-def rollout_texts(tokenizer, rollout) -> list[str]:
-  """Decodes this process's completion rows of a rollout (up to and excluding EOS)."""
+def rollout_texts(tokenizer, rollout, stop_ids=None) -> list[str]:
+  """Decodes this process's completion rows of a rollout, each up to and excluding its first stop id
+  (``stop_ids``: the sampler's ``config.stop_set``; None: every EOS id of the tokenizer)."""
+  from rlj.data import stops  # numpy only
   completion = host_data.to_local(rollout.completion)
   mask = host_data.to_local(rollout.mask)
-  return tokenizer.decode_batch(completion, mask)
+  return stops.completion_texts(tokenizer, completion, mask, stop_ids=stop_ids)
 
 
 def score(reward_fn: Callable, prompts: list[str], completions: list[str], answers: list[Any],
@@ -47,12 +49,14 @@ def evaluate(params: Any, batches: Iterable[Mapping[str, np.ndarray]], *, tokeni
     answers = [str(a) for a in batch["answer"]]
     if greedy_sampler is not None:
       ro = greedy_sampler.sample(params, batch["prompt_tokens"], batch["prompt_mask"], jax.random.key(0))
-      r = score(reward_fn, prompts, rollout_texts(tokenizer, ro), answers, host_data.to_local(ro.lengths))
+      r = score(reward_fn, prompts, rollout_texts(tokenizer, ro, greedy_sampler.config.stop_set), answers,
+                host_data.to_local(ro.lengths))
       correct_greedy.append(_every_process((r >= threshold)[valid]))
     if sampled_sampler is not None:
       g = sampled_sampler.config.num_samples
       ro = sampled_sampler.sample(params, batch["prompt_tokens"], batch["prompt_mask"], jax.random.fold_in(rng, i))
-      r = score(reward_fn, combine.repeat_per_prompt(prompts, g), rollout_texts(tokenizer, ro),
+      r = score(reward_fn, combine.repeat_per_prompt(prompts, g),
+                rollout_texts(tokenizer, ro, sampled_sampler.config.stop_set),
                 combine.repeat_per_prompt(answers, g), host_data.to_local(ro.lengths)).reshape(-1, g)
       ok = (r >= threshold)[valid]
       correct_sampled.append(_every_process(ok.mean(axis=1)))

@@ -16,6 +16,8 @@ all-gathered (STYLE.md §4).
 """
 from __future__ import annotations
 
+import contextlib
+import math
 import numbers
 from typing import Any, Callable
 
@@ -265,3 +267,47 @@ def completion_logprobs(apply_fn: Callable, params: Any, tokens: jax.Array, attn
   if not logits_window:
     logits = logits[:, window]
   return token_logprobs(logits, tokens[:, p:], temperature=temperature, chunk_size=chunk_size)
+
+
+def make_logp_fn(apply_fn, *, completion_len: int, temperature: float, mesh=None, rules=None,
+                 num_chunks: int = 1):
+  """``(params, tokens [N, P+T], attn_mask) -> logp [N, T]`` with P taken from the tokens' width.
+
+  ``apply_fn`` is a ``Transformer``'s apply: only the T positions that predict the completion are projected
+  to logits (``logits_at``).
+
+  With ``mesh`` (and ``rules``) the model's activation constraints apply (``sharding.activation_rules``), so
+  the batch stays split over the batch axes through the logits instead of being gathered onto every device.
+
+  ``num_chunks`` > 1 runs the rows in that many chunks one after another (``lax.map``; gcd(N, num_chunks) when
+  it does not divide N), so the activations and [rows, T, V] logits alive at once are a chunk's: the trainer's
+  rollout pass uses chunks of one optimizer micro-batch, whose forward and backward fit by construction.
+  """
+  def fn(params, tokens, attn_mask):
+    with contextlib.ExitStack() as stack:
+      if mesh is not None:
+        stack.enter_context(sharding.activation_rules(mesh, sharding.DEFAULT_RULES if rules is None else rules))
+      return completion_logprobs(apply_fn, params, tokens, attn_mask, tokens.shape[1] - completion_len,
+                                          temperature=temperature, logits_window=True)
+
+  if num_chunks < 1:
+    raise ValueError(f"num_chunks must be >= 1, got {num_chunks}")
+  if num_chunks == 1:
+    return fn
+
+  def chunked(params, tokens, attn_mask):
+    n = tokens.shape[0]
+    k = math.gcd(n, num_chunks)
+    if k == 1:
+      return fn(params, tokens, attn_mask)
+    split = lambda x: _rows_sharded(x.reshape((k, n // k) + x.shape[1:]), 1)      # each chunk over every device
+    out = jax.lax.map(lambda xs: fn(params, *xs), (split(tokens), split(attn_mask)))
+    return _rows_sharded(out.reshape((n,) + out.shape[2:]), 0)
+
+  def _rows_sharded(x, axis):
+    if mesh is None:
+      return x
+    names = (None,) * axis + ("batch",) + (None,) * (x.ndim - axis - 1)
+    return jax.lax.with_sharding_constraint(   # replicated where the batch shards do not divide
+        x, sharding.fitted_sharding(names, x.shape, mesh, sharding.DEFAULT_RULES if rules is None else rules))
+  return chunked

@@ -20,6 +20,7 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
+from algorithms import winrate
 from models.reward_model import RewardModel
 from rewards import dominance, quantile
 
@@ -100,12 +101,12 @@ def win_rate_rewards(q: jax.Array, num_generations: int, *, method: str = "prefe
   """
   q = jnp.asarray(q, jnp.float32)
   if method == "preference":
-    return dominance.win_rates(group_preferences(q, num_generations, temperature=temperature))
+    return winrate.win_rates(group_preferences(q, num_generations, temperature=temperature), symmetrize=False)
   if method == "qd":
     if q.ndim == 2:
       q = q[:, None, :]
     if levels is None:
       levels = (tuple(range(q.shape[1])),)
     s = group_verdicts(q, num_generations, levels, threshold=threshold, **qd_kwargs)
-    return dominance.win_rates_from_verdicts(s)
+    return winrate.win_rates(s, kind="verdict", symmetrize=False)
   raise ValueError(f"unknown win-rate method {method!r}; choose one of ['preference', 'qd']")

@@ -1,15 +1,18 @@
-"""Per-algorithm glue between a rollout and the jitted step: train batches and objectives.
+"""The algorithm switchboard: one row per RL algorithm, and the host-side batch building the rows share.
 
-For each algorithm this module says
-- how sampled rows and their rewards become a train batch (``make_*_batch``, host-side numpy plus the
-  algorithm's jittable advantage / pair-selection function), and
-- how the step's log-probs and that batch become ``(loss, metrics)`` (``*_objective``, called inside jit).
+A row (``Algorithm``) owns everything that differs between algorithms:
+- ``objective``: ``(logp, batch, **loss_kwargs) -> (loss, metrics)`` inside the jitted step;
+- ``batcher``: how a rollout and its rewards become a train batch (``Batcher``; DNO's keeps replay pools and
+  swaps the reference, ``rlj/dno_replay.py``);
+- ``uses_reference``: whether reference log-probs are computed (on the batch's rows, after it is built);
+- ``unit``: rows that stay together when batches are shuffled and split (1, or 2 for pairs);
+- ``check``: the settings it refuses, as ``SettingError(config key, message)`` before anything is built.
 
-Rows are group-major (row b*G + g is completion g of prompt b). Pairwise algorithms keep the two members of
-a pair in adjacent rows (2i, 2i+1), so minibatches and micro-batches split whole pairs.
+The loop (``rlj/rl_loop.py``), the launcher and ``launch.aot`` only read rows: adding an algorithm is its loss
+in ``algorithms/`` plus one row in ``ALGORITHMS`` below.
 
-The table ``ALGORITHMS`` below is the one switchboard: ``launch/train.py`` validates ``config.algo.name``
-against it.
+Rows are group-major (row b*G + g is completion g of prompt b). Pairwise algorithms keep the two members of a
+pair in adjacent rows (2i, 2i+1), so minibatches and micro-batches split whole pairs.
 """
 from __future__ import annotations
 
@@ -20,10 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from algorithms import dno, gdpo, grpo, p3o, winrate
-
-Batch = dict[str, Any]
-
+from algorithms import common, gdpo, grpo, p3o, winrate
+from algorithms import kl as kl_lib
+from rewards import combine
+from rlj import dno_replay
+from rlj.batches import ROLLOUT_KEYS, Batch, Batcher, SettingError, Settings
 
 # ----------------------------------------------------------------------------------------------------------
 # Objectives (inside jit): logp [rows, T] + batch -> (loss, metrics)
@@ -36,22 +40,11 @@ def policy_gradient_objective(logp, batch, **loss_kwargs):
                    num_seqs=batch["num_seqs"], **loss_kwargs)
 
 
-def _pairs(x):
-  return x.reshape((x.shape[0] // 2, 2) + x.shape[1:])
-
-
 def p3o_objective(logp, batch, **loss_kwargs):
   """P3O on adjacent row pairs: ``algorithms.p3o.loss(logp[B,2,T], ...)``."""
-  return p3o.loss(_pairs(logp), _pairs(batch["old_logp"]), _pairs(batch["ref_logp"]), batch["pair_rewards"],
-                  _pairs(batch["mask"]), **loss_kwargs)
-
-
-def dno_objective(logp, batch, **loss_kwargs):
-  """DNO on (chosen, rejected) row pairs against the previous iterate's log-probs (``ref_logp``)."""
-  lp, ref, mask = _pairs(logp), _pairs(batch["ref_logp"]), _pairs(batch["mask"])
-  scores = batch["pair_scores"]
-  return dno.loss(lp[:, 0], ref[:, 0], mask[:, 0], lp[:, 1], ref[:, 1], mask[:, 1],
-                  score_chosen=scores[:, 0], score_rejected=scores[:, 1], valid=batch["pair_valid"], **loss_kwargs)
+  pairs = common.adjacent_pairs
+  return p3o.loss(pairs(logp), pairs(batch["old_logp"]), pairs(batch["ref_logp"]), batch["pair_rewards"],
+                  pairs(batch["mask"]), **loss_kwargs)
 
 
 def sft_objective(logp, batch):
@@ -69,23 +62,15 @@ def sft_objective(logp, batch):
 _grpo_adv = jax.jit(grpo.advantages, static_argnames=("scale", "eps", "ddof"))
 _rloo_adv = jax.jit(grpo.rloo_advantages)
 _gdpo_adv = jax.jit(gdpo.advantages, static_argnames=("eps", "ddof"))
-_win_rates = jax.jit(winrate.win_rates, static_argnames=("kind", "hard", "symmetrize"))
-_select = jax.jit(dno.select_pairs, static_argnames=("min_chosen_score", "min_margin", "min_margin_policy_chosen",
-                                                     "max_pairs"))
+_win_rates = jax.jit(winrate.win_rates_from_scores)
 
-
-def scalar_rewards(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
-  """[B, G, K] -> [B, G]: weighted sum; NaN components contribute 0, rows with every component NaN stay NaN."""
-  all_nan = np.all(np.isnan(values), axis=-1)
-  total = np.nansum(values * weights, axis=-1).astype(np.float32)
-  return np.where(all_nan, np.nan, total)
+scalar_rewards = combine.weighted_total   # [B, G, K] -> [B, G]; the missing-component rule is stated there
 
 
 def group_win_rates(scores: np.ndarray) -> np.ndarray:
-  """Pref-GRPO style rewards from scalar scores: each completion's win rate against its group [B, G]."""
-  prefs = (scores[:, :, None] > scores[:, None, :]).astype(np.float32)
-  prefs += 0.5 * (scores[:, :, None] == scores[:, None, :])
-  return np.asarray(_win_rates(jnp.asarray(prefs), kind="prob", hard=False, symmetrize=True))
+  """Pref-GRPO style rewards from scalar scores: each completion's win rate against its group [B, G]
+  (``algorithms.winrate.win_rates_from_scores``)."""
+  return np.asarray(_win_rates(jnp.asarray(scores)))
 
 
 def advantages(name: str, values: np.ndarray, weights: np.ndarray, adv_kwargs: Mapping[str, Any]) -> np.ndarray:
@@ -106,66 +91,87 @@ def advantages(name: str, values: np.ndarray, weights: np.ndarray, adv_kwargs: M
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Train batches (host numpy)
+# Batchers: rollout rows + rewards -> a train batch (host numpy)
 # ----------------------------------------------------------------------------------------------------------
+
+class GroupBatcher(Batcher):
+  """GRPO / GDPO: every rollout row with its advantage."""
+
+  def __init__(self, settings: Settings, name: str):
+    super().__init__(settings)
+    self.name = name
+
+  def build(self, rollout, values, weights, step):
+    adv_kwargs = self.settings.options["advantage"]
+    adv = advantages(self.name, values, weights, adv_kwargs)
+    m = {"adv/abs_mean": float(np.abs(adv).mean()), "adv/distinct": float(len(np.unique(adv.round(4))))}
+    if self.name == "gdpo":  # GDPO's resolution against GRPO on the summed reward, same rollout
+      base = advantages("grpo", values, weights, adv_kwargs)
+      m["adv/distinct_grpo_sum"] = float(len(np.unique(base.round(4))))
+    return policy_gradient_batch(rollout, adv), m
+
+
+class P3OBatcher(Batcher):
+  """P3O: disjoint pairs (2j, 2j+1) inside each group with their weighted reward sums."""
+
+  def build(self, rollout, values, weights, step):
+    return p3o_batch(rollout, values, weights), {}
+
 
 def policy_gradient_batch(rollout: Mapping[str, np.ndarray], adv: np.ndarray) -> Batch:
   """Rows of a rollout + advantages [B, G] -> the GRPO/GDPO train batch."""
-  batch = {k: rollout[k] for k in ("tokens", "attn_mask", "mask", "old_logp", "ref_logp") if k in rollout}
+  batch = {k: rollout[k] for k in ROLLOUT_KEYS}
   batch["adv"] = adv.reshape(-1).astype(np.float32)
   return batch
 
 
 def p3o_batch(rollout: Mapping[str, np.ndarray], values: np.ndarray, weights: np.ndarray) -> Batch:
-  """Disjoint pairs (2j, 2j+1) inside each group; the pair's rewards are the weighted reward sums."""
+  """Disjoint pairs (2j, 2j+1) inside each group; the pair's rewards are the weighted reward sums (missing: 0)."""
   b, g = values.shape[:2]
-  if g % 2:
-    raise ValueError(f"P3O pairs completions: config key sampler.num_generations must be even, got {g}")
   r = np.nan_to_num(scalar_rewards(values, weights), nan=0.0)
-  if "ref_logp" not in rollout:
-    raise ValueError("P3O's KL-regularised reward difference needs reference log-probs: set "
-                     "config key algo.kwargs.kl_coef > 0")
-  batch = {k: rollout[k] for k in ("tokens", "attn_mask", "mask", "old_logp", "ref_logp")}
-  batch["pair_rewards"] = r.reshape(b * g // 2, 2).astype(np.float32)
+  batch = {k: rollout[k] for k in ROLLOUT_KEYS}
+  batch["pair_rewards"] = np.asarray(p3o.pair_up(r.reshape(b * g), g)).astype(np.float32)
   return batch
 
 
-def dno_pairs(rollout: Mapping[str, np.ndarray], values: np.ndarray, weights: np.ndarray, *,
-              min_chosen_score: float, min_margin: float, max_pairs: int, win_rate: bool) -> tuple[Batch, dict]:
-  """Large-margin (chosen, rejected) pairs of one rollout, as interleaved rows with a ``pair_valid`` mask."""
-  scores = scalar_rewards(values, weights)
-  missing = np.isnan(scores)             # every component missing: the completion is in no pair
-  if win_rate:
-    scores = np.where(missing, np.nan, group_win_rates(np.where(missing, -np.inf, scores)))
-  b, g = scores.shape
-  chosen, rejected, valid = (np.asarray(x) for x in _select(
-      jnp.asarray(scores), min_chosen_score=float(min_chosen_score), min_margin=float(min_margin),
-      max_pairs=int(max_pairs)))
-  base = (np.arange(b) * g)[:, None]
-  rows = np.stack([base + chosen, base + rejected], axis=-1).reshape(-1)       # [B*M*2] interleaved
-  batch = {k: rollout[k][rows] for k in ("tokens", "attn_mask", "mask")}
-  sc = np.stack([np.take_along_axis(scores, chosen, 1), np.take_along_axis(scores, rejected, 1)], -1)
-  batch["pair_scores"] = np.where(valid[..., None], sc, 0.0).reshape(-1, 2).astype(np.float32)
-  batch["pair_valid"] = valid.reshape(-1).astype(np.float32)
-  return batch, {"dno/valid_pairs": float(valid.sum()), "dno/prompts_with_pairs": float(valid.any(1).mean())}
+# ----------------------------------------------------------------------------------------------------------
+# Checks and reference use
+# ----------------------------------------------------------------------------------------------------------
+
+def kl_coef_positive(loss_kwargs: Mapping[str, Any]) -> bool:
+  return float(loss_kwargs.get("kl_coef", 0.0)) > 0
 
 
-def pad_rows_to(batch: Batch, width: int, pad_id: int) -> Batch:
-  """Left-pads the token columns of a pair batch to ``width`` (positions come from the mask)."""
-  s = batch["tokens"].shape[1]
-  if s == width:
-    return batch
-  extra = width - s
-  out = dict(batch)
-  out["tokens"] = np.pad(batch["tokens"], ((0, 0), (extra, 0)), constant_values=pad_id)
-  out["attn_mask"] = np.pad(batch["attn_mask"], ((0, 0), (extra, 0)))
-  return out
+def _check_estimator(s: Settings) -> None:
+  kind = s.loss_kwargs.get("kl_estimator", None)
+  if kind is not None and kind not in kl_lib.KINDS:
+    raise SettingError("algo.kwargs.kl_estimator", f"unknown estimator {kind!r}; choose one of {kl_lib.KINDS}")
 
 
-def concat_batches(batches: list[Batch], pad_id: int) -> Batch:
-  width = max(b["tokens"].shape[1] for b in batches)
-  batches = [pad_rows_to(b, width, pad_id) for b in batches]
-  return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+def _check_group(s: Settings) -> None:
+  _check_estimator(s)
+  if s.num_generations < 2:
+    raise SettingError("sampler.num_generations", f"the algorithm compares completions of a prompt: needs >= 2, "
+                       f"got {s.num_generations}")
+  adv = s.options["advantage"]
+  if adv["scale"] not in grpo.SCALES:
+    raise SettingError("algo.advantage.scale", f"{adv['scale']!r}; choose one of {grpo.SCALES}")
+  if adv["estimator"] not in ("grpo", "rloo"):
+    raise SettingError("algo.advantage.estimator", f"{adv['estimator']!r}; choose grpo | rloo")
+
+
+def _check_p3o(s: Settings) -> None:
+  _check_estimator(s)
+  if s.num_generations % 2 or s.num_generations < 2:
+    raise SettingError("sampler.num_generations", f"p3o pairs completions: needs an even number, got "
+                       f"{s.num_generations}")
+  if not kl_coef_positive(s.loss_kwargs):
+    raise SettingError("algo.kwargs.kl_coef", "P3O's KL-regularised reward difference needs reference log-probs: "
+                       "set it > 0")
+
+
+def _group_loss_defaults(s: Settings) -> dict:
+  return {"max_len": s.max_new_tokens}   # Dr. GRPO's constant normaliser
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,59 +180,46 @@ class Algorithm:
 
   Attributes:
     objective: ``(logp, batch, **loss_kwargs) -> (loss, metrics)`` used inside the jitted step.
+    batcher: ``Settings -> Batcher`` (one per run).
     unit: rows that must stay together when batches are shuffled and split (1 row, or 2 for a pair).
     sum_microbatches: whether micro-batch gradients add up (the loss is normalised by whole-step counts).
     needs_old_logp: whether the objective reads ``old_logp``.
+    uses_reference: ``loss_kwargs -> bool``: whether a reference model's log-probs enter the batch.
+    fixed_rows: whether the batch has the rollout's rows (False: a varying number of selected pairs).
+    check: ``Settings -> None``, raising ``SettingError``.
+    loss_defaults: ``Settings -> dict`` of objective keyword arguments the config may leave out.
   """
   objective: Callable
+  batcher: Callable[[Settings], Batcher]
   unit: int
   sum_microbatches: bool
   needs_old_logp: bool
+  uses_reference: Callable[[Mapping[str, Any]], bool]
+  fixed_rows: bool = True
+  check: Callable[[Settings], None] = lambda s: None
+  loss_defaults: Callable[[Settings], dict] = lambda s: {}
+
+  def loss_kwargs(self, settings: Settings) -> dict:
+    return {**self.loss_defaults(settings), **dict(settings.loss_kwargs)}
 
 
-ALGORITHMS = {
-    "grpo": Algorithm(policy_gradient_objective, unit=1, sum_microbatches=True, needs_old_logp=True),
-    "gdpo": Algorithm(policy_gradient_objective, unit=1, sum_microbatches=True, needs_old_logp=True),
-    "p3o": Algorithm(p3o_objective, unit=2, sum_microbatches=False, needs_old_logp=True),
-    "dno": Algorithm(dno_objective, unit=2, sum_microbatches=False, needs_old_logp=False),
+ALGORITHMS: dict[str, Algorithm] = {
+    "grpo": Algorithm(policy_gradient_objective, lambda s: GroupBatcher(s, "grpo"), unit=1, sum_microbatches=True,
+                      needs_old_logp=True, uses_reference=kl_coef_positive, check=_check_group,
+                      loss_defaults=_group_loss_defaults),
+    "gdpo": Algorithm(policy_gradient_objective, lambda s: GroupBatcher(s, "gdpo"), unit=1, sum_microbatches=True,
+                      needs_old_logp=True, uses_reference=kl_coef_positive, check=_check_group,
+                      loss_defaults=_group_loss_defaults),
+    "p3o": Algorithm(p3o_objective, P3OBatcher, unit=2, sum_microbatches=False, needs_old_logp=True,
+                     uses_reference=kl_coef_positive, check=_check_p3o),
+    "dno": Algorithm(dno_replay.objective, dno_replay.DnoBatcher, unit=2, sum_microbatches=False,
+                     needs_old_logp=False, uses_reference=lambda kw: True, fixed_rows=False,
+                     check=dno_replay.check),
 }
 
 
-def pick(table: Mapping[str, Any], name: str, what: str):
-  """``table[name]`` or a ValueError naming the valid choices and the config key."""
-  if name not in table:
-    raise ValueError(f"unknown {what} {name!r}; choose one of {sorted(table)}")
-  return table[name]
-
-
-def take_units(batch: Batch, idx: np.ndarray, unit: int) -> Batch:
-  """The units ``idx`` (rows, or pairs of adjacent rows when ``unit == 2``) of a batch.
-
-  Per-row arrays are indexed by their rows; per-pair arrays (keys ``pair_*``) by ``idx`` itself.
-  """
-  idx = np.asarray(idx, np.int64)
-  rows = (idx[:, None] * unit + np.arange(unit)[None]).reshape(-1)
-  return {k: v[idx] if k.startswith("pair_") else v[rows] for k, v in batch.items()}
-
-
-def minibatches(batch: Batch, *, num_minibatches: int, unit: int, rng: np.random.Generator,
-                shuffle: bool = True) -> list[Batch]:
-  """Splits a batch into ``num_minibatches`` optimizer-step batches of whole units (rows or pairs).
-
-  Per-row arrays have the row count as leading dim; per-pair arrays (``pair_*``) have rows / 2. Adds the
-  step normalisers ``num_tokens`` (mask sum) and ``num_seqs`` (rows with a token) of each minibatch.
-  """
-  rows = batch["tokens"].shape[0]
-  units = rows // unit
-  if units % num_minibatches:
-    raise ValueError(f"{units} {'pairs' if unit == 2 else 'rows'} do not split into train.num_minibatches="
-                     f"{num_minibatches}")
-  order = rng.permutation(units) if shuffle else np.arange(units)
-  out = []
-  for part in np.split(order, num_minibatches):
-    mb = take_units(batch, part, unit)
-    m = mb["mask"]
-    mb["num_tokens"] = np.float32(max(m.sum(), 1.0))
-    mb["num_seqs"] = np.float32(max((m.sum(-1) > 0).sum(), 1))
-    out.append(mb)
-  return out
+def get(name: str) -> Algorithm:
+  """The row of algorithm ``name``; SettingError naming ``algo.name`` and the choices otherwise."""
+  if name not in ALGORITHMS:
+    raise SettingError("algo.name", f"unknown algorithm {name!r}; choose one of {sorted(ALGORITHMS)}")
+  return ALGORITHMS[name]

@@ -10,7 +10,14 @@ restores the newest params; ``reward_model_fn`` wraps it as a reward function wi
   r = scalarize(q(tokens, attn_mask; tau_1..tau_Q))           IQN: quantiles on the midpoint grid, then
                                                               mean | cvar | lower_quantile at level alpha
 
-with the jitted scorer of ``rlj.reward_scoring`` (compiled once per row shape). The rows must be token ids
+with the jitted scorer of ``rlj.reward_scoring`` (compiled once per row shape). With ``pairwise=True`` the reward
+is each completion's Pref-GRPO win rate against the other completions of its prompt (arXiv:2508.20751):
+
+  P(j > j') = sigmoid(r_j - r_j')                             Bradley-Terry
+  P(j > j') = P(Z_j > Z_j') on the quantiles, or QD verdicts  IQN (``method`` "preference" | "qd")
+  r_j       = (1 / (G - 1)) sum_{j' != j} P(j > j')           ``algorithms.winrate.win_rates``
+
+(``rlj.reward_scoring.win_rate_rewards``); the loop passes the group size G as ``group_size``. The rows must be token ids
 of the reward model's own tokenizer: the policy and the reward model share it (compare
 ``meta["tokenizer_path"]`` with the policy's), and ids outside the reward model's vocabulary raise.
 
@@ -32,6 +39,7 @@ import orbax.checkpoint as ocp
 
 from models.config import ModelConfig
 from models.reward_model import RewardModel
+from algorithms import winrate
 from rewards import quantile
 from rlj import checkpoint, reward_scoring, sharding
 
@@ -117,7 +125,8 @@ def _scalarized(params, tokens, attn_mask, *, scorer, kind: str, alpha: float):
   return quantile.scalarize(scorer(params, tokens, attn_mask), kind=kind, alpha=alpha)
 
 
-def reward_model_fn(ckpt_workdir: str, *, scalarize: str = "mean", alpha: float = 0.25,
+def reward_model_fn(ckpt_workdir: str, *, scalarize: str = "mean", alpha: float = 0.25, pairwise: bool = False,
+                    method: str = "preference", temperature: Optional[float] = None,
                     mesh: Optional[jax.sharding.Mesh] = None, rules=sharding.DEFAULT_RULES):
   """A reward function that scores sampled rows with a trained reward model (loaded once, here).
 
@@ -126,6 +135,9 @@ def reward_model_fn(ckpt_workdir: str, *, scalarize: str = "mean", alpha: float 
     scalarize: IQN only: "mean" (risk-neutral), "cvar" (mean of the lowest ceil(alpha Q) quantiles) or
       "lower_quantile" (q(alpha)); see ``rewards.quantile.scalarize``. A BT model's reward is its scalar.
     alpha: risk level in (0, 1] of "cvar" / "lower_quantile".
+    pairwise: reward = win rate within the prompt's group from pairwise preferences (see the module doc).
+    method: IQN pairwise preferences: "preference" (P(Z_a > Z_b)) or "qd" (quantile-dominance verdicts).
+    temperature: IQN "preference": soft preference temperature (None: hard, ties 1/2).
     mesh, rules: as in ``load_reward_model``.
 
   Returns:
@@ -136,20 +148,37 @@ def reward_model_fn(ckpt_workdir: str, *, scalarize: str = "mean", alpha: float 
   """
   if scalarize not in SCALARIZE:
     raise ValueError(f"unknown scalarize {scalarize!r}; choose one of {sorted(SCALARIZE)}")
+  if method not in PAIRWISE_METHODS:
+    raise ValueError(f"unknown pairwise method {method!r}; choose one of {list(PAIRWISE_METHODS)}")
   return make_reward_fn(*load_reward_model(ckpt_workdir, mesh=mesh, rules=rules), scalarize=scalarize,
-                        alpha=alpha)
+                        alpha=alpha, pairwise=pairwise, method=method, temperature=temperature)
 
 
-def make_reward_fn(model: RewardModel, params: Any, meta: dict, *, scalarize: str = "mean", alpha: float = 0.25):
+PAIRWISE_METHODS = ("preference", "qd")
+
+
+def _group_win_rates(scores, *, kind: str, group_size: int, method: str, temperature: Optional[float]):
+  """[N] BT rewards or [N, Q] IQN quantiles -> [N] win rates within groups of ``group_size`` rows."""
+  if kind == "bt":
+    r = scores.reshape(-1, group_size)
+    prefs = jax.nn.sigmoid(r[:, :, None] - r[:, None, :])
+    return winrate.win_rates(prefs, symmetrize=False).reshape(-1)
+  return reward_scoring.win_rate_rewards(scores, group_size, method=method, temperature=temperature).reshape(-1)
+
+
+def make_reward_fn(model: RewardModel, params: Any, meta: dict, *, scalarize: str = "mean", alpha: float = 0.25,
+                   pairwise: bool = False, method: str = "preference", temperature: Optional[float] = None):
   """``reward_model_fn`` for an already loaded ``(model, params, meta)`` (e.g. one model, several risk levels)."""
   if scalarize not in SCALARIZE:
     raise ValueError(f"unknown scalarize {scalarize!r}; choose one of {sorted(SCALARIZE)}")
   scorer = reward_scoring.make_scorer(model, num_taus=meta["num_taus"])
-  if model.kind == "iqn":
+  if model.kind == "iqn" and not pairwise:
     scorer = jax.jit(functools.partial(_scalarized, scorer=scorer, kind=SCALARIZE[scalarize], alpha=alpha))
+  win_rates = jax.jit(functools.partial(_group_win_rates, kind=model.kind, method=method, temperature=temperature),
+                      static_argnames=("group_size",))
   vocab = model.config.vocab_size
 
-  def fn(prompts, completions, *, tokens, attn_mask, **_) -> np.ndarray:
+  def fn(prompts, completions, *, tokens, attn_mask, group_size: int | None = None, **_) -> np.ndarray:
     tokens, attn_mask = np.asarray(tokens), np.asarray(attn_mask)
     if tokens.ndim != 2 or tokens.shape != attn_mask.shape:
       raise ValueError(f"tokens {tokens.shape} and attn_mask {attn_mask.shape} must both be [N, S]")
@@ -160,6 +189,11 @@ def make_reward_fn(model: RewardModel, params: Any, meta: dict, *, scalarize: st
       raise ValueError(f"token ids in [{real.min()}, {real.max()}] fall outside the reward model's vocabulary "
                        f"of {vocab}: policy and reward model must share the tokenizer ({meta['tokenizer_path']})")
     r = scorer(params, jnp.asarray(tokens, jnp.int32), jnp.asarray(attn_mask, jnp.int32))
+    if pairwise:
+      if not group_size or tokens.shape[0] % group_size or group_size < 2:
+        raise ValueError(f"a pairwise reward compares the completions of a prompt: {tokens.shape[0]} rows do not "
+                         f"split into groups of group_size={group_size} >= 2")
+      r = win_rates(r, group_size=int(group_size))
     return np.asarray(jax.device_get(r), np.float32)
 
   fn.model, fn.params, fn.meta = model, params, meta

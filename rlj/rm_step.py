@@ -27,7 +27,7 @@ import optax
 
 from models.reward_model import RewardModel
 from rewards import bradley_terry, quantile
-from rlj.train_state import TrainState, apply_if_finite
+from rlj.train_state import TrainState, apply_if_finite, skip_metrics
 
 TAU_SAMPLING = ("midpoint", "uniform")
 
@@ -114,7 +114,7 @@ def train_step(state: TrainState, batch: PreferenceBatch, rng: jax.Array, *, mod
   grad_fn = jax.value_and_grad(functools.partial(loss_fn, model=model, **loss_kwargs), has_aux=True)
   (loss, metrics), grads = grad_fn(state.params, batch, rng)
   state, grad_norm, skipped = apply_if_finite(state, grads, loss, tx)
-  return state, {**metrics, "loss": loss, "grad_norm": grad_norm, "skipped": skipped}
+  return state, {**metrics, "loss": loss, "grad_norm": grad_norm, "skipped": skipped, **skip_metrics(state)}
 
 
 def eval_step(params: Any, batch: PreferenceBatch, *, model: RewardModel, num_taus: int = 32,

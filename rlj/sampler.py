@@ -22,7 +22,6 @@ Usage:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 from typing import Any, NamedTuple, Optional
 
@@ -34,9 +33,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from models import kv_cache
 from models.config import ModelConfig
-from models.transformer import unstack_layers
+from models import decode as decode_lib
 from rlj import host_data, logprobs, sampling_filters, sharding
-from rlj.sampler_config import PHASE_STEPS, Rollout, SamplerConfig, finish_rollout, pick_bucket
+from rlj.buckets import pick_bucket
+from rlj.sampler_config import PHASE_STEPS, Rollout, SamplerConfig, finish_rollout
 
 
 class _LoopState(NamedTuple):
@@ -126,14 +126,10 @@ class Sampler:
   def decode_model(self) -> nn.Module:
     """The module the program prefills and decodes with; its config also lays out the KV cache.
 
-    With ``unrolled_decode`` (by default on CPU) a ``Transformer`` becomes an unscanned one
-    (``scan_layers=False``) with slots-last keys in its cache (``cache_keys_slots_last``), untied if it was
-    tied; ``decode_params`` converts the weights once per call,
-    inside the program and outside the decode loop. Same values. XLA:CPU copies a layer's weights and cache
-    out of the stacked [L, ...] buffers before its matmuls, every decode step and layer, and ran the
-    [N, D] x [V, D]ᵀ output projection of a tied table at 6.4 ms for small-50m at N = 32 against 4.7 ms with
-    the table laid out [D, V]. TPU and GPU matmuls can read such operands where they lie; the unrolled copy is
-    unmeasured there and so not the default.
+    With ``unrolled_decode`` (by default on CPU) a ``Transformer`` becomes its decode copy
+    (``models.decode.decode_config``: unscanned, untied, slots-last keys); ``decode_params`` converts the
+    weights once per call, inside the program and outside the decode loop. Same values. TPU and GPU matmuls can
+    read stacked and tied operands where they lie; the decode copy is unmeasured there and so not the default.
     """
     mc = getattr(self.model, "config", None)
     unroll = self.config.unrolled_decode
@@ -141,18 +137,13 @@ class Sampler:
       unroll = self._on_cpu()
     if not unroll or not isinstance(mc, ModelConfig):
       return self.model
-    return self.model.clone(config=dataclasses.replace(mc, tie_embeddings=False, scan_layers=False,
-                                                       cache_keys_slots_last=True))
+    return self.model.clone(config=decode_lib.decode_config(mc))
 
   def decode_params(self, params):
     """``params`` of ``self.model`` converted for ``decode_model`` (traced inside the program)."""
     if self.decode_model is self.model:
       return params
-    mc, dc = self.model.config, self.decode_model.config
-    if mc.tie_embeddings and not dc.tie_embeddings:
-      params = {**params, "lm_head": jnp.transpose(params["embedder"]["embedding"])}
-    if mc.scan_layers and not dc.scan_layers:
-      params = unstack_layers(params, mc.num_layers)
+    params = decode_lib.decode_params(params, self.model.config, self.decode_model.config)
     # Materialised here, once: not folded back into the loop's matmuls as a slice or transpose per step.
     return jax.lax.optimization_barrier(params)
 

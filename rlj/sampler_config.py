@@ -102,16 +102,6 @@ class Rollout(NamedTuple):
   num_steps: jax.Array
 
 
-def pick_bucket(size: int, buckets: tuple[int, ...], what: str) -> int:
-  """The smallest bucket >= size (``size`` itself when there are no buckets)."""
-  if not buckets:
-    return size
-  for b in buckets:
-    if b >= size:
-      return b
-  raise ValueError(f"{what} {size} exceeds the largest bucket {buckets[-1]}; add a larger bucket")
-
-
 @functools.partial(jax.jit, static_argnames=("rows", "pad_cols"))
 def finish_rollout(completion, logp, mask, prompt, prompt_mask, steps, *, rows: int, pad_cols: int) -> Rollout:
   """Drops the bucket's padding rows and prompt columns and assembles the ``Rollout``."""

@@ -2,20 +2,18 @@
 
 Batches reuse the RL prompt pipeline (left-padded prompts with their reference answers); the answer is
 tokenised with EOS, truncated or right-padded to the completion width T, and trained with the same jitted
-``train_step`` as RL (objective ``rl_algos.sft_objective``), so an SFT checkpoint is an RL policy as is.
+``train_step`` as RL (``rlj.programs.sft_step``, objective ``rl_algos.sft_objective``), so an SFT checkpoint is an
+RL policy as is. Checkpoints and resume follow the one job lifecycle (``rlj.lifecycle``).
 """
 from __future__ import annotations
 
-import functools
 import time
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 
-from rlj import host_data, rl_algos, train_state
-from rlj.rl_loop import make_logp_fn
-from rlj.train_step import train_step
+from rlj import host_data, programs, train_state
 
 
 def sft_batch(prompts: Mapping[str, np.ndarray], tokenizer, completion_len: int) -> dict[str, np.ndarray]:
@@ -37,18 +35,17 @@ def sft_batch(prompts: Mapping[str, np.ndarray], tokenizer, completion_len: int)
 
 
 def run_sft(state, *, model, tx, mesh, rules, state_shardings, tokenizer, train_iter, completion_len: int,
-            steps: int, writer, start_step: int = 0, eval_fn=None, eval_every: int = 0, on_step_end=None,
+            steps: int, writer, start_step: int = 0, eval_fn=None, eval_every: int = 0, job=None,
             max_consecutive_skips: int = 0, seed: int = 0, log_prefix: str = "sft/") -> tuple[Any, list[dict]]:
   """Runs SFT updates ``start_step + 1 .. steps``; returns the final state and the logged records.
 
-  ``on_step_end(done, state) -> bool`` runs after each step (the launcher saves there); True stops at that
-  step boundary. A non-finite update is skipped by ``train_step``; ``max_consecutive_skips`` in a row raise
-  ``train_state.NonFiniteUpdates``.
+  With ``job`` (an ``rlj.lifecycle.Lifecycle``) checkpoints are saved when due, on the last step and on a stop
+  request, which ends the loop at that step boundary. A non-finite update is skipped by ``train_step``;
+  ``max_consecutive_skips`` in a row raise ``train_state.NonFiniteUpdates``.
   """
-  logp_fn = make_logp_fn(model.apply, completion_len=completion_len, temperature=1.0, mesh=mesh, rules=rules)
-  step = functools.partial(train_step, logp_fn=logp_fn, objective=rl_algos.sft_objective, tx=tx)
-  replicated = jax.sharding.NamedSharding(mesh, jax.P())
-  step_fn = jax.jit(step, donate_argnums=0, out_shardings=(state_shardings, replicated))
+  step_fn = programs.sft_step(model, tx, mesh=mesh, rules=rules, state_shardings=state_shardings,
+                              completion_len=completion_len)
+  on_step_end = job.hook(lambda done, st: job.save(done, st)) if job is not None else None
   root = jax.random.key(seed)
   history = []
   skips = train_state.SkipCounter(max_consecutive_skips, what="SFT updates",
@@ -58,16 +55,16 @@ def run_sft(state, *, model, tx, mesh, rules, state_shardings, tokenizer, train_
     batch = sft_batch(next(train_iter), tokenizer, completion_len)
     with jax.set_mesh(mesh):
       state, m = step_fn(state, host_data.to_global(batch, mesh, rules), jax.random.fold_in(root, i))
-    m = {log_prefix + k: float(v) for k, v in jax.device_get(m).items()}
+    done = i + 1
+    m = skips.update(jax.device_get(m), f"at step {done}")
+    m = {log_prefix + k: float(v) for k, v in m.items()}
     m["loss"] = m[log_prefix + "loss"]
     dt = time.perf_counter() - t0
     m["tokens_per_s"] = host_data.process_sum(batch["attn_mask"].sum()) / max(dt, 1e-9)
-    done = i + 1
     if eval_fn is not None and eval_every and (done % eval_every == 0 or done == steps):
       m.update(eval_fn(state.params, done))
     writer.write(done, m)
     history.append({"step": done, **m})
-    skips.add(m[log_prefix + "skipped"], f"at step {done}")
     if on_step_end is not None and on_step_end(done, state):
       break
   return state, history

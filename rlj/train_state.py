@@ -1,7 +1,8 @@
 """Train state and optimizer: AdamW with warmup + cosine decay and global-norm clipping.
 
-The state is a flat pytree (params, opt_state, step) so that it can be sharded, donated to the jitted
-step and checkpointed as one unit.
+The state is a flat pytree (params, opt_state, step and the non-finite skip counters) so that it can be sharded,
+donated to the jitted step and checkpointed as one unit: the counters live in the state (the shape of optax's
+``apply_if_finite``), so every job resumes them with its checkpoint.
 """
 from __future__ import annotations
 
@@ -53,14 +54,18 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
 
 @flax.struct.dataclass
 class TrainState:
-  """Everything an optimizer step changes. ``step`` counts optimizer updates."""
+  """Everything an optimizer step changes. ``step`` counts applied updates; ``skips_in_row`` and ``skips_total``
+  count the updates ``apply_if_finite`` skipped (in a row, and in all)."""
   params: Any
   opt_state: Any
   step: jax.Array
+  skips_in_row: jax.Array
+  skips_total: jax.Array
 
   @classmethod
   def create(cls, params: Any, tx: optax.GradientTransformation) -> "TrainState":
-    return cls(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32))
+    zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731 (three buffers: the jitted step donates each)
+    return cls(params=params, opt_state=tx.init(params), step=zero(), skips_in_row=zero(), skips_total=zero())
 
   def apply_gradients(self, grads: Any, tx: optax.GradientTransformation) -> "TrainState":
     updates, opt_state = tx.update(grads, self.opt_state, self.params)
@@ -69,16 +74,28 @@ class TrainState:
 
 def apply_if_finite(state: TrainState, grads: Any, loss: jax.Array,
                     tx: optax.GradientTransformation) -> tuple[TrainState, jax.Array, jax.Array]:
-  """The update when ``loss`` and the gradient norm are finite, else ``state`` unchanged (step included).
+  """The update when ``loss`` and the gradient norm are finite, else ``state`` unchanged (step included) but for
+  its skip counters.
 
   Returns ``(new_state, grad_norm, skipped)`` with ``skipped`` a float32 0/1, so a NaN/Inf step never
-  reaches the params, the optimizer moments or a checkpoint; the loops count and limit the skips.
+  reaches the params, the optimizer moments or a checkpoint; the loops limit the skips (``SkipCounter``).
   """
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   new_state = state.apply_gradients(grads, tx)
   new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-  return new_state, grad_norm, (~finite).astype(jnp.float32)
+  skipped = (~finite).astype(jnp.int32)
+  new_state = new_state.replace(skips_in_row=jnp.where(finite, 0, state.skips_in_row + 1),
+                                skips_total=state.skips_total + skipped)
+  return new_state, grad_norm, skipped.astype(jnp.float32)
+
+
+SKIP_KEYS = ("skips_in_row", "skips_total")
+
+
+def skip_metrics(state: TrainState) -> dict[str, jax.Array]:
+  """The state's skip counters as step metrics (``SkipCounter.update`` pops them on the host)."""
+  return {k: getattr(state, k) for k in SKIP_KEYS}
 
 
 class NonFiniteUpdates(RuntimeError):
@@ -86,7 +103,7 @@ class NonFiniteUpdates(RuntimeError):
 
 
 class SkipCounter:
-  """Counts the updates ``apply_if_finite`` skipped: in a row and in total.
+  """Reads the train state's skip counters (from step metrics) on the host and stops a run that keeps skipping.
 
   Args:
     limit: raise ``NonFiniteUpdates`` after this many skips in a row (0: never); config key
@@ -99,15 +116,17 @@ class SkipCounter:
     self.limit, self.what, self.hint = int(limit), what, hint
     self.in_row = self.total = 0
 
-  def add(self, skipped: float, where: str) -> None:
-    """Records one update's ``skipped`` flag; ``where`` names it in the message (e.g. "at step 7")."""
-    self.in_row = self.in_row + 1 if skipped else 0
-    self.total += int(bool(skipped))
+  def update(self, metrics: dict, where: str) -> dict:
+    """Pops the counters (``skip_metrics``, fetched to the host) from one update's metrics and checks the limit;
+    ``where`` names the update in the message (e.g. "at step 7"). Returns the other metrics."""
+    metrics = dict(metrics)
+    self.in_row, self.total = (int(metrics.pop(k)) for k in SKIP_KEYS)
     if self.limit and self.in_row >= self.limit:
       raise NonFiniteUpdates(
           f"{self.in_row} {self.what} in a row had a non-finite loss or gradient (the last {where}); each was "
           f"skipped, so the params and the checkpoints stay finite. {self.hint}, or raise "
           f"train.max_consecutive_skips (now {self.limit}).")
+    return metrics
 
 
 def state_shardings(params_shardings: Any, tx: optax.GradientTransformation, params_abstract: Any, mesh) -> Any:
@@ -124,4 +143,5 @@ def state_shardings(params_shardings: Any, tx: optax.GradientTransformation, par
 
   opt_shardings = jax.tree.map(shard_subtree, abstract.opt_state,
                                is_leaf=lambda x: jax.tree.structure(x) == params_def)
-  return TrainState(params=params_shardings, opt_state=opt_shardings, step=replicated)
+  return TrainState(params=params_shardings, opt_state=opt_shardings, step=replicated, skips_in_row=replicated,
+                    skips_total=replicated)

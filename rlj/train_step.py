@@ -8,8 +8,9 @@ Everything else (the log-prob function, the loss, the optimizer, the micro-batch
 - accumulates gradients over ``num_microbatches`` slices with ``lax.scan``: summed when the objective's
   normaliser already counts the whole optimizer step (GRPO ``token_mean`` with a global ``num_tokens``;
   ALGORITHMS.md §3.3), averaged otherwise,
-- skips the update when the loss or the gradient norm is not finite (the state passes through unchanged and
-  ``skipped`` is 1), so a checkpoint never holds NaNs.
+- skips the update when the loss or the gradient norm is not finite (the state passes through unchanged but for
+  its skip counters, ``skipped`` is 1), so a checkpoint never holds NaNs; the metrics carry the state's counters
+  (``train_state.SkipCounter`` checks them on the host).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rlj.train_state import TrainState, apply_if_finite
+from rlj.train_state import TrainState, apply_if_finite, skip_metrics
 
 Batch = Mapping[str, jax.Array]
 Objective = Callable[[jax.Array, Batch], tuple[jax.Array, dict]]
@@ -73,4 +74,4 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, logp_fn, obje
   new_state, grad_norm, skipped = apply_if_finite(state, grads, loss, tx)
   metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
   metrics.update(loss=loss.astype(jnp.float32), grad_norm=grad_norm.astype(jnp.float32), skipped=skipped)
-  return new_state, metrics
+  return new_state, {**metrics, **skip_metrics(new_state)}

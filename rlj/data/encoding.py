@@ -1,9 +1,10 @@
 """Per-record tokenisation and per-batch left-padding for the input pipelines (pure numpy, no grain).
 
 A record goes through an encoder (``PromptEncoder`` / ``PreferenceEncoder``, run in grain workers) that
-renders the prompt template, tokenises, and fits the sequence into the longest bucket: with
-``overflow="truncate"`` it keeps the END of the sequence (left truncation; the BOS token, if any, stays
-first), with ``overflow="drop"`` it marks the record ``too_long`` for the batcher to skip and count.
+renders the prompt (a ``{prompt}`` template, or a ``prompts.PromptFormat``: plain or the checkpoint's chat
+template), tokenises, and fits the sequence into the longest bucket: with ``overflow="truncate"`` it keeps the
+END of the sequence (left truncation; a BOS token first, added or written by a chat template, stays first),
+with ``overflow="drop"`` it marks the record ``too_long`` for the batcher to skip and count.
 The batcher (``collate_prompts`` / ``collate_preferences``, run in the main process) left-pads a list of
 encoded records to the smallest bucket that fits the longest of them.
 
@@ -17,7 +18,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from rlj.data.tokenizer import Tokenizer
+from rlj.buckets import pick_bucket
+from rlj.data.tokenizer import TokenizerBase
 
 OVERFLOW = ("truncate", "drop")
 
@@ -32,14 +34,6 @@ def text(value: Any) -> str:
 def render(template: str, prompt: str) -> str:
   """Applies a prompt template with a ``{prompt}`` slot, e.g. ``"Question: {prompt}\\nAnswer:"``."""
   return template.format(prompt=prompt)
-
-
-def pick_bucket(length: int, buckets: Sequence[int]) -> int:
-  """Smallest bucket ``>= length``; raises when none fits (encoders never emit such sequences)."""
-  for b in sorted(buckets):
-    if length <= b:
-      return b
-  raise ValueError(f"length {length} exceeds the longest bucket {max(buckets)}")
 
 
 def fit(ids: list[int], max_len: int, *, keep_first: bool) -> list[int]:
@@ -69,20 +63,37 @@ def _check_overflow(overflow: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class _Encoder:
-  """What both encoders share: the tokenizer, the length bound and the rendering of a record's prompt."""
-  tokenizer: Tokenizer
+  """What both encoders share: the tokenizer, the length bound and the rendering of a record's prompt.
+
+  ``prompt_format`` (a ``prompts.PromptFormat``), when given, renders the prompt instead of ``template``; for a
+  chat format pass ``add_bos=prompt_format.add_bos(tokenizer)`` (False: the chat template writes BOS itself).
+  """
+  tokenizer: TokenizerBase
   max_len: int
   template: str = "{prompt}"
   add_bos: bool = True
   overflow: str = "truncate"
+  prompt_format: Any = None
 
   def __post_init__(self):
     _check_overflow(self.overflow)
+    if self.prompt_format is not None and self.template != "{prompt}":
+      raise ValueError("give either a prompt template or a prompt_format (whose user_template replaces it)")
+    if self.prompt_format is not None and self.add_bos and not self.prompt_format.add_bos(self.tokenizer):
+      raise ValueError(f"add_bos=True with a {self.prompt_format.format!r} prompt format whose checkpoint adds no "
+                       f"BOS (a chat template writes its own); pass add_bos=prompt_format.add_bos(tokenizer)")
 
   def encode_prompt(self, record: dict) -> tuple[str, list[int]]:
-    """The record's prompt rendered with ``template`` and its token ids (BOS first when ``add_bos``)."""
-    prompt = render(self.template, text(record["prompt"]))
+    """The record's rendered prompt and its token ids (BOS first when ``add_bos``)."""
+    if self.prompt_format is not None:
+      prompt = self.prompt_format.render(record)
+    else:
+      prompt = render(self.template, text(record["prompt"]))
     return prompt, self.tokenizer.encode(prompt, add_bos=self.add_bos)
+
+  def keep_first(self, ids: Sequence[int]) -> bool:
+    """Whether truncation keeps the first token: a BOS, added here or written by the chat template."""
+    return self.add_bos or (len(ids) > 0 and self.tokenizer.bos_id is not None and ids[0] == self.tokenizer.bos_id)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +104,7 @@ class PromptEncoder(_Encoder):
   def __call__(self, record: dict) -> dict:
     prompt, ids = self.encode_prompt(record)
     too_long = len(ids) > self.max_len
-    return {"tokens": np.asarray(fit(ids, self.max_len, keep_first=self.add_bos), np.int32),
+    return {"tokens": np.asarray(fit(ids, self.max_len, keep_first=self.keep_first(ids)), np.int32),
             "prompt": prompt, "answer": text(record["answer"]), "index": int(record["index"]),
             "truncated": too_long and self.overflow == "truncate", "too_long": too_long}
 
@@ -129,14 +140,14 @@ class PreferenceEncoder(_Encoder):
   def __call__(self, record: dict) -> dict:
     prompt, prompt_ids = self.encode_prompt(record)
     out = {"prompt": prompt, "index": int(record["index"])}
-    too_long = False
+    too_long, keep_first = False, self.keep_first(prompt_ids)
     for name in ("chosen", "rejected"):
       response_ids = self.tokenizer.encode(text(record[name]), add_eos=True)
       ids = prompt_ids + response_ids
       loss = [0] * len(prompt_ids) + [1] * len(response_ids)
       too_long |= len(ids) > self.max_len
-      out[f"{name}_tokens"] = np.asarray(fit(ids, self.max_len, keep_first=self.add_bos), np.int32)
-      out[f"{name}_loss"] = np.asarray(fit(loss, self.max_len, keep_first=self.add_bos), np.int32)
+      out[f"{name}_tokens"] = np.asarray(fit(ids, self.max_len, keep_first=keep_first), np.int32)
+      out[f"{name}_loss"] = np.asarray(fit(loss, self.max_len, keep_first=keep_first), np.int32)
     out["truncated"] = too_long and self.overflow == "truncate"
     out["too_long"] = too_long
     return out

@@ -60,3 +60,79 @@ def parse_line(line: str, *, path: str, line_no: int, fields: Sequence[str] = ()
     if not isinstance(record[name], str):
       raise JsonlError(f"{where}: field {name!r} must be a string, got {type(record[name]).__name__}")
   return record
+
+
+# Prompt-answer rows in three layouts ---------------------------------------------------------------------------
+
+LAYOUTS = ("messages", "question", "prompt")
+
+
+def parse_messages(value: Any, *, where: str) -> list[dict[str, str]]:
+  """A row's ``messages``: a non-empty list of ``{"role": str, "content": str}`` (other keys kept)."""
+  if not isinstance(value, list) or not value:
+    raise JsonlError(f"{where}: field 'messages' must be a non-empty list of {{'role', 'content'}} objects")
+  for i, m in enumerate(value):
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+      raise JsonlError(f"{where}: messages[{i}] must be an object with string 'role' and 'content', got {m!r:.80}")
+  return [dict(m) for m in value]
+
+
+def split_conversation(messages: list[dict[str, str]], answer: Any, *, where: str) -> tuple[list[dict], str]:
+  """``(prompt messages, answer)`` of a conversation row.
+
+  A final assistant message is the reference answer and is removed from the prompt; an explicit ``answer`` field
+  (a string) takes precedence over it. The prompt must then end with a user turn.
+  """
+  prompt = messages[:-1] if messages[-1]["role"] == "assistant" else list(messages)
+  if answer is None:
+    if len(prompt) == len(messages):
+      raise JsonlError(f"{where}: no answer: add an 'answer' field or end 'messages' with an assistant turn")
+    answer = messages[-1]["content"]
+  if not isinstance(answer, str):
+    raise JsonlError(f"{where}: field 'answer' must be a string, got {type(answer).__name__}")
+  if not prompt or prompt[-1]["role"] != "user":
+    raise JsonlError(f"{where}: the prompt messages must end with a user turn, got "
+                     f"{[m['role'] for m in prompt]}")
+  return prompt, answer
+
+
+def detect_layout(record: dict[str, Any]) -> str:
+  """"messages" (conversation rows), "question" (GSM8K: question/answer) or "prompt" (prompt/answer)."""
+  for layout in LAYOUTS:
+    if layout in record:
+      return layout
+  raise JsonlError(f"a prompt-answer row needs 'messages', 'question' or 'prompt' (has {sorted(record)})")
+
+
+def prompt_answer_record(raw: dict[str, Any], *, where: str, layout: str | None = None) -> dict[str, str]:
+  """One row as ``{"prompt", "answer"}`` plus, for a conversation, ``"messages"`` (the prompt messages as a
+  JSON string, so that tfds can store it); ``prompt`` is then the last user turn (for logs and plain rewards).
+
+  Args:
+    raw: a parsed JSONL row in one of ``LAYOUTS`` (``layout=None`` detects it).
+    where: ``file:line`` for errors.
+  """
+  layout = layout or detect_layout(raw)
+  if layout != "messages":
+    for name in (layout, "answer"):
+      if not isinstance(raw.get(name), str):
+        raise JsonlError(f"{where}: field {name!r} must be a string (has {sorted(raw)})")
+    return {"prompt": raw[layout], "answer": raw["answer"]}
+  prompt, answer = split_conversation(parse_messages(raw.get("messages"), where=where), raw.get("answer"),
+                                      where=where)
+  return {"prompt": prompt[-1]["content"], "answer": answer, "messages": json.dumps(prompt, ensure_ascii=False)}
+
+
+def read_prompt_answer(path: str | os.PathLike, *, layout: str | None = None) -> list[dict[str, Any]]:
+  """Every row of a prompt-answer JSONL file as ``prompt_answer_record``s with ``index`` (0-based line number);
+  the layout is detected from the first row unless given, and every row must have it."""
+  records = []
+  for line_no, raw in read_jsonl(path):
+    where = f"{os.fspath(path)}:{line_no}"
+    if layout is None:
+      try:
+        layout = detect_layout(raw)
+      except JsonlError as e:
+        raise JsonlError(f"{where}: {e}") from None
+    records.append({**prompt_answer_record(raw, where=where, layout=layout), "index": line_no - 1})
+  return records

@@ -31,7 +31,7 @@ import grain
 import numpy as np
 
 from rlj.data import encoding
-from rlj.data.tokenizer import Tokenizer
+from rlj.data.tokenizer import TokenizerBase
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +42,8 @@ class PipelineConfig:
     batch_size: records per batch on this host.
     buckets: allowed padded lengths (prompt length for prompts, full sequence length for preferences).
     template: prompt template with a ``{prompt}`` slot.
+    prompt_format: a ``prompts.PromptFormat`` (plain or chat template) rendering prompts instead of ``template``;
+      with a chat format set ``add_bos=prompt_format.add_bos(tokenizer)`` (False).
     add_bos: start every sequence with the tokenizer's BOS.
     overflow: "truncate" (keep the end, and the BOS) | "drop" sequences longer than ``max(buckets)``.
     seed: shuffle seed.
@@ -57,6 +59,7 @@ class PipelineConfig:
   batch_size: int
   buckets: tuple[int, ...] = (64, 128, 256)
   template: str = "{prompt}"
+  prompt_format: Any = None
   add_bos: bool = True
   overflow: str = "truncate"
   seed: int = 0
@@ -251,7 +254,7 @@ def _ensure_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
-def _build(source, encoder, collate_fn, tokenizer: Tokenizer, config: PipelineConfig, kind: str,
+def _build(source, encoder, collate_fn, tokenizer: TokenizerBase, config: PipelineConfig, kind: str,
            process_index, process_count) -> BatchIterator:
   process_index, process_count = _host(process_index, process_count)
   elements, epoch_len = element_dataset(source, encoder, config, process_index=process_index,
@@ -273,7 +276,7 @@ class _Collate:
     return self.fn(elements, batch_size=self.batch_size, buckets=self.buckets, pad_id=self.pad_id)
 
 
-def prompt_pipeline(source: Any, tokenizer: Tokenizer, config: PipelineConfig, *,
+def prompt_pipeline(source: Any, tokenizer: TokenizerBase, config: PipelineConfig, *,
                     process_index: int | None = None, process_count: int | None = None) -> BatchIterator:
   """Batches of left-padded prompts with their reference answers, for RL rollouts.
 
@@ -289,12 +292,13 @@ def prompt_pipeline(source: Any, tokenizer: Tokenizer, config: PipelineConfig, *
     ``prompt_mask`` [B, P], ``prompt``/``answer`` [B] str, ``index`` [B], ``truncated``/``valid`` [B].
   """
   encoder = encoding.PromptEncoder(tokenizer, max(config.buckets), template=config.template,
-                                   add_bos=config.add_bos, overflow=config.overflow)
+                                   add_bos=config.add_bos, overflow=config.overflow,
+                                   prompt_format=config.prompt_format)
   return _build(source, encoder, encoding.collate_prompts, tokenizer, config, "prompts", process_index,
                 process_count)
 
 
-def preference_pipeline(source: Any, tokenizer: Tokenizer, config: PipelineConfig, *,
+def preference_pipeline(source: Any, tokenizer: TokenizerBase, config: PipelineConfig, *,
                         process_index: int | None = None, process_count: int | None = None) -> BatchIterator:
   """Batches of (prompt + chosen, prompt + rejected) token sequences, for reward-model training.
 
@@ -309,6 +313,7 @@ def preference_pipeline(source: Any, tokenizer: Tokenizer, config: PipelineConfi
     ``chosen_loss_mask`` and the same for ``rejected``, [B, L] int32, left-padded to one shared L.
   """
   encoder = encoding.PreferenceEncoder(tokenizer, max(config.buckets), template=config.template,
-                                       add_bos=config.add_bos, overflow=config.overflow)
+                                       add_bos=config.add_bos, overflow=config.overflow,
+                                       prompt_format=config.prompt_format)
   return _build(source, encoder, encoding.collate_preferences, tokenizer, config, "preferences",
                 process_index, process_count)

@@ -3,7 +3,9 @@
 Two record schemas cover the trainer's needs:
 
 - ``rlj_prompt_answer``: ``{"prompt", "answer", "index"}``. Configs ``gsm8k`` (GSM8K's ``question`` /
-  ``answer`` fields, answer ending in ``#### N``) and ``generic`` (``prompt`` / ``answer``).
+  ``answer`` fields, answer ending in ``#### N``) and ``generic`` (``prompt`` / ``answer``); config ``messages``
+  (rows with a ``messages`` conversation, see ``jsonl.prompt_answer_record``) adds a ``messages`` field, the
+  prompt turns as a JSON string, and its ``prompt`` is the last user turn.
 - ``rlj_preference``: ``{"prompt", "chosen", "rejected", "index"}``. Configs ``hh_rlhf`` (Anthropic HH-RLHF
   ``chosen`` / ``rejected`` transcripts, split into the shared prompt and the two responses, see
   ``split_transcripts``) and ``generic`` (``prompt`` / ``chosen`` / ``rejected``).
@@ -47,9 +49,11 @@ class JsonlConfig(tfds.core.BuilderConfig):
       ``{"chosen", "rejected"}``.
     transcripts: preference sets only: the chosen / rejected values are whole dialogue transcripts to be
       split at the last shared ``"\\n\\nAssistant:"`` turn.
+    messages: prompt-answer sets only: rows carry a ``messages`` conversation (``fields`` unused).
   """
   fields: dict[str, str] = dataclasses.field(default_factory=dict)
   transcripts: bool = False
+  messages: bool = False
 
 
 def split_transcripts(chosen: str, rejected: str, *, where: str = "") -> tuple[str, str, str]:
@@ -107,8 +111,11 @@ class _JsonlBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self._source_dir = source_dir
     super().__init__(**kwargs)
 
+  def _text_fields(self) -> tuple[str, ...]:
+    return self.TEXT_FIELDS + (("messages",) if self.builder_config.messages else ())
+
   def _info(self) -> tfds.core.DatasetInfo:
-    features = {name: tfds.features.Text() for name in self.TEXT_FIELDS}
+    features = {name: tfds.features.Text() for name in self._text_fields()}
     features["index"] = tfds.features.Scalar(dtype=np.int64, doc="0-based line number in the source file")
     return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
                                  features=tfds.features.FeaturesDict(features), disable_shuffling=True)
@@ -120,6 +127,10 @@ class _JsonlBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return {split: self._generate_examples(path) for split, path in _find_splits(self._source_dir).items()}
 
   def _generate_examples(self, path: str):
+    if self.builder_config.messages:
+      for record in jsonl.read_prompt_answer(path, layout="messages"):
+        yield record["index"], record
+      return
     fields = self.builder_config.fields
     for line_no, raw in jsonl.read_jsonl(path, fields=tuple(fields.values())):
       record = self._convert({name: raw[key] for name, key in fields.items()}, where=f"{path}:{line_no}")
@@ -138,6 +149,8 @@ class RljPromptAnswer(_JsonlBuilder):
                   fields={"prompt": "question", "answer": "answer"}),
       JsonlConfig(name="generic", description="JSONL with 'prompt' and 'answer' string fields.",
                   fields={"prompt": "prompt", "answer": "answer"}),
+      JsonlConfig(name="messages", description="JSONL with a 'messages' conversation (role/content) whose last "
+                  "assistant turn, or an 'answer' field, is the answer.", messages=True),
   ]
 
 

@@ -1,4 +1,5 @@
 """Shared fixtures of the data tests: the real data files, a built tfds data dir, a small tokenizer."""
+import json
 import pathlib
 
 import pytest
@@ -43,3 +44,15 @@ def tok():
   corpus = [task[i]["prompt"] for i in range(len(task))] + [task[i]["answer"] for i in range(len(task))]
   corpus += [prefs[i]["prompt"] + prefs[i]["chosen"] for i in range(len(prefs))]
   return tokenizer.train(corpus, vocab_size=512)
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dirs(tmp_path_factory, gsm8k_dir):
+  """``{family: directory}`` of the tiny Llama 3 / Qwen / Gemma tokenizer checkpoints (tiny_checkpoints.py),
+  trained once on the first 1000 GSM8K train questions and answers."""
+  import tiny_checkpoints
+  with open(gsm8k_dir / "train.jsonl", encoding="utf-8") as f:
+    rows = [json.loads(line) for _, line in zip(range(1000), f)]
+  corpus = [r["question"] for r in rows] + [r["answer"] for r in rows]
+  root = tmp_path_factory.mktemp("checkpoints")
+  return {name: build(str(root / name), corpus) for name, build in tiny_checkpoints.BUILDERS.items()}

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 from configs import grpo_tpu
-from launch import flops, hbm, tpu_topology
+from launch.aot_tools import flops, hbm, tpu_topology
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 

@@ -91,6 +91,11 @@ CASES = {
     "sampler_top_p": (dict(**{"sampler.top_p": 0.0}), r"'sampler'.*top_p"),
     "sampler_cache_phases": (dict(**{"sampler.cache_phases": 0}), r"'sampler\.cache_phases'.*positive int"),
     "hf_without_config": (dict(**{"init.policy": "hf", "init.path": "{tmp}"}), r"'init\.path'.*no config\.json"),
+    "tokenizer_missing": (dict(**{"tokenizer.kind": "hf", "tokenizer.path": "{tmp}/nowhere"}),
+                          r"'tokenizer\.path'.*nowhere' does not exist"),
+    "chat_without_template": (dict(**{"data.format": "chat"}), r"'data\.format'.*train_synthetic tokenizer has none"),
+    "system_prompt_plain": (dict(**{"data.system_prompt": "Be brief."}), r"'data\.system_prompt'.*'chat'"),
+    "user_template_slot": (dict(**{"data.user_template": "Q: {q}"}), r"'data\.user_template'.*\{prompt\}"),
 }
 
 
@@ -128,6 +133,66 @@ def test_vocab_against_a_tokenizer_file_and_an_hf_checkpoint(tmp_path, compiles)
   (hf / "config.json").write_text(json.dumps({"vocab_size": 200}))
   checks.validate(c)
   assert not compiles
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer_dir(tmp_path_factory):
+  """A Llama-3-style tokenizer folder (launch.make_tiny_checkpoint) whose chat template, like Gemma's, refuses a
+  system turn."""
+  from launch import make_tiny_checkpoint
+  from rlj.data import synthetic
+  path = str(tmp_path_factory.mktemp("hf_tok"))
+  task = synthetic.ArithmeticTask(num_records=200, seed=0, levels=(1,))
+  make_tiny_checkpoint.write_tokenizer(path, [task[i]["prompt"] for i in range(200)], vocab_size=320)
+  with open(os.path.join(path, "tokenizer_config.json")) as f:
+    config = json.load(f)
+  config["chat_template"] = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
+                             "supported') }}{% endif %}" + config["chat_template"])
+  with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+    json.dump(config, f)
+  return path
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"data.format": "chat", "data.system_prompt": "Be brief."},
+     r"'data\.format'.*first training example.*System role not supported \(message 0\)"),
+    ({"sampler.stop_tokens": ("is it",)}, r"'sampler\.stop_tokens\[0\]'.*'is it' is \d+ tokens"),
+    ({"tokenizer.chat_template": "tool_use"}, r"'tokenizer\.chat_template'.*no chat template named 'tool_use'"),
+])
+def test_checkpoint_tokenizer_errors(hf_tokenizer_dir, changes, match, tmp_path, compiles):
+  c = _config(**{"tokenizer.kind": "auto", "tokenizer.path": hf_tokenizer_dir, **changes})
+  _expect_stop(c, tmp_path / "run", match, compiles)
+
+
+def test_stop_tokens_resolve_to_ids_and_cut_rewarded_text(hf_tokenizer_dir):
+  """Every EOS id of the checkpoint plus ``sampler.stop_tokens`` (strings of one token, or ids) end a completion;
+  the text handed to reward functions stops at the first of them."""
+  import types
+  import numpy as np
+  from launch import builders
+  from rlj import evaluation
+  c = _config(**{"tokenizer.kind": "auto", "tokenizer.path": hf_tokenizer_dir,
+                 "sampler.stop_tokens": ("<|start_header_id|>", 7)})
+  tok = builders.load_tokenizer(c)
+  header = tok.token_to_id("<|start_header_id|>")
+  stops = builders.stop_ids(c, tok)
+  assert stops == (*tok.eos_ids, header, 7) and len(tok.eos_ids) == 2
+  sc = builders.sampler_config(c, eos_id=tok.eos_id, pad_id=tok.pad_id, stop_ids=stops)
+  assert sc.stop_set == tuple(sorted(stops))
+  one = builders.sampler_config(c, eos_id=tok.eos_id, pad_id=tok.pad_id)   # a single id: as before
+  assert one.stop_ids == () and one.stop_set == (tok.eos_id,)
+  ids = tok.encode("1 + 2")
+  row = ids + [header] + tok.encode("3")
+  rollout = types.SimpleNamespace(completion=np.asarray([row]), mask=np.ones((1, len(row))))
+  assert evaluation.rollout_texts(tok, rollout, sc.stop_set) == ["1 + 2"]
+
+
+def test_unparsable_tokenizer_json(tmp_path, compiles):
+  (tmp_path / "tok").mkdir()
+  (tmp_path / "tok" / "tokenizer.json").write_text("{not json")
+  c = _config(**{"tokenizer.kind": "auto", "tokenizer.path": str(tmp_path / "tok")})
+  msg = _expect_stop(c, tmp_path / "run", r"'tokenizer\.path'.*tokenizer\.json", compiles)
+  assert "\n" not in msg
 
 
 def test_the_compile_counter_sees_an_error_raised_after_the_model_is_built(tmp_path, compiles, monkeypatch):

@@ -6,7 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from launch import bench, bench_logprobs, bench_matmul, bench_rl, bench_sampler, bench_train
+from launch import bench
+from launch.benchmarks import logprobs as bench_logprobs, matmul as bench_matmul, rl_step as bench_rl
+from launch.benchmarks import sampler as bench_sampler, train_step as bench_train
 from models import presets
 
 pytestmark = pytest.mark.usefixtures("fast_compile")

@@ -113,10 +113,11 @@ def test_saved_checkpoint_loads_in_transformers(family, tmp_path):
 
 
 def test_load_onto_mesh_and_bfloat16(family):
-  from rlj.sharding import make_mesh
+  from rlj.sharding import make_mesh, tree_shardings
   _, _, path, _, params, _ = family
   mesh = make_mesh((("data", 2), ("fsdp", 2), ("tensor", 2)))
-  config, sharded = hf.load_hf_checkpoint(path, mesh=mesh, dtype="bfloat16")
+  config, sharded = hf.load_hf_checkpoint(path, dtype="bfloat16",
+                                          shardings=lambda names, shapes: tree_shardings(names, shapes, mesh))
   assert config.param_dtype == config.dtype == "bfloat16"
   gate = sharded["layers"]["mlp"]["gate"]  # [L, D, F] logical (layers, embed, mlp) -> (None, fsdp, tensor)
   assert gate.dtype == jnp.bfloat16 and gate.sharding.spec == jax.P(None, "fsdp", "tensor")

@@ -7,12 +7,17 @@ import pytest
 
 from models import hf, presets
 
-PUBLISHED = {
+PUBLISHED = {   # the safetensors parameter counts of the Hugging Face checkpoints in models/presets.py
     "gemma-2b": 2_506_172_416,
+    "gemma-2-2b": 2_614_341_888,
+    "gemma-3-1b": 999_885_952,
     "llama-3.1-8b": 8_030_261_248,
     "llama-3.2-1b": 1_235_814_400,
+    "llama-3.2-3b": 3_212_749_824,
     "qwen2.5-0.5b": 494_032_768,
     "qwen2.5-7b": 7_615_616_512,
+    "qwen3-0.6b": 596_049_920,
+    "qwen3-8b": 8_190_735_360,
 }
 
 
@@ -35,8 +40,16 @@ def test_small_and_tiny():
 
 def test_every_param_has_logical_names():
   allowed = {"vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "layers"}
-  abstract = hf.abstract_params(presets.get("qwen2.5-0.5b"))  # has q/k/v biases and tied embeddings
-  boxes = jax.tree.leaves(abstract, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
-  assert boxes and all(isinstance(b, nn.LogicallyPartitioned) for b in boxes)
-  for b in boxes:
-    assert len(b.names) == len(b.value.shape) and set(b.names) <= allowed, b.names
+  # q/k/v biases and tied embeddings; q/k norms, post-norms and per-layer patterns.
+  for name in ("qwen2.5-0.5b", "gemma-3-1b"):
+    abstract = hf.abstract_params(presets.get(name))
+    boxes = jax.tree.leaves(abstract, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    assert boxes and all(isinstance(b, nn.LogicallyPartitioned) for b in boxes)
+    for b in boxes:
+      assert len(b.names) == len(b.value.shape) and set(b.names) <= allowed, b.names
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_presets_round_trip_through_config_json(name):
+  config = presets.get(name)
+  assert hf.config_from_hf(hf.config_to_hf(config)) == config

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from algorithms import winrate
 from rewards import dominance, quantile
 
 
@@ -125,7 +126,7 @@ def test_verdicts_antisymmetric_reference_and_win_rates():
         if expected:
           break
       assert s[a, b] == expected
-    r = np.asarray(dominance.win_rates_from_verdicts(s))
+    r = np.asarray(winrate.win_rates(jnp.asarray(s)[None], kind="verdict", symmetrize=False))[0]
     assert np.all((r >= 0) & (r <= 1))
     np.testing.assert_allclose(r.sum(), 5 / 2, rtol=1e-6)
 
@@ -133,7 +134,7 @@ def test_verdicts_antisymmetric_reference_and_win_rates():
 def test_win_rates_from_preferences_reference():
   p = np.random.default_rng(5).uniform(size=(2, 4, 4))
   p = np.triu(p, 1) + np.tril(1 - np.swapaxes(np.triu(p, 1), 1, 2), -1)
-  r = np.asarray(dominance.win_rates(jnp.asarray(p, jnp.float32)))
+  r = np.asarray(winrate.win_rates(jnp.asarray(p, jnp.float32), symmetrize=False))
   ref = [[sum(p[b, j, k] for k in range(4) if k != j) / 3 for j in range(4)] for b in range(2)]
   np.testing.assert_allclose(r, ref, rtol=1e-5)
   np.testing.assert_allclose(r.sum(-1), [2.0, 2.0], rtol=1e-5)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from rewards import combine
-from rlj import rl_algos
+from rlj import dno_replay, rl_algos
 
 PROMPTS = combine.repeat_per_prompt(["1+1", "2+2", "3+3"], 2)
 COMPLETIONS = ["2", "3", "4", "boom", "6", "7"]
@@ -166,7 +166,7 @@ def test_dno_pairs_leave_out_completions_with_a_missing_reward():
   values = np.array([[[1.0], [0.0], [np.nan], [0.5]], [[np.nan], [np.nan], [2.0], [0.0]]], np.float32)
   rollout = {"tokens": np.arange(b * g * t).reshape(b * g, t), "attn_mask": np.ones((b * g, t), np.int32),
              "mask": np.ones((b * g, t), np.float32)}
-  batch, _ = rl_algos.dno_pairs(rollout, values, np.ones(1, np.float32), min_chosen_score=-10.0, min_margin=0.1,
+  batch, _ = dno_replay.select_pairs(rollout, values, np.ones(1, np.float32), min_chosen_score=-10.0, min_margin=0.1,
                                 max_pairs=3, win_rate=False)
   valid = batch["pair_valid"] > 0
   assert valid.any() and np.isfinite(batch["pair_scores"]).all()

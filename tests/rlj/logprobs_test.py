@@ -200,19 +200,18 @@ def test_completion_logprobs_invariant_to_left_padding():
 
 @pytest.mark.parametrize("rows,num_chunks", [(8, 4), (6, 4), (5, 4)])
 def test_rollout_logp_in_row_chunks_equals_one_pass(rows, num_chunks):
-  """rl_loop.make_logp_fn(num_chunks=...): chunks of gcd(N, num_chunks) rows, one after another, give the
+  """logprobs.make_logp_fn(num_chunks=...): chunks of gcd(N, num_chunks) rows, one after another, give the
   one-pass log-probs; also with the rows sharded over 8 devices. (6 rows: 2 chunks; 5 rows: one pass.)"""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   from models import presets  # pylint: disable=g-import-not-at-top
   from models.transformer import Transformer  # pylint: disable=g-import-not-at-top
-  from rlj import rl_loop  # pylint: disable=g-import-not-at-top
   model = Transformer(presets.get("tiny"))
   rng = np.random.default_rng(4)
   tokens = rng.integers(1, 128, size=(rows, 9)).astype(np.int32)
   mask = np.ones_like(tokens)
   mask[1, :3] = 0
   params = nn.unbox(model.init(jax.random.key(0), tokens[:1], tokens[:1], mask[:1])["params"])
-  make = functools.partial(rl_loop.make_logp_fn, model.apply, completion_len=4, temperature=0.7)
+  make = functools.partial(logprobs.make_logp_fn, model.apply, completion_len=4, temperature=0.7)
   one = jax.jit(make())(params, tokens, mask)
   top = jax.make_jaxpr(make(num_chunks=num_chunks))(params, tokens, mask).jaxpr.eqns
   k = int(np.gcd(rows, num_chunks))

@@ -104,3 +104,30 @@ def test_qd_win_rates_follow_the_preorder():
     reward_scoring.win_rate_rewards(jnp.asarray(q), 3, method="qd")
   with pytest.raises(ValueError):
     reward_scoring.win_rate_rewards(jnp.asarray(q[:, 0]), G, method="borda")
+
+
+@pytest.mark.parametrize("kind", ["bt", "iqn"])
+def test_reward_model_pairwise_rewards_are_group_win_rates(kind, setup):
+  """``fn: reward_model`` with ``pairwise=True``: each row's win rate within its group of G, from the BT
+  preference sigmoid(r_j - r_j') or the IQN preference on the quantiles, against numpy loops."""
+  from rlj import rm_reward  # pylint: disable=g-import-not-at-top
+  rollout, _ = _rollout()
+  model = setup["model"] if kind == "iqn" else RewardModel(CONFIG, kind="bt")
+  params = setup["params"] if kind == "iqn" else jax.jit(model.init)(jax.random.key(1), rollout.tokens,
+                                                                      rollout.attn_mask)["params"]
+  meta = {"num_taus": 5, "tokenizer_path": "tok.model"}
+  scalar = rm_reward.make_reward_fn(model, params, meta)
+  pairwise = rm_reward.make_reward_fn(model, params, meta, pairwise=True)
+  kw = dict(tokens=np.asarray(rollout.tokens), attn_mask=np.asarray(rollout.attn_mask))
+  got = pairwise(["p"] * 8, ["c"] * 8, group_size=G, **kw)
+  if kind == "bt":
+    r = scalar(["p"] * 8, ["c"] * 8, **kw).astype(np.float64)
+    pref = lambda a, b: 1 / (1 + np.exp(-(r[a] - r[b])))  # noqa: E731
+  else:
+    q = np.asarray(setup["scorer"](params, rollout.tokens, rollout.attn_mask), np.float64)
+    pref = lambda a, b: np.mean([[float(x > y) + 0.5 * float(x == y) for y in q[b]] for x in q[a]])  # noqa: E731
+  ref = [np.mean([pref(b * G + j, b * G + k) for k in range(G) if k != j]) for b in range(2) for j in range(G)]
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(got, 0.5)
+  with pytest.raises(ValueError, match="group_size"):
+    pairwise(["p"] * 8, ["c"] * 8, group_size=3, **kw)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 
+import jax
 import numpy as np
 
 from configs import grpo_tpu
@@ -67,8 +68,9 @@ def measure(*, steps: int, warmup: int = 2, overrides: dict | None = None) -> tu
     data = builders.prompt_iterator(config, env, split="train", batch_prompts=config.train.batch_prompts,
                                     seed=config.seed)
     comps = builders.rl_components(config, env, data, _NullWriter())
-    trainer = rl_loop.Trainer(comps, builders.loop_config(config, env))
-    _, _, history = trainer.run(env.state, None, start_step=0)
+    trainer = rl_loop.Trainer(comps, builders.loop_config(config, env.tokenizer.pad_id))
+    ref = jax.tree.map(jax.numpy.copy, env.state.params) if env.use_reference else None   # as launch.train keeps it
+    _, _, history = trainer.run(env.state, ref, start_step=0)
   timed = history[warmup:]
   means = {k: float(np.mean([h[k] for h in timed])) for k in KEYS}
   means["sampled_tokens"] = float(np.mean([h["sampled_tokens"] for h in timed]))

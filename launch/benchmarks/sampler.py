@@ -6,8 +6,8 @@ generates exactly ``new_tokens`` tokens per row by greedy decoding (no EOS), so 
 Throughput is generated tokens / wall-clock seconds of one whole generate call (prefill included), the
 median over ``--repeats`` timed calls after one warm-up call (which compiles).
 
-  python -m launch.bench_sampler --model tiny --batch 32 --prompt_len 32 --new_tokens 64
-  python -m launch.bench_sampler --model small-50m --batch 32 --prompt_len 32 --new_tokens 64
+  python -m launch.benchmarks.sampler --model tiny --batch 32 --prompt_len 32 --new_tokens 64
+  python -m launch.benchmarks.sampler --model small-50m --batch 32 --prompt_len 32 --new_tokens 64
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from launch import bench, bench_matmul
+from launch import bench
+from launch.benchmarks import matmul as bench_matmul
 from models import kv_cache, presets
 from models.transformer import Transformer
 from rlj import logprobs, sampler, sampling_filters
@@ -227,7 +228,7 @@ def run_decode(args) -> tuple[list[dict], list[str]]:
                 "bandwidth (donated x + 1, read + write bytes).",
                 "matmuls alone = the step's weight matmuls (separate q, k, v, o, gate, up, down per layer, then the "
                 "output projection) at the same rows and dtype, jitted in a loop without norms, attention, cache "
-                "or sampling (launch.bench_sampler.decode_matmul_floor). 1 layer's weights = the same matmuls with "
+                "or sampling (launch.benchmarks.sampler.decode_matmul_floor). 1 layer's weights = the same matmuls with "
                 "every layer reusing the first layer's weights, which can then stay in the processor's caches: "
                 "the difference is the time spent streaming L layers' weights from memory."]
 

@@ -189,7 +189,7 @@ def cost_lines(costs) -> list[str]:
   """FLOPs per chip and the compiler's time estimate, per program and per RL step.
 
   ``costs``: (name, matmul FLOPs per chip of one run or None, runs per RL step, Program or None). The
-  compiler's own FLOPs figure counts a loop body once (see ``launch/flops.py``), so it is shown apart.
+  compiler's own FLOPs figure counts a loop body once (see ``launch/aot_tools/flops.py``), so it is shown apart.
   """
   lines = ["FLOPs per chip (matmuls, loops expanded) | XLA cost analysis (loop bodies counted once) | "
            "compiler's time estimate:"]

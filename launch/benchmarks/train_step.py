@@ -1,7 +1,8 @@
 r"""Train-step case: model FLOPs utilisation of the trainer's jitted GRPO step against the measured matmul peak.
 
-The step is the one ``rlj.rl_loop.Trainer`` compiles (``Trainer(...).step_fn``: teacher-forced log-probs of
-the completions, the GRPO clipped surrogate with the runlocal loss options, AdamW, donated state), on a
+The step is the one ``rlj.rl_loop.Trainer`` runs, from the same factory (``rlj.programs.rl_programs``:
+teacher-forced log-probs of the completions, the GRPO clipped surrogate with the runlocal loss options, AdamW,
+donated state), on a
 batch of N rows of S tokens whose last T are the completion, data-parallel over every device.
 
 FLOPs of one step (forward + backward, the PaLM convention of arXiv:2204.02311, App. B), counting only what
@@ -35,7 +36,7 @@ from launch import bench
 from models import presets
 from models.config import ModelConfig
 from models.transformer import Transformer
-from rlj import rl_loop, sharding, train_state
+from rlj import programs, rl_loop, sharding, train_state
 
 # The GRPO loss options of the runlocal config (configs/common.py), max_len added as the launcher does.
 LOSS_KWARGS = dict(clip_eps=0.2, kl_coef=0.0, agg="token_mean", kl_estimator="k3_ratio")
@@ -67,12 +68,9 @@ def build_step(config: ModelConfig, *, completion_len: int, mesh):
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
   state_sh = train_state.state_shardings(param_sh, tx, abstract, mesh)
   state = jax.jit(lambda p: train_state.TrainState.create(p, tx), out_shardings=state_sh)(params)
-  comps = rl_loop.Components(model=model, tx=tx, mesh=mesh, rules=rules, state_shardings=state_sh, sampler=None,
-                             tokenizer=None, train_iter=None, reward_fns=[], reward_weights=np.ones(1, np.float32),
-                             writer=None)
-  cfg = rl_loop.LoopConfig(algo="grpo", loss_kwargs=dict(LOSS_KWARGS, max_len=completion_len), adv_kwargs={},
-                           total_steps=1, num_generations=2, temperature=1.0, max_new_tokens=completion_len)
-  return rl_loop.Trainer(comps, cfg).step_fn, state
+  settings = programs.RLSettings(algo="grpo", loss_kwargs=dict(LOSS_KWARGS, max_len=completion_len),
+                                 completion_len=completion_len, temperature=1.0)
+  return programs.rl_programs(model, tx, settings, mesh=mesh, rules=rules, state_shardings=state_sh).step, state
 
 
 def grpo_batch(config: ModelConfig, rows: int, seq_len: int, completion_len: int, mesh) -> dict:
@@ -126,9 +124,9 @@ def run(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
     row = measure(config, rows=n, seq_len=s, completion_len=s // 2, repeats=args.repeats)
     rows.append({"model": name, **row})
   notes = ["FLOPs = 6 * P_layers * N * S + 6 * D * V * N * T + 6 * L * H * Dh * N * S * (S + 1): blocks, output "
-           "projection at the T completion positions, causal attention pairs (launch/bench_train.py); MFU = FLOPs / best "
+           "projection at the T completion positions, causal attention pairs (launch/benchmarks/train_step.py); MFU = FLOPs / best "
            "step time / best matmul peak (measured in this process before and after the steps, at the row's "
            "dtype).",
-           "Step: rlj.rl_loop.Trainer.step_fn (GRPO token-mean loss, AdamW, donated state), completions are the "
+           "Step: rlj.programs.rl_programs(...).step, as the Trainer runs it (GRPO token-mean loss, AdamW, donated state), completions are the "
            "last S/2 tokens of each row; data-parallel over every device."]
   return rows, notes

@@ -1,0 +1,1 @@
+"""Benchmark cases of ``python -m launch.bench`` (one module per case family)."""
