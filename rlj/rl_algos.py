@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from algorithms import common, gdpo, grpo, p3o, winrate
+from algorithms import cispo, common, gdpo, grpo, gspo, p3o, winrate
 from algorithms import kl as kl_lib
 from rewards import combine
 from rlj import dno_replay
@@ -38,6 +38,18 @@ def policy_gradient_objective(logp, batch, **loss_kwargs):
   ref = batch.get("ref_logp")
   return grpo.loss(logp, batch["old_logp"], ref, batch["adv"], batch["mask"], num_tokens=batch["num_tokens"],
                    num_seqs=batch["num_seqs"], **loss_kwargs)
+
+
+def gspo_objective(logp, batch, **loss_kwargs):
+  """GSPO / GSPO-token (``algorithms.gspo.loss``) normalised by the whole step's sequence count."""
+  return gspo.loss(logp, batch["old_logp"], batch.get("ref_logp"), batch["adv"], batch["mask"],
+                   num_seqs=batch["num_seqs"], **loss_kwargs)
+
+
+def cispo_objective(logp, batch, **loss_kwargs):
+  """CISPO (``algorithms.cispo.loss``) normalised by the whole step's token / sequence counts."""
+  return cispo.loss(logp, batch["old_logp"], batch.get("ref_logp"), batch["adv"], batch["mask"],
+                    num_tokens=batch["num_tokens"], num_seqs=batch["num_seqs"], **loss_kwargs)
 
 
 def p3o_objective(logp, batch, **loss_kwargs):
@@ -95,7 +107,7 @@ def advantages(name: str, values: np.ndarray, weights: np.ndarray, adv_kwargs: M
 # ----------------------------------------------------------------------------------------------------------
 
 class GroupBatcher(Batcher):
-  """GRPO / GDPO: every rollout row with its advantage."""
+  """GRPO / GDPO (and GSPO / CISPO, on GRPO's advantages): every rollout row with its advantage."""
 
   def __init__(self, settings: Settings, name: str):
     super().__init__(settings)
@@ -210,6 +222,11 @@ ALGORITHMS: dict[str, Algorithm] = {
     "gdpo": Algorithm(policy_gradient_objective, lambda s: GroupBatcher(s, "gdpo"), unit=1, sum_microbatches=True,
                       needs_old_logp=True, uses_reference=kl_coef_positive, check=_check_group,
                       loss_defaults=_group_loss_defaults),
+    "gspo": Algorithm(gspo_objective, lambda s: GroupBatcher(s, "grpo"), unit=1, sum_microbatches=True,
+                      needs_old_logp=True, uses_reference=kl_coef_positive, check=_check_group),
+    "cispo": Algorithm(cispo_objective, lambda s: GroupBatcher(s, "grpo"), unit=1, sum_microbatches=True,
+                       needs_old_logp=True, uses_reference=kl_coef_positive, check=_check_group,
+                       loss_defaults=_group_loss_defaults),
     "p3o": Algorithm(p3o_objective, P3OBatcher, unit=2, sum_microbatches=False, needs_old_logp=True,
                      uses_reference=kl_coef_positive, check=_check_p3o),
     "dno": Algorithm(dno_replay.objective, dno_replay.DnoBatcher, unit=2, sum_microbatches=False,

@@ -149,7 +149,8 @@ def test_rows_check_their_settings():
 
 
 @pytest.mark.parametrize("config_arg", [("grpo_tpu", "runlocal"), ("gdpo_tpu", "runlocal"), ("p3o_tpu", "runlocal"),
-                                        ("dno_tpu", "runlocal")])
+                                        ("dno_tpu", "runlocal"), ("gspo_tpu", "runlocal"),
+                                        ("gspo_tpu", "runlocal,algo=cispo")])
 def test_every_row_builds_the_minibatch_launch_aot_compiles(config_arg):
   """``launch.aot`` builds its example minibatch with the row's own batcher: every algorithm, no branch on names."""
   import importlib  # pylint: disable=g-import-not-at-top
