@@ -53,15 +53,10 @@ def loss(logp: jax.Array, old_logp: jax.Array, ref_logp: Optional[jax.Array], ad
              "clip_frac_high": common.masked_mean(ratio > 1.0 + clip_eps_high, mask),
              "ratio_mean": common.masked_mean(ratio, mask), "ratio_min": lo, "ratio_max": hi,
              "num_clamped": common.num_clamped(jax.lax.stop_gradient(log_ratio), mask), "num_tokens": jnp.sum(mask)}
-  if ref_logp is None:
-    if not (isinstance(kl_coef, (int, float)) and kl_coef == 0):
-      raise ValueError("ref_logp is None but kl_coef is not 0")
-  else:
-    chex.assert_equal_shape([logp, ref_logp])
-    kl = kl_lib.estimate(logp, ref_logp, kl_estimator)
-    total = total + kl_coef * common.aggregate(kl, mask, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
-                                               max_len=max_len)
-    metrics["kl"] = common.masked_mean(jax.lax.stop_gradient(kl), mask)
+  kl_term, kl_metrics = kl_lib.penalty(logp, ref_logp, mask, coef=kl_coef, kind=kl_estimator, agg=agg,
+                                       num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len)
+  total = total + kl_term
+  metrics.update(kl_metrics)
   rows = (jnp.sum(mask, axis=-1) > 0).astype(jnp.float32)
   metrics.update(common.stats("adv", a[:, 0], rows))
   return total, metrics

@@ -95,12 +95,14 @@ def reward_metrics(rewards: jax.Array) -> dict[str, jax.Array]:
 def loss(logp: jax.Array, old_logp: jax.Array, ref_logp: Optional[jax.Array], adv: jax.Array, mask: jax.Array, *,
          clip_eps: float = 0.2, clip_eps_high: Optional[float] = None, dual_clip: Optional[float] = None,
          kl_coef=0.0, kl_estimator: str = "k3_ratio", agg: str = "token_mean", num_tokens=None, num_seqs=None,
-         max_len: Optional[int] = None, num_generations: Optional[int] = None):
+         max_len: Optional[int] = None, num_generations: Optional[int] = None,
+         token_weight: Optional[jax.Array] = None):
   """Clipped-surrogate policy loss of GRPO, with DAPO clip-higher, dual clip, a KL term and four aggregations.
 
   Per token, with rho = exp(clamp(logp - old_logp, -20, 20)) and A = adv[:, None]:
     l_pg = -min(rho * A, clip(rho, 1 - clip_eps, 1 + clip_eps_high) * A)
     l_pg = min(l_pg, -dual_clip * A)            where A < 0, when dual_clip is set
+    l_pg = token_weight * l_pg                  when token_weight is given (``algorithms.mismatch.weights``)
     l    = l_pg + kl_coef * KL_kind(logp, ref_logp)
   then `common.aggregate(l, mask, agg=...)`.
 
@@ -122,6 +124,8 @@ def loss(logp: jax.Array, old_logp: jax.Array, ref_logp: Optional[jax.Array], ad
     agg, num_tokens, num_seqs, max_len: see `common.aggregate`.
     num_generations: G; when given, the metrics include `frac_reward_zero_std` (groups whose advantages are
       all equal, `common.frac_constant_groups`: the constant-reward groups).
+    token_weight: optional [N, T] weights of the per-token policy-gradient term (stop-gradient applied; not of
+      the KL term), e.g. the sampler-trainer mismatch correction of `algorithms.mismatch.weights`.
 
   Returns:
     (loss, metrics): float32 scalar and a dict of float32 scalars.
@@ -153,6 +157,9 @@ def loss(logp: jax.Array, old_logp: jax.Array, ref_logp: Optional[jax.Array], ad
     capped = jnp.minimum(pg, -dual_clip * a)
     metrics["clip_frac_dual"] = common.masked_mean((a < 0) & (pg > -dual_clip * a), mask)
     pg = jnp.where(a < 0, capped, pg)
+  if token_weight is not None:
+    chex.assert_equal_shape([logp, token_weight])
+    pg = jax.lax.stop_gradient(common.f32(token_weight)) * pg
 
   per_token = pg
   if ref_logp is None:

@@ -80,13 +80,9 @@ def loss(logp: jax.Array, old_logp: jax.Array, ref_logp: Optional[jax.Array], ad
              "seq_ratio_mean": common.masked_mean(s_sg, rows)}
   lo, hi = common.masked_min_max(s_sg, rows)
   metrics.update(seq_ratio_min=lo, seq_ratio_max=hi, num_tokens=jnp.sum(mask))
-  if ref_logp is None:
-    if not (isinstance(kl_coef, (int, float)) and kl_coef == 0):
-      raise ValueError("ref_logp is None but kl_coef is not 0")
-  else:
-    chex.assert_equal_shape([logp, ref_logp])
-    kl = kl_lib.estimate(logp, ref_logp, kl_estimator)
-    total = total + kl_coef * common.aggregate(kl, mask, agg="seq_mean_token_mean", num_seqs=num_seqs)
-    metrics["kl"] = common.masked_mean(jax.lax.stop_gradient(kl), mask)
+  kl_term, kl_metrics = kl_lib.penalty(logp, ref_logp, mask, coef=kl_coef, kind=kl_estimator,
+                                       agg="seq_mean_token_mean", num_seqs=num_seqs)
+  total = total + kl_term
+  metrics.update(kl_metrics)
   metrics.update(common.stats("adv", a, rows))
   return total, metrics

@@ -72,3 +72,23 @@ def estimate(logp: jax.Array, ref_logp: jax.Array, kind: str = "k3", *, old_logp
   if value_clip is not None:
     kl = jnp.clip(kl, -value_clip, value_clip)
   return kl
+
+
+def penalty(logp: jax.Array, ref_logp: Optional[jax.Array], mask: jax.Array, *, coef, kind: str = "k3",
+            **aggregate_kwargs) -> tuple[jax.Array, dict]:
+  """``coef * aggregate(KL_kind(logp, ref_logp), mask)`` and the metric ``kl`` (token mean, no gradient), for
+  losses that add the KL term after their own aggregation; ``(0, {})`` without a reference.
+
+  ``aggregate_kwargs`` go to ``common.aggregate`` (``agg``, ``num_tokens``, ``num_seqs``, ``max_len``).
+
+  Raises:
+    ValueError: ``ref_logp`` is None but ``coef`` is not the Python 0.
+  """
+  if ref_logp is None:
+    if not (isinstance(coef, (int, float)) and coef == 0):
+      raise ValueError("ref_logp is None but kl_coef is not 0")
+    return jnp.zeros((), jnp.float32), {}
+  chex.assert_equal_shape([logp, ref_logp])
+  kl = estimate(logp, ref_logp, kind)
+  return (coef * common.aggregate(kl, mask, **aggregate_kwargs),
+          {"kl": common.masked_mean(jax.lax.stop_gradient(kl), mask)})

@@ -103,8 +103,15 @@ def rl_base(arg: mlc.ConfigDict) -> mlc.ConfigDict:
                 advantage=dict(scale="group", eps=1e-4, ddof=1, estimator="grpo", win_rate=False),
                 dno=dict(iteration_steps=1, replay=(), min_chosen_score=1.0, min_margin=1.0, max_pairs=4,
                          win_rate=False))
+  # old_logp: auto (one epoch of one minibatch: on-policy, the current log-probs under stop-gradient, no extra
+  # pass; otherwise recompute) | recompute (the trainer's pass over the rollout) | sampler (the sampler's own).
+  # mismatch_*: the sampler-trainer log-prob gap (algorithms/mismatch.py). Its mismatch/* metrics come with every
+  # trainer pass, and every mismatch_check_every steps (0: never) otherwise; mismatch_correction: none |
+  # token_truncate | token_mask | sequence_truncate | sequence_mask weighs the policy gradient by
+  # pi_trainer / pi_sampler (truncated at mismatch_high, or 0 outside [mismatch_low, mismatch_high]).
   c.train = dict(total_steps=1000, batch_prompts=64, num_epochs=1, num_minibatches=4, num_microbatches=1,
-                 recompute_old_logp=True, eval_every=100, ckpt_every=50, ckpt_every_minutes=30.0,
+                 old_logp="auto", mismatch_check_every=0, mismatch_correction="none", mismatch_low=0.5,
+                 mismatch_high=2.0, eval_every=100, ckpt_every=50, ckpt_every_minutes=30.0,
                  keep_checkpoints=3, max_consecutive_skips=10)
   c.optim = optim(learning_rate=1e-6, warmup_steps=20)
   c.sft = dict(steps=0, batch_prompts=64, eval_every=0, optim=optim(learning_rate=1e-5, warmup_steps=20))
@@ -170,7 +177,7 @@ def apply_runlocal(c: mlc.ConfigDict) -> mlc.ConfigDict:
   c.train.total_steps = 100
   c.train.batch_prompts = 16
   c.train.num_minibatches = 2
-  c.train.recompute_old_logp = False
+  c.train.old_logp = "sampler"
   c.train.eval_every = 20
   c.train.ckpt_every = 20
   c.optim.learning_rate = 3e-4

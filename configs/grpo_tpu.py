@@ -19,7 +19,8 @@ checkpoint"):
   python -m launch.train --config configs/grpo_tpu.py:runlocal,hf=runs/tiny-llama \
     --config.data.source_dir=../shared/data/gsm8k --workdir runs/grpo-tiny-llama
 
-Variants: ``model=<preset>`` (gemma-2b, llama-3.1-8b, qwen2.5-0.5b, qwen2.5-7b), ``slice=<name>`` (the TPU
+Variants: ``model=<preset>`` (any name of ``models.presets``: gemma-2b, gemma-2-2b, gemma-3-1b, llama-3.1-8b,
+llama-3.2-1b, llama-3.2-3b, qwen2.5-0.5b, qwen2.5-7b, qwen3-0.6b, qwen3-8b), ``slice=<name>`` (the TPU
 slice the job is sized for; default: the model's in ``POD``, else v5p-32), ``runlocal``, ``runlocal,hf=<dir>``. Overrides: ``--config.algo.kwargs.clip_eps_high=0.28`` (DAPO clip-higher),
 ``--config.algo.advantage.scale=none --config.algo.kwargs.agg=dr_grpo`` (Dr. GRPO).
 """

@@ -29,7 +29,8 @@ Pod, every worker (see README "TPU pods"):
     --config.data.source_dir=$DATA/hh-rlhf-harmless-base --config.data.data_dir=$DATA/tfds \
     --workdir $RUNS/rm-bt-gemma2b
 
-Variants: ``model=<preset>`` (gemma-2b, llama-3.1-8b, qwen2.5-0.5b, qwen2.5-7b), ``slice=<name>`` (label
+Variants: ``model=<preset>`` (any name of ``models.presets``: gemma-2b, gemma-2-2b, gemma-3-1b, llama-3.1-8b, llama-3.2-1b,
+llama-3.2-3b, qwen2.5-0.5b, qwen2.5-7b, qwen3-0.6b, qwen3-8b), ``slice=<name>`` (label
 only), ``runlocal``. Keys: ``init.backbone`` = hf | rlj (a policy / SFT run's ``checkpoints`` dir) | scratch;
 ``data.source`` = synthetic | hh_rlhf | generic (JSONL with prompt / chosen / rejected); ``data.eval_split``
 names a separate held-out split (empty: hold out the tail of ``data.split``); ``loss.margin`` is unused

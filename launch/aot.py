@@ -158,6 +158,10 @@ def compile_all(config, devices, *, log=print) -> tuple[dict, list, dict]:
   progs = programs.rl_programs(model, tx, lc.program_settings(), mesh=mesh, rules=rules, state_shardings=state_sh)
   step_fn = progs.step
   arrays = example_rollout(config, rows, p_len)
+  if lc.old_logp_source == "current":  # the Trainer's on-policy batch has no old log-probs
+    del arrays["old_logp"]
+  if lc.mismatch_correction != "none":
+    arrays["is_weight"] = np.ones_like(arrays["mask"])
   batch = abstract_batch(example_minibatch(config, lc, arrays, prompts), mesh, rules)
   updates = lc.num_epochs * lc.num_minibatches
 
@@ -178,7 +182,7 @@ def compile_all(config, devices, *, log=print) -> tuple[dict, list, dict]:
   sampler_params_bytes = hbm.shard_bytes(sampler_params) if sampler_dtype != mc.jnp_param_dtype else 0
 
   tokens = jax.ShapeDtypeStruct((rows, p_len + t_len), jnp.int32, sharding=sharding.batch_sharding(mesh, 2, rules))
-  passes = int(lc.recompute_old_logp and lc.row.needs_old_logp) + int(lc.use_reference)
+  passes = int(lc.old_logp_source == "recompute") + int(lc.use_reference)
 
   sampler_args = {"KV cache": cache_bytes}
   sampler_args["sampler params" if sampler_params_bytes else "params"] = sampler_params_bytes or sizes_b["params"]

@@ -59,8 +59,8 @@ def load_tokenizer(config):
   t = config.tokenizer
   path, key = tokenizer_path(config), "tokenizer.path" if config.tokenizer.path else "init.path"
   if not path:
-    raise SystemExit(f"config key 'tokenizer.path': empty, and so is init.path; pass the checkpoint directory or "
-                     f"its tokenizer.json / tokenizer.model")
+    raise SystemExit("config key 'tokenizer.path': empty, and so is init.path; pass the checkpoint directory or "
+                     "its tokenizer.json / tokenizer.model")
   try:
     return tok_lib.load(path, t.kind, pad_id=None if t.pad_id < 0 else int(t.pad_id),
                         chat_template=t.chat_template or None)
@@ -167,9 +167,7 @@ def build_env(config, workdir: str) -> Env:
   tokenizer = build_tokenizer(config, workdir)
   stop_ids(config, tokenizer)  # a bad sampler.stop_tokens fails here, before anything compiles
   if config.init.policy == "hf":
-    from models import hf
-    mc, params = hf.load_hf_checkpoint(
-        config.init.path, shardings=lambda names, shapes: sharding.tree_shardings(names, shapes, mesh, rules))
+    mc, params = load_hf(config.init.path, mesh, rules)
     mc = dataclasses.replace(mc, **{k: v for k, v in dict(config.model.overrides).items() if k != "vocab_size"})
   else:
     mc, params = model_config(config, tokenizer.vocab_size), None
@@ -189,6 +187,17 @@ def build_env(config, workdir: str) -> Env:
   return Env(mesh=mesh, rules=rules, tokenizer=tokenizer, model_config=mc, model=model, tx=tx, sft_tx=sft_tx,
              state=state, state_shardings=state_sh, param_shardings=param_shardings, use_reference=use_ref,
              workdir=workdir)
+
+
+def load_hf(path: str, mesh, rules, **kwargs):
+  """``models.hf.load_hf_checkpoint`` on the mesh; a folder it cannot read (an unsupported config.json key,
+  missing or extra tensors) stops the launch in one line naming ``init.path``."""
+  from models import hf
+  try:
+    return hf.load_hf_checkpoint(path, shardings=lambda names, shapes: sharding.tree_shardings(names, shapes, mesh,
+                                                                                             rules), **kwargs)
+  except (ValueError, FileNotFoundError, KeyError) as e:
+    raise SystemExit(f"config key 'init.path': {path!r}: {e}") from None
 
 
 def train_state_of(params, param_shardings, tx, mesh):
@@ -335,5 +344,6 @@ def loop_config(config, pad_id: int = 0) -> rl_loop.LoopConfig:
   return rl_loop.LoopConfig(
       algo=config.algo.name, algo_settings=algo_settings(config, pad_id), total_steps=t.total_steps,
       temperature=config.sampler.temperature, num_epochs=t.num_epochs, num_microbatches=t.num_microbatches,
-      recompute_old_logp=t.recompute_old_logp, eval_every=t.eval_every,
+      old_logp=t.old_logp, mismatch_check_every=t.mismatch_check_every, mismatch_correction=t.mismatch_correction,
+      mismatch_low=t.mismatch_low, mismatch_high=t.mismatch_high, eval_every=t.eval_every,
       max_consecutive_skips=t.max_consecutive_skips)

@@ -13,6 +13,7 @@ import os
 import jax
 import numpy as np
 
+from algorithms import mismatch
 from launch import builders
 from models import presets
 from models.config import ModelConfig
@@ -55,6 +56,7 @@ def _check_algo(config) -> None:
     rl_algos.get(config.algo.name).check(builders.algo_settings(config))
   except rl_algos.SettingError as e:
     fail(e.key, e.message)
+  _check_old_logp(config)
   s = config.sampler
   if s.temperature <= 0 or not 0 < s.top_p <= 1 or s.top_k < 0 or s.max_new_tokens < 1:
     fail("sampler", f"needs temperature > 0 (got {s.temperature}), 0 < top_p <= 1 (got {s.top_p}), top_k >= 0 "
@@ -62,6 +64,27 @@ def _check_algo(config) -> None:
   phases = s.get("cache_phases")
   if phases is not None and (not isinstance(phases, int) or phases < 1):
     fail("sampler.cache_phases", f"{phases!r}; a positive int, or None for the platform default")
+
+
+def _check_old_logp(config) -> None:
+  t = config.train
+  if t.old_logp not in ("auto", "recompute", "sampler"):
+    fail("train.old_logp", f"{t.old_logp!r}; choose auto | recompute | sampler")
+  if t.mismatch_correction not in mismatch.MODES:
+    fail("train.mismatch_correction", f"{t.mismatch_correction!r}; choose {' | '.join(mismatch.MODES)}")
+  if not isinstance(t.mismatch_check_every, int) or t.mismatch_check_every < 0:
+    fail("train.mismatch_check_every", f"{t.mismatch_check_every!r}; every N steps (N >= 1), or 0 for never")
+  if not 0 <= t.mismatch_low <= 1 <= t.mismatch_high:
+    fail("train.mismatch_low", f"the band [{t.mismatch_low}, {t.mismatch_high}] (train.mismatch_low, "
+         f"train.mismatch_high) must hold 1 (no mismatch): 0 <= low <= 1 <= high")
+  if t.mismatch_correction == "none":
+    return
+  if not rl_algos.get(config.algo.name).token_weights:
+    fail("train.mismatch_correction", f"the objective of algo.name={config.algo.name!r} applies no token "
+         f"weights; use 'none'")
+  if t.old_logp == "sampler":
+    fail("train.old_logp", "a mismatch correction weighs the trainer's log-probs at the rollout against the "
+         "sampler's, so the trainer's pass must run: use auto or recompute")
 
 
 def check_layout(config, *, num_devices: int, num_processes: int) -> tuple[tuple[str, ...], tuple[int, ...], int]:
@@ -126,6 +149,13 @@ def _check_sources(config) -> None:
     fail("init.path", f"{config.init.path!r} is not a directory (needed by init.policy={config.init.policy!r})")
   if config.init.policy == "hf" and not os.path.isfile(os.path.join(config.init.path, "config.json")):
     fail("init.path", f"{config.init.path!r} has no config.json: init.policy='hf' needs a Hugging Face model folder")
+  if config.init.policy == "hf":
+    from models import hf_config
+    try:
+      with open(os.path.join(config.init.path, "config.json")) as f:
+        hf_config.config_from_hf(json.load(f))
+    except (ValueError, KeyError) as e:   # json.JSONDecodeError is a ValueError
+      fail("init.path", f"{config.init.path!r}: {e}")
   t = config.tokenizer
   if t.kind not in TOKENIZER_KINDS:
     fail("tokenizer.kind", f"{t.kind!r}; choose {' | '.join(TOKENIZER_KINDS)}")

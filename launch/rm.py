@@ -175,10 +175,7 @@ def init_params(config, model, mesh, rules, model_config):
                                             jax.random.key(config.seed))
   b = config.init.backbone
   if b == "hf":
-    from models import hf
-    _, backbone = hf.load_hf_checkpoint(
-        config.init.path, dtype=model_config.param_dtype,
-        shardings=lambda names, shapes: sharding.tree_shardings(names, shapes, mesh, rules))
+    _, backbone = builders.load_hf(config.init.path, mesh, rules, dtype=model_config.param_dtype)
   elif b == "rlj":
     backbone, _ = checkpoint.restore_params(config.init.path, params["backbone"])
   elif b == "scratch":

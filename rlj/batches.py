@@ -43,7 +43,9 @@ class Settings:
   pad_id: int = 0
 
 
-ROLLOUT_KEYS = ("tokens", "attn_mask", "mask", "old_logp")
+# Per-row rollout arrays a batch carries. ``old_logp`` is absent on the on-policy path (the objective then uses the
+# current log-probs under stop-gradient); ``is_weight`` is present only with a mismatch correction.
+ROLLOUT_KEYS = ("tokens", "attn_mask", "mask", "old_logp", "is_weight")
 
 
 class Batcher:

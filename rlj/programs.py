@@ -39,8 +39,10 @@ def rollout_logp(model, *, mesh, rules, completion_len: int, temperature: float,
                                        mesh=mesh, rules=rules, num_chunks=num_chunks))
 
 
-def sampler(model, config: SamplerConfig, *, mesh, param_shardings, rules) -> Sampler:
-  return Sampler(model, config, mesh=mesh, param_shardings=param_shardings, rules=rules)
+def sampler(model, config: SamplerConfig, *, mesh=None, param_shardings=None, rules=None) -> Sampler:
+  """The compiled sampler; without a mesh it runs on the default device."""
+  extra = {} if rules is None else {"rules": rules}
+  return Sampler(model, config, mesh=mesh, param_shardings=param_shardings, **extra)
 
 
 @dataclasses.dataclass(frozen=True)

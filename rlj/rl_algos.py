@@ -33,29 +33,37 @@ from rlj.batches import ROLLOUT_KEYS, Batch, Batcher, SettingError, Settings
 # Objectives (inside jit): logp [rows, T] + batch -> (loss, metrics)
 # ----------------------------------------------------------------------------------------------------------
 
+def old_logp_of(logp, batch):
+  """The batch's ``old_logp``; without one the update is on-policy (one epoch, one minibatch) and the old
+  log-probs are the current ones under stop-gradient: ratio 1 in value, the policy gradient in gradient."""
+  old = batch.get("old_logp")
+  return jax.lax.stop_gradient(logp) if old is None else old
+
+
 def policy_gradient_objective(logp, batch, **loss_kwargs):
-  """GRPO / GDPO / RLOO: the clipped surrogate of ``algorithms.grpo.loss`` with global normalisers."""
+  """GRPO / GDPO / RLOO: the clipped surrogate of ``algorithms.grpo.loss`` with global normalisers (and the
+  batch's ``is_weight``, the sampler-trainer mismatch correction, when it has one)."""
   ref = batch.get("ref_logp")
-  return grpo.loss(logp, batch["old_logp"], ref, batch["adv"], batch["mask"], num_tokens=batch["num_tokens"],
-                   num_seqs=batch["num_seqs"], **loss_kwargs)
+  return grpo.loss(logp, old_logp_of(logp, batch), ref, batch["adv"], batch["mask"], num_tokens=batch["num_tokens"],
+                   num_seqs=batch["num_seqs"], token_weight=batch.get("is_weight"), **loss_kwargs)
 
 
 def gspo_objective(logp, batch, **loss_kwargs):
   """GSPO / GSPO-token (``algorithms.gspo.loss``) normalised by the whole step's sequence count."""
-  return gspo.loss(logp, batch["old_logp"], batch.get("ref_logp"), batch["adv"], batch["mask"],
+  return gspo.loss(logp, old_logp_of(logp, batch), batch.get("ref_logp"), batch["adv"], batch["mask"],
                    num_seqs=batch["num_seqs"], **loss_kwargs)
 
 
 def cispo_objective(logp, batch, **loss_kwargs):
   """CISPO (``algorithms.cispo.loss``) normalised by the whole step's token / sequence counts."""
-  return cispo.loss(logp, batch["old_logp"], batch.get("ref_logp"), batch["adv"], batch["mask"],
+  return cispo.loss(logp, old_logp_of(logp, batch), batch.get("ref_logp"), batch["adv"], batch["mask"],
                     num_tokens=batch["num_tokens"], num_seqs=batch["num_seqs"], **loss_kwargs)
 
 
 def p3o_objective(logp, batch, **loss_kwargs):
   """P3O on adjacent row pairs: ``algorithms.p3o.loss(logp[B,2,T], ...)``."""
   pairs = common.adjacent_pairs
-  return p3o.loss(pairs(logp), pairs(batch["old_logp"]), pairs(batch["ref_logp"]), batch["pair_rewards"],
+  return p3o.loss(pairs(logp), pairs(old_logp_of(logp, batch)), pairs(batch["ref_logp"]), batch["pair_rewards"],
                   pairs(batch["mask"]), **loss_kwargs)
 
 
@@ -132,7 +140,7 @@ class P3OBatcher(Batcher):
 
 def policy_gradient_batch(rollout: Mapping[str, np.ndarray], adv: np.ndarray) -> Batch:
   """Rows of a rollout + advantages [B, G] -> the GRPO/GDPO train batch."""
-  batch = {k: rollout[k] for k in ROLLOUT_KEYS}
+  batch = {k: rollout[k] for k in ROLLOUT_KEYS if k in rollout}
   batch["adv"] = adv.reshape(-1).astype(np.float32)
   return batch
 
@@ -141,7 +149,7 @@ def p3o_batch(rollout: Mapping[str, np.ndarray], values: np.ndarray, weights: np
   """Disjoint pairs (2j, 2j+1) inside each group; the pair's rewards are the weighted reward sums (missing: 0)."""
   b, g = values.shape[:2]
   r = np.nan_to_num(scalar_rewards(values, weights), nan=0.0)
-  batch = {k: rollout[k] for k in ROLLOUT_KEYS}
+  batch = {k: rollout[k] for k in ROLLOUT_KEYS if k in rollout}
   batch["pair_rewards"] = np.asarray(p3o.pair_up(r.reshape(b * g), g)).astype(np.float32)
   return batch
 
@@ -196,6 +204,7 @@ class Algorithm:
     unit: rows that must stay together when batches are shuffled and split (1 row, or 2 for a pair).
     sum_microbatches: whether micro-batch gradients add up (the loss is normalised by whole-step counts).
     needs_old_logp: whether the objective reads ``old_logp``.
+    token_weights: whether the objective applies the batch's ``is_weight`` (the mismatch correction).
     uses_reference: ``loss_kwargs -> bool``: whether a reference model's log-probs enter the batch.
     fixed_rows: whether the batch has the rollout's rows (False: a varying number of selected pairs).
     check: ``Settings -> None``, raising ``SettingError``.
@@ -208,6 +217,7 @@ class Algorithm:
   needs_old_logp: bool
   uses_reference: Callable[[Mapping[str, Any]], bool]
   fixed_rows: bool = True
+  token_weights: bool = False
   check: Callable[[Settings], None] = lambda s: None
   loss_defaults: Callable[[Settings], dict] = lambda s: {}
 
@@ -218,10 +228,10 @@ class Algorithm:
 ALGORITHMS: dict[str, Algorithm] = {
     "grpo": Algorithm(policy_gradient_objective, lambda s: GroupBatcher(s, "grpo"), unit=1, sum_microbatches=True,
                       needs_old_logp=True, uses_reference=kl_coef_positive, check=_check_group,
-                      loss_defaults=_group_loss_defaults),
+                      loss_defaults=_group_loss_defaults, token_weights=True),
     "gdpo": Algorithm(policy_gradient_objective, lambda s: GroupBatcher(s, "gdpo"), unit=1, sum_microbatches=True,
                       needs_old_logp=True, uses_reference=kl_coef_positive, check=_check_group,
-                      loss_defaults=_group_loss_defaults),
+                      loss_defaults=_group_loss_defaults, token_weights=True),
     "gspo": Algorithm(gspo_objective, lambda s: GroupBatcher(s, "grpo"), unit=1, sum_microbatches=True,
                       needs_old_logp=True, uses_reference=kl_coef_positive, check=_check_group),
     "cispo": Algorithm(cispo_objective, lambda s: GroupBatcher(s, "grpo"), unit=1, sum_microbatches=True,

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 import jax
 import numpy as np
 
-from algorithms import common
+from algorithms import common, mismatch
 from rewards import combine
 from rlj import evaluation, host_data, programs, rl_algos, sharding, train_state
 from rlj.batches import Settings, minibatches
@@ -34,7 +34,11 @@ class LoopConfig:
   temperature: float
   num_epochs: int = 1
   num_microbatches: int = 1
-  recompute_old_logp: bool = False
+  old_logp: str = "sampler"            # auto | recompute | sampler: where old log-probs come from (old_logp_source)
+  mismatch_check_every: int = 0        # sampler / on-policy old log-probs: the trainer's pass every N steps (0: never)
+  mismatch_correction: str = "none"    # algorithms.mismatch.MODES
+  mismatch_low: float = 0.5
+  mismatch_high: float = 2.0
   eval_every: int = 0
   max_consecutive_skips: int = 0       # abort after this many non-finite updates in a row (0: never)
 
@@ -61,6 +65,27 @@ class LoopConfig:
   @property
   def loss_kwargs(self) -> dict:
     return self.row.loss_kwargs(self.algo_settings)
+
+  @property
+  def old_logp_source(self) -> str:
+    """Where the update's old log-probs come from: "current" (``old_logp="auto"`` with one epoch of one minibatch
+    and no correction: the update is on-policy, the objective takes the current log-probs under stop-gradient
+    and no extra pass runs), "recompute" (the trainer's log-prob pass over the rollout, ``rollout_logp``: what
+    ``auto`` picks otherwise, and what a mismatch correction needs) or "sampler" (the sampler's own). A row
+    whose objective reads no old log-probs keeps the sampler's in its batch, unused."""
+    if not self.row.needs_old_logp:
+      return "sampler"
+    if self.mismatch_correction != "none":
+      return "recompute"
+    if self.old_logp == "auto":
+      return "current" if self.num_epochs == 1 and self.num_minibatches == 1 else "recompute"
+    return self.old_logp
+
+  def trainer_pass(self, step: int) -> bool:
+    """Whether RL step ``step`` (0-based) runs the trainer's log-prob pass over its rollout: every step when old
+    log-probs are recomputed, every ``mismatch_check_every`` steps otherwise (for the mismatch metrics)."""
+    every = self.mismatch_check_every
+    return self.old_logp_source == "recompute" or (every > 0 and (step + 1) % every == 0)
 
   @property
   def use_reference(self) -> bool:
@@ -126,7 +151,7 @@ class Trainer:
     with jax.set_mesh(self.c.mesh):
       return host_data.gather(self.logp_fn(params, placed["tokens"], placed["attn_mask"]))
 
-  def rollout(self, state, prompts: Mapping[str, np.ndarray], rng) -> tuple[dict, Any, dict]:
+  def rollout(self, state, prompts: Mapping[str, np.ndarray], rng, step: int = 0) -> tuple[dict, Any, dict]:
     c, cfg, g = self.c, self.cfg, self.cfg.num_generations
     t0 = time.perf_counter()
     # This process's prompts -> the global batch's rollout (multi-process: every process samples its rows).
@@ -146,13 +171,14 @@ class Trainer:
     t2 = time.perf_counter()
     # The whole batch on every process: advantages, pairs and minibatches are then those of one process.
     arrays = {"tokens": host_data.gather(ro.tokens), "attn_mask": host_data.gather(ro.attn_mask),
-              "mask": host_data.gather(ro.mask).astype(np.float32),
-              "old_logp": host_data.gather(ro.logp).astype(np.float32)}
+              "mask": host_data.gather(ro.mask).astype(np.float32)}
+    sampler_logp = host_data.gather(ro.logp).astype(np.float32)
+    if cfg.old_logp_source != "current":  # on-policy: the objective takes the current log-probs
+      arrays["old_logp"] = sampler_logp
     lengths = host_data.gather(ro.lengths)
-    if cfg.recompute_old_logp and self.algo.needs_old_logp:
-      arrays["old_logp"] = self.host_logp(state.params, arrays["tokens"], arrays["attn_mask"])
+    mm = self.trainer_logp(state.params, arrays, sampler_logp) if cfg.trainer_pass(step) else {}
     t3 = time.perf_counter()
-    metrics = {"time/sample": t1 - t0, "time/reward": t2 - t1, "time/reference": t3 - t2,
+    metrics = {**mm, "time/sample": t1 - t0, "time/reward": t2 - t1, "time/reference": t3 - t2,
                "response_len/mean": float(lengths.mean()), "response_len/max": float(lengths.max()),
                "sampled_tokens": float(lengths.sum())}
     summed = combine.weighted_total(rewards.values, c.reward_weights)
@@ -162,6 +188,21 @@ class Trainer:
     metrics["frac_reward_zero_std"] = float(_frac_constant(summed))
     metrics.update({k: host_data.process_sum(v) for k, v in rewards.fault_metrics().items()})  # on_error="missing"
     return arrays, rewards, metrics
+
+  def trainer_logp(self, params, arrays: dict, sampler_logp: np.ndarray) -> dict:
+    """The trainer's log-probs of the rollout (``rollout_logp``): the old log-probs when recomputed, the mismatch
+    correction's ``is_weight`` when one is set (both into ``arrays``); returns the ``mismatch/*`` metrics."""
+    cfg = self.cfg
+    trainer = self.host_logp(params, arrays["tokens"], arrays["attn_mask"])
+    band = {"low": cfg.mismatch_low, "high": cfg.mismatch_high}
+    m = _mismatch_diagnostics(trainer, sampler_logp, arrays["mask"], **band)
+    if cfg.old_logp_source == "recompute":
+      arrays["old_logp"] = trainer
+    if cfg.mismatch_correction != "none":
+      w = _mismatch_weights(trainer, sampler_logp, arrays["mask"], mode=cfg.mismatch_correction, **band)
+      arrays["is_weight"] = np.asarray(w)
+      m["weight_mean"] = common.masked_mean(w, arrays["mask"])
+    return {f"mismatch/{k}": float(v) for k, v in m.items()}
 
   # ---------------------------------------------------------------------------------------------- batches
   def build_batch(self, arrays: dict, rewards, ref_params, step: int) -> tuple[dict, dict]:
@@ -233,7 +274,7 @@ class Trainer:
       rng = jax.random.fold_in(self.root, step)
       rng_sample, rng_train = jax.random.split(rng)
       prompts = next(c.train_iter)
-      arrays, rewards, metrics = self.rollout(state, prompts, rng_sample)
+      arrays, rewards, metrics = self.rollout(state, prompts, rng_sample, step)
       t1 = time.perf_counter()
       batch, bm = self.build_batch(arrays, rewards, ref_params, step)
       reference_time = bm.pop("time/reference", 0.0)
@@ -259,3 +300,5 @@ class Trainer:
 
 
 _frac_constant = jax.jit(common.frac_constant_groups)
+_mismatch_diagnostics = jax.jit(mismatch.diagnostics)
+_mismatch_weights = jax.jit(mismatch.weights, static_argnames="mode")

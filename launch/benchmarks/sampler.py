@@ -28,7 +28,7 @@ from launch import bench
 from launch.benchmarks import matmul as bench_matmul
 from models import kv_cache, presets
 from models.transformer import Transformer
-from rlj import logprobs, sampler, sampling_filters
+from rlj import logprobs, programs, sampler, sampling_filters
 
 
 def _timed(fn, repeats: int) -> tuple[float, object]:
@@ -112,7 +112,7 @@ def compare(model_name: str, *, batch: int, prompt_len: int, new_tokens: int, re
           f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}")
 
   results = {}
-  s = sampler.Sampler(model, sampler.SamplerConfig(max_new_tokens=t, greedy=True))
+  s = programs.sampler(model, sampler.SamplerConfig(max_new_tokens=t, greedy=True))   # the trainer's factory
   run_ours = lambda: np.asarray(s.sample(params, prompts, mask, jax.random.key(0)).completion)
   secs, ours = _timed(run_ours, repeats)
   results["rlj compiled sampler (while_loop)"] = secs
@@ -194,8 +194,8 @@ def decode(model_name: str, *, batch: int, prompt_len: int, new_tokens: int, rep
   params = jax.tree.map(lambda x: x.astype(config.jnp_dtype), params)   # the trainer's sampler dtype
   secs = {}
   for steps in (1, t):
-    s = sampler.Sampler(model, sampler.SamplerConfig(max_new_tokens=steps, greedy=True, keep_cache=True,
-                                                     cache_phases=cache_phases if steps == t else None))
+    s = programs.sampler(model, sampler.SamplerConfig(max_new_tokens=steps, greedy=True, keep_cache=True,
+                                                      cache_phases=cache_phases if steps == t else None))
     call = lambda: s.sample(params, prompts, mask, jax.random.key(0)).completion  # noqa: E731
     times = bench.time_calls(call, repeats=repeats)
     secs[steps] = (min(times), float(np.median(times)))

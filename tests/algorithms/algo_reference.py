@@ -57,7 +57,8 @@ def aggregate(per_token, mask, agg, num_tokens=None, num_seqs=None, max_len=None
 
 
 def grpo_loss(logp, old, ref, adv, mask, clip_eps=0.2, clip_eps_high=None, dual_clip=None, kl_coef=0.0,
-              kl_estimator="k3_ratio", agg="token_mean", num_tokens=None, num_seqs=None, max_len=None):
+              kl_estimator="k3_ratio", agg="token_mean", num_tokens=None, num_seqs=None, max_len=None,
+              token_weight=None):
   eh = clip_eps if clip_eps_high is None else clip_eps_high
   n, t = logp.shape
   per = np.zeros((n, t))
@@ -68,6 +69,8 @@ def grpo_loss(logp, old, ref, adv, mask, clip_eps=0.2, clip_eps_high=None, dual_
       pg = -min(rho * a, min(max(rho, 1 - clip_eps), 1 + eh) * a)
       if dual_clip is not None and a < 0:
         pg = min(pg, -dual_clip * a)
+      if token_weight is not None:
+        pg *= token_weight[i, j]
       kl = 0.0 if ref is None else float(k_estimate(logp[i, j], ref[i, j], kl_estimator, old[i, j]))
       per[i, j] = pg + kl_coef * kl
   return aggregate(per, mask, agg, num_tokens, num_seqs, max_len)

@@ -96,6 +96,16 @@ CASES = {
     "chat_without_template": (dict(**{"data.format": "chat"}), r"'data\.format'.*train_synthetic tokenizer has none"),
     "system_prompt_plain": (dict(**{"data.system_prompt": "Be brief."}), r"'data\.system_prompt'.*'chat'"),
     "user_template_slot": (dict(**{"data.user_template": "Q: {q}"}), r"'data\.user_template'.*\{prompt\}"),
+    "old_logp": (dict(**{"train.old_logp": "trainer"}), r"'train\.old_logp'.*auto \| recompute \| sampler"),
+    "mismatch_correction": (dict(**{"train.mismatch_correction": "tis"}),
+                            r"'train\.mismatch_correction'.*token_truncate"),
+    "mismatch_band": (dict(**{"train.mismatch_low": 1.5}), r"'train\.mismatch_low'.*must hold 1"),
+    "mismatch_check_every": (dict(**{"train.mismatch_check_every": -1}), r"'train\.mismatch_check_every'"),
+    "correction_needs_trainer_pass": (dict(**{"train.mismatch_correction": "token_truncate"}),
+                                      r"'train\.old_logp'.*use auto or recompute"),
+    "correction_without_token_weights": (dict(**{"train.mismatch_correction": "token_mask", "train.old_logp": "auto",
+                                                 "algo.name": "cispo"}),
+                                         r"'train\.mismatch_correction'.*applies no token weights"),
 }
 
 
@@ -127,11 +137,16 @@ def test_vocab_against_a_tokenizer_file_and_an_hf_checkpoint(tmp_path, compiles)
   checks.validate(c)
   hf = tmp_path / "hf"
   hf.mkdir()
-  (hf / "config.json").write_text(json.dumps({"vocab_size": 150}))
+  from models import hf_config, presets
+  config_json = lambda **kw: json.dumps({**hf_config.config_to_hf(presets.get("tiny")), **kw})  # noqa: E731
+  (hf / "config.json").write_text(config_json(vocab_size=150))
   c.init.policy, c.init.path = "hf", str(hf)
   _expect_stop(c, tmp_path / "run", r"'tokenizer\.path'.*200 pieces.*embeds only 150", compiles)
-  (hf / "config.json").write_text(json.dumps({"vocab_size": 200}))
+  (hf / "config.json").write_text(config_json(vocab_size=200))
   checks.validate(c)
+  # A family this project does not implement: one line naming init.path and the config.json key.
+  (hf / "config.json").write_text(config_json(model_type="falcon", architectures=["FalconForCausalLM"]))
+  _expect_stop(c, tmp_path / "run", r"'init\.path'.*model_type='falcon' is not supported", compiles)
   assert not compiles
 
 

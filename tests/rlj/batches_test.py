@@ -58,8 +58,14 @@ def test_group_batch_rows_and_advantages_against_a_loop():
       expected[b][ok] = (x - x.mean()) / (x.std(ddof=1) + 1e-4)
   np.testing.assert_allclose(batch["adv"], expected.reshape(-1), rtol=1e-5, atol=1e-6)
   for k in batches.ROLLOUT_KEYS:
-    np.testing.assert_array_equal(batch[k], ro[k])
-  assert "ref_logp" not in batch and m["adv/distinct"] >= 1
+    if k in ro:
+      np.testing.assert_array_equal(batch[k], ro[k])
+  assert "ref_logp" not in batch and "is_weight" not in batch and m["adv/distinct"] >= 1
+  # the on-policy rollout has no old_logp, a mismatch correction adds is_weight: both carried as they are
+  on_policy = {**{k: v for k, v in ro.items() if k != "old_logp"}, "is_weight": np.ones_like(ro["mask"])}
+  weighted, _ = rl_algos.ALGORITHMS["grpo"].batcher(settings()).build(on_policy, values, W, 0)
+  assert "old_logp" not in weighted
+  np.testing.assert_array_equal(weighted["is_weight"], on_policy["is_weight"])
   gdpo_batch, gm = rl_algos.ALGORITHMS["gdpo"].batcher(settings()).build(ro, values, W, 0)
   assert gdpo_batch["adv"].shape == (B * G,) and "adv/distinct_grpo_sum" in gm
 
