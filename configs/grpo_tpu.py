@@ -6,7 +6,7 @@ the slice, prompts per host and step, minibatches, micro-batches) are the ones `
   python -m launch.aot --config configs/grpo_tpu.py                              # gemma-2b on v5p-32
   python -m launch.aot --config configs/grpo_tpu.py:model=llama-3.1-8b           # on v5p-64
 
-Local debug (CPU, ~0.5M-param model, synthetic arithmetic, SFT cold start then 40 GRPO steps, ~5 min):
+Local debug (CPU, ~0.5M-param model, synthetic arithmetic, 100 SFT steps then 100 GRPO steps, about a minute):
   python -m launch.train --config configs/grpo_tpu.py:runlocal --workdir runs/grpo-local
 
 Pod, every worker (see README "TPU pods"):
