@@ -16,11 +16,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from typing import Any, Callable, Mapping
+
+import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 
 from rlj import checkpoint, host_data, preemption
 
 _STATE_FIELDS = ("params", "opt_state", "step", "skips_in_row", "skips_total")
+_SKIP_FIELDS = ("skips_in_row", "skips_total")   # absent from checkpoints of earlier versions: resumed as 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,16 +82,36 @@ class Lifecycle:
     arrays when there were any.
     """
     extra = {k: v for k, v in dict(extra or {}).items()}
-    restored = self.ckpt.restore_latest(checkpoint_tree(state, **extra))
+    tree = checkpoint_tree(state, **extra)
+    saved = self._saved_keys()
+    if saved is not None:  # checkpoints written before the skip counters joined the state: restore without them
+      tree = {k: v for k, v in tree.items() if k in saved or k not in _SKIP_FIELDS}
+    restored = self.ckpt.restore_latest(tree)
     if restored is None:
       return 0, state, extra, {}
     start, tree, meta = restored
+    tree = {**{k: getattr(state, k) for k in _SKIP_FIELDS}, **tree}
     state = state_from_tree(state, tree)
     extra = {k: tree.get(k, v) for k, v in extra.items()}
     if self.data is not None and meta.get("data") is not None:
       self.data.set_state(host_data.own_entry(meta["data"]))
     logging.info("resumed %s from step %d in %s", self.label, start, self.directory)
     return start, state, extra, meta
+
+  def _saved_keys(self) -> set[str] | None:
+    """The top-level keys of the newest checkpoint's state tree (None when there is none or it cannot be read)."""
+    step = self.ckpt.latest_step()
+    if step is None:
+      return None
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)  # orbax warns that the item folder has no top-level metadata
+    try:
+      with ocp.StandardCheckpointer() as reader:
+        return set(dict(reader.metadata(os.path.join(self.directory, str(step), "state")).item_metadata))
+    except Exception:  # pylint: disable=broad-except  # restore_latest reports and sets aside unreadable steps
+      return None
+    finally:
+      absl_logging.set_verbosity(verbosity)
 
   def save(self, step: int, state, *, extra: Mapping[str, Any] | None = None, meta: Mapping[str, Any] | None = None,
            host: dict | None = None) -> None:
