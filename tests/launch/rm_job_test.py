@@ -96,6 +96,7 @@ def test_bt_job_trains_checkpoints_and_serves(tmp_path, capsys):
     fn([""] * len(bad), [""] * len(bad), tokens=bad, attn_mask=mask)
 
 
+@pytest.mark.slow   # the BT job test covers the same lifecycle by default; this one takes ~35 s
 def test_iqn_job_trains_resumes_and_serves_risk_measures(tmp_path):
   c = _shrink(rm_iqn.get_config("runlocal"))
   workdir = str(tmp_path / "iqn")

@@ -32,7 +32,10 @@ def _shrink(c):
   return c
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+# GRPO and DNO end to end by default (a fixed-row and a pair-selecting row); the others are the same loop with
+# another row, whose batches tests/rlj/batches_test.py builds: slow-marked to keep the suite in its budget.
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("gdpo", "p3o") else n
+                                  for n in sorted(CONFIGS)])
 def test_runlocal_two_steps(name, tmp_path):
   c = _shrink(CONFIGS[name].get_config("runlocal"))
   workdir = str(tmp_path / name)
