@@ -84,8 +84,6 @@ _rloo_adv = jax.jit(grpo.rloo_advantages)
 _gdpo_adv = jax.jit(gdpo.advantages, static_argnames=("eps", "ddof"))
 _win_rates = jax.jit(winrate.win_rates_from_scores)
 
-scalar_rewards = combine.weighted_total   # [B, G, K] -> [B, G]; the missing-component rule is stated there
-
 
 def group_win_rates(scores: np.ndarray) -> np.ndarray:
   """Pref-GRPO style rewards from scalar scores: each completion's win rate against its group [B, G]
@@ -102,7 +100,7 @@ def advantages(name: str, values: np.ndarray, weights: np.ndarray, adv_kwargs: M
   kw = adv_kwargs  # every key comes from the config section algo.advantage
   if name == "gdpo":
     return np.asarray(_gdpo_adv(jnp.asarray(values), jnp.asarray(weights), eps=kw["eps"], ddof=kw["ddof"]))
-  r = scalar_rewards(values, weights)
+  r = combine.weighted_total(values, weights)
   if kw["win_rate"]:
     r = group_win_rates(np.nan_to_num(r, nan=-np.inf))
   if kw["estimator"] == "rloo":
@@ -148,7 +146,7 @@ def policy_gradient_batch(rollout: Mapping[str, np.ndarray], adv: np.ndarray) ->
 def p3o_batch(rollout: Mapping[str, np.ndarray], values: np.ndarray, weights: np.ndarray) -> Batch:
   """Disjoint pairs (2j, 2j+1) inside each group; the pair's rewards are the weighted reward sums (missing: 0)."""
   b, g = values.shape[:2]
-  r = np.nan_to_num(scalar_rewards(values, weights), nan=0.0)
+  r = np.nan_to_num(combine.weighted_total(values, weights), nan=0.0)
   batch = {k: rollout[k] for k in ROLLOUT_KEYS if k in rollout}
   batch["pair_rewards"] = np.asarray(p3o.pair_up(r.reshape(b * g), g)).astype(np.float32)
   return batch

@@ -3,6 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rewards import combine
 from rlj import batches, dno_replay, rl_algos
 
 B, G, K, T, P = 3, 4, 2, 5, 3
@@ -43,7 +44,7 @@ def _weighted_loop(values):
 
 
 def test_weighted_total_missing_rule():
-  np.testing.assert_allclose(rl_algos.scalar_rewards(rewards(), W), _weighted_loop(rewards()), equal_nan=True)
+  np.testing.assert_allclose(combine.weighted_total(rewards(), W), _weighted_loop(rewards()), equal_nan=True)
 
 
 def test_group_batch_rows_and_advantages_against_a_loop():
