@@ -20,30 +20,44 @@ DEFAULT_RULES = (
 )
 
 
-def parse_arg(arg: str | None, **defaults) -> mlc.ConfigDict:
-  """Parses ``"a=1,b=x,flag"`` into a ConfigDict typed by ``defaults``; unknown keys raise.
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
-  A bare word sets a boolean default to True (``runlocal``).
+
+def describe(defaults: dict) -> str:
+  """``runlocal, model=<str>, ...``: the variant keys of a config, as ``--config file.py:<variants>`` takes them."""
+  return ", ".join(k if isinstance(v, bool) else f"{k}=<{type(v).__name__}>" for k, v in defaults.items())
+
+
+def parse_arg(arg: str | None, **defaults) -> mlc.ConfigDict:
+  """Parses ``"a=1,b=x,flag"`` into a ConfigDict typed by ``defaults``.
+
+  A bare word sets a boolean default to True (``runlocal``). An unknown key or a value that does not parse as its
+  default's type raises ValueError with a one-line message that lists the choices (the launcher,
+  ``launch.cli_help.check_config_arg``, adds the config file and a suggestion, and checks ``model=`` against the
+  presets: configs import ml_collections alone, not the models).
   """
   out = mlc.ConfigDict(dict(defaults))
-  if not arg:
-    return out
-  for item in arg.split(","):
+  for item in (arg or "").split(","):
     item = item.strip()
     if not item:
       continue
-    key, has_value, value = item.partition("=")
+    key, has_value, value = (part.strip() for part in item.partition("="))
     if key not in defaults:
-      raise ValueError(f"config argument {key!r} is not one of {sorted(defaults)} (in {arg!r})")
+      raise ValueError(f"unknown variant {key!r}; this config's variants are {describe(defaults)}")
     default = defaults[key]
     if not has_value:
       if not isinstance(default, bool):
-        raise ValueError(f"config argument {key!r} needs a value: {key}=...")
+        raise ValueError(f"variant {key!r} needs a value: {key}=<{type(default).__name__}>")
       out[key] = True
     elif isinstance(default, bool):
-      out[key] = value.lower() in ("1", "true", "yes", "on")
+      if value.lower() not in _TRUE + _FALSE:
+        raise ValueError(f"variant {key}={value!r} is not a boolean; write {key} (or {key}=true / {key}=false)")
+      out[key] = value.lower() in _TRUE
     else:
-      out[key] = type(default)(value)
+      try:
+        out[key] = type(default)(value)
+      except ValueError:
+        raise ValueError(f"variant {key}={value!r} is not a {type(default).__name__}") from None
   return out
 
 
@@ -99,20 +113,32 @@ def rl_base(arg: mlc.ConfigDict) -> mlc.ConfigDict:
   c.sampler = dict(num_generations=8, max_new_tokens=512, temperature=1.0, top_p=1.0, top_k=0, batch_buckets=(),
                    dtype="bfloat16", keep_cache=True, cache_phases=None, stop_tokens=())
   c.rewards = MATH_REWARDS + ({"name": "format", "fn": "format", "weight": 0.1},)
+  # kl_control: the adaptive KL coefficient of Ziegler et al. (arXiv:1909.08593, Sec. 2.2; rlj/kl_controller.py):
+  # with target > 0 (KL in nats per token, the objective's `kl` metric) beta starts at kwargs.kl_coef (> 0) and
+  # after every step becomes beta * (1 + clip(kl / target - 1, -0.2, 0.2) * completions per step / horizon);
+  # target 0: off, kl_coef stays fixed. p3o.reward_norm: none | diff_std (divide the rewards by the running std
+  # of the pairs' reward differences) | score_std (by the running std of the rewards, the P3O authors' code).
   c.algo = dict(name="grpo", kwargs=dict(clip_eps=0.2, kl_coef=0.04, agg="token_mean", kl_estimator="k3_ratio"),
                 advantage=dict(scale="group", eps=1e-4, ddof=1, estimator="grpo", win_rate=False),
                 dno=dict(iteration_steps=1, replay=(), min_chosen_score=1.0, min_margin=1.0, max_pairs=4,
-                         win_rate=False))
+                         win_rate=False),
+                kl_control=dict(target=0.0, horizon=10000.0),
+                p3o=dict(reward_norm="none"))
   # old_logp: auto (one epoch of one minibatch: on-policy, the current log-probs under stop-gradient, no extra
   # pass; otherwise recompute) | recompute (the trainer's pass over the rollout) | sampler (the sampler's own).
   # mismatch_*: the sampler-trainer log-prob gap (algorithms/mismatch.py). Its mismatch/* metrics come with every
   # trainer pass, and every mismatch_check_every steps (0: never) otherwise; mismatch_correction: none |
   # token_truncate | token_mask | sequence_truncate | sequence_mask weighs the policy gradient by
   # pi_trainer / pi_sampler (truncated at mismatch_high, or 0 outside [mismatch_low, mismatch_high]).
+  # dynamic_sampling: DAPO's dynamic sampling (arXiv:2503.14476, Sec. 3.2; rlj/dynamic_sampling.py; group-normalised
+  # algorithms only): groups whose rewards are all equal are dropped and the next prompt batches are rolled out
+  # until batch_prompts groups have distinct rewards, at most max_extra_rollouts more rollouts per step; short of
+  # that, the step trains on the groups it has and masks the rest (metric dynamic_sampling/bound_hit, a warning).
   c.train = dict(total_steps=1000, batch_prompts=64, num_epochs=1, num_minibatches=4, num_microbatches=1,
                  old_logp="auto", mismatch_check_every=0, mismatch_correction="none", mismatch_low=0.5,
                  mismatch_high=2.0, eval_every=100, ckpt_every=50, ckpt_every_minutes=30.0,
-                 keep_checkpoints=3, max_consecutive_skips=10)
+                 keep_checkpoints=3, max_consecutive_skips=10,
+                 dynamic_sampling=dict(enabled=False, max_extra_rollouts=4))
   c.optim = optim(learning_rate=1e-6, warmup_steps=20)
   c.sft = dict(steps=0, batch_prompts=64, eval_every=0, optim=optim(learning_rate=1e-5, warmup_steps=20))
   c.eval = dict(num_prompts=256, batch_prompts=64, sampled=False, rewards=MATH_REWARDS)

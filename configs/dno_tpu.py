@@ -5,8 +5,11 @@ them, keeps large-margin pairs (chosen score >= min_chosen_score, margin >= min_
 DPO-style loss against pi_t and then makes the policy the next reference. Pairs of the previous two
 iterations are replayed at 30% / 15% (paper §3), their reference log-probs recomputed under pi_t.
 
-Local debug (CPU): python -m launch.train --config configs/dno_tpu.py:runlocal --workdir runs/dno-local
-Pod: as configs/grpo_tpu.py, with this file.
+Local debug (CPU, 0.4M-parameter model, synthetic arithmetic, 100 SFT steps then 100 DNO steps in four
+iterations of 25):
+  python -m launch.train --config configs/dno_tpu.py:runlocal --workdir runs/dno-local
+Pod: as configs/grpo_tpu.py, with this file (iterations of 50 steps). Variants: ``runlocal``, ``model=<preset>``,
+``slice=<name>``.
 """
 from configs import common
 

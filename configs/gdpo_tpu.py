@@ -5,8 +5,9 @@ within its group, sums with the weights, then whitens over the global batch; the
 and ``adv/distinct_grpo_sum`` count distinct advantage values of GDPO and of GRPO on the summed reward for
 the same rollout (GDPO's advantage resolution).
 
-Local debug (CPU): python -m launch.train --config configs/gdpo_tpu.py:runlocal --workdir runs/gdpo-local
-Pod: as configs/grpo_tpu.py, with this file.
+Local debug (CPU, 0.4M-parameter model, synthetic arithmetic, 100 SFT steps then 100 GDPO steps):
+  python -m launch.train --config configs/gdpo_tpu.py:runlocal --workdir runs/gdpo-local
+Pod: as configs/grpo_tpu.py, with this file. Variants: ``runlocal``, ``model=<preset>``, ``slice=<name>``.
 """
 from configs import common
 

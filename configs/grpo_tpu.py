@@ -6,7 +6,7 @@ the slice, prompts per host and step, minibatches, micro-batches) are the ones `
   python -m launch.aot --config configs/grpo_tpu.py                              # gemma-2b on v5p-32
   python -m launch.aot --config configs/grpo_tpu.py:model=llama-3.1-8b           # on v5p-64
 
-Local debug (CPU, ~0.5M-param model, synthetic arithmetic, 100 SFT steps then 100 GRPO steps, about a minute):
+Local debug (CPU, 0.4M-parameter model, synthetic arithmetic, 100 SFT steps then 100 GRPO steps, about a minute):
   python -m launch.train --config configs/grpo_tpu.py:runlocal --workdir runs/grpo-local
 
 Pod, every worker (see README "TPU pods"):
@@ -19,10 +19,14 @@ checkpoint"):
   python -m launch.train --config configs/grpo_tpu.py:runlocal,hf=runs/tiny-llama \
     --config.data.source_dir=../shared/data/gsm8k --workdir runs/grpo-tiny-llama
 
-Variants: ``model=<preset>`` (any name of ``models.presets``: gemma-2b, gemma-2-2b, gemma-3-1b, llama-3.1-8b,
-llama-3.2-1b, llama-3.2-3b, qwen2.5-0.5b, qwen2.5-7b, qwen3-0.6b, qwen3-8b), ``slice=<name>`` (the TPU
-slice the job is sized for; default: the model's in ``POD``, else v5p-32), ``runlocal``, ``runlocal,hf=<dir>``. Overrides: ``--config.algo.kwargs.clip_eps_high=0.28`` (DAPO clip-higher),
-``--config.algo.advantage.scale=none --config.algo.kwargs.agg=dr_grpo`` (Dr. GRPO).
+Variants (``VARIANTS``; ``python -m launch.train --help`` lists them and the model presets): ``model=<preset>``
+(a name of ``models.presets``), ``slice=<name>`` (the TPU slice the job is sized for; default: the model's in
+``POD``, else v5p-32), ``runlocal``, ``runlocal,hf=<dir>``. Overrides: ``--config.algo.kwargs.clip_eps_high=0.28``
+(DAPO clip-higher), ``--config.algo.advantage.scale=none --config.algo.kwargs.agg=dr_grpo`` (Dr. GRPO),
+``--config.train.dynamic_sampling.enabled=True`` (DAPO dynamic sampling; ``max_extra_rollouts`` bounds the extra
+rollouts per step), ``--config.algo.kwargs.kl_coef=0.04 --config.algo.kl_control.target=0.06`` (adaptive KL
+coefficient; ``algo.kl_control.horizon``); see ``configs/common.py:rl_base``.
+``--show`` prints every key of the resolved config.
 """
 from configs import common
 
@@ -35,11 +39,16 @@ POD = {
 }
 
 
+# ``--config grpo_tpu.py:<variants>``: runlocal, model=<preset>, slice=<TPU slice>, hf=<checkpoint folder>.
+VARIANTS = dict(runlocal=False, model="gemma-2b", slice="", hf="")
+
+
 def get_config(arg=None):
-  arg = common.parse_arg(arg, runlocal=False, model="gemma-2b", slice="", hf="")
+  arg = common.parse_arg(arg, **VARIANTS)
   pod = POD.get(arg.model, {})
   arg.slice = arg.slice or pod.get("slice", "v5p-32")
   c = common.rl_base(arg)
+  c.algo.kwargs.clip_eps_high = c.algo.kwargs.clip_eps   # a key of its own, so that DAPO's 0.28 is one override
   for key in ("batch_prompts", "num_minibatches", "num_microbatches"):
     if key in pod:
       c.train[key] = pod[key]

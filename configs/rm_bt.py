@@ -15,7 +15,7 @@ events and ``curves.png``. The RL trainer loads it with ``rlj.rm_reward.reward_m
 
 Local run (CPU, 0.41M-param model from scratch, synthetic "name a number close to T" pairs whose ground-truth
 scorer is ``rlj.data.synthetic.number_score``, 64-piece tokenizer trained at start-up, 400 steps of 64 pairs;
-about 3-4 minutes on 2 busy CPU cores; reached 0.912 held-out accuracy on 512 pairs, chance 0.5):
+about 3-4 minutes on 2 busy CPU cores; held-out accuracy on 512 pairs 0.898 on 2026-12-07, chance 0.5; README):
   python -m launch.train --config configs/rm_bt.py:runlocal --workdir runs/rm-bt-local
 
 Local run on the HH-RLHF file instead (tiny model from scratch; accuracy stays near chance, a smoke test):
@@ -29,12 +29,11 @@ Pod, every worker (see README "TPU pods"):
     --config.data.source_dir=$DATA/hh-rlhf-harmless-base --config.data.data_dir=$DATA/tfds \
     --workdir $RUNS/rm-bt-gemma2b
 
-Variants: ``model=<preset>`` (any name of ``models.presets``: gemma-2b, gemma-2-2b, gemma-3-1b, llama-3.1-8b, llama-3.2-1b,
-llama-3.2-3b, qwen2.5-0.5b, qwen2.5-7b, qwen3-0.6b, qwen3-8b), ``slice=<name>`` (label
-only), ``runlocal``. Keys: ``init.backbone`` = hf | rlj (a policy / SFT run's ``checkpoints`` dir) | scratch;
-``data.source`` = synthetic | hh_rlhf | generic (JSONL with prompt / chosen / rejected); ``data.eval_split``
-names a separate held-out split (empty: hold out the tail of ``data.split``); ``loss.margin`` is unused
-by the synthetic and HH sets (no margins); ``loss.center_coef`` adds the reward-centring term.
+Variants: ``model=<preset>`` (a name of ``models.presets``; ``python -m launch.train --help`` lists them),
+``slice=<name>`` (label only), ``runlocal``. Keys: ``init.backbone`` = hf | rlj (a policy / SFT run's
+``checkpoints`` dir) | scratch; ``data.source`` = synthetic | hh_rlhf | generic (JSONL with prompt / chosen /
+rejected); ``data.eval_split`` names a separate held-out split (empty: hold out the tail of ``data.split``);
+``loss.center_coef`` adds the reward-centring term.
 """
 import ml_collections as mlc
 

@@ -43,6 +43,7 @@ from models.transformer import Transformer
 from rlj import programs, rl_algos, sharding, train_state
 from rlj.batches import minibatches
 from rlj.buckets import pick_bucket
+from rlj.kl_controller import AdaptiveKL
 from rlj.sampler import Sampler
 
 
@@ -99,6 +100,7 @@ def example_minibatch(config, lc, arrays: dict, prompts: int) -> dict:
   batch, _ = lc.row.batcher(lc.algo_settings).build(arrays, values, weights, 0)
   if lc.use_reference:
     batch["ref_logp"] = np.zeros_like(batch["old_logp"] if "old_logp" in batch else batch["mask"])
+  batch.update(AdaptiveKL.for_loop(lc).batch_fields())   # the adaptive KL coefficient, as Trainer.run adds it
   return minibatches(batch, num_minibatches=lc.num_minibatches, unit=lc.row.unit, rng=np.random.default_rng(0),
                      shuffle=False)[0]
 

@@ -231,6 +231,8 @@ def parser() -> argparse.ArgumentParser:
   ap.add_argument("--new_tokens", type=int, default=None, help="sampler: decode steps; logprobs: T")
   ap.add_argument("--vocab", type=int, default=None, help="logprobs: vocabulary size")
   ap.add_argument("--steps", type=int, default=None, help="rl_step: timed RL steps after warm-up")
+  ap.add_argument("--old_logp", default=None, choices=("auto", "recompute", "sampler"),
+                  help="rl_step: train.old_logp (auto runs one minibatch: on-policy, no trainer log-prob pass)")
   ap.add_argument("--cache_phases", type=int, default=None,
                   help="sampler: KV-cache phases of the T-token call (rlj.sampler.SamplerConfig.cache_phases; "
                        "default: the platform's)")

@@ -18,6 +18,8 @@ from models.transformer import Transformer
 from rewards import combine
 from rlj import checkpoint, lifecycle, programs, rl_loop, sharding, train_state
 from rlj.batches import Settings
+from rlj.dynamic_sampling import DynamicSampling
+from rlj.kl_controller import KLControl
 from rlj.sampler import SamplerConfig
 
 
@@ -68,6 +70,9 @@ def load_tokenizer(config):
     raise SystemExit(f"config key 'tokenizer.chat_template': {e}") from None
   except tok_lib.TokenizerError as e:
     raise SystemExit(f"config key '{key}': {e}") from None
+  except OSError as e:   # a file that exists but cannot be read (permissions, a folder named like the file)
+    raise SystemExit(f"config key '{key}': cannot read {e.filename or path} ({e.strerror or e}); pass a tokenizer "
+                     f"file or checkpoint folder this user may read") from None
 
 
 def build_tokenizer(config, workdir: str):
@@ -235,10 +240,14 @@ def prompt_source(config, split: str, workdir: str = ""):
     return synthetic.ArithmeticTask(num_records=n, seed=seed, levels=tuple(d.levels))
   if d.source in ("gsm8k", "generic", "messages"):
     data_dir = d.data_dir or os.path.join(workdir, "tfds")
-    if d.source_dir:
-      tfds_builders.build("prompt_answer", d.source, source_dir=d.source_dir, data_dir=data_dir)
-    return tfds_builders.data_source("prompt_answer", d.source, data_dir=data_dir,
-                                     split=d.train_split if split == "train" else d.eval_split)
+    name = d.train_split if split == "train" else d.eval_split
+    if d.source_dir:  # the entry built from the files as they are now (keyed by their fingerprint)
+      return tfds_builders.build("prompt_answer", d.source, source_dir=d.source_dir,
+                                 data_dir=data_dir).as_data_source(split=name)
+    try:
+      return tfds_builders.data_source("prompt_answer", d.source, data_dir=data_dir, split=name)
+    except FileNotFoundError as e:
+      raise SystemExit(f"config key 'data.data_dir': {e}") from None
   raise SystemExit(f"config key 'data.source': {d.source!r}; choose synthetic | gsm8k | generic | messages")
 
 
@@ -346,4 +355,8 @@ def loop_config(config, pad_id: int = 0) -> rl_loop.LoopConfig:
       temperature=config.sampler.temperature, num_epochs=t.num_epochs, num_microbatches=t.num_microbatches,
       old_logp=t.old_logp, mismatch_check_every=t.mismatch_check_every, mismatch_correction=t.mismatch_correction,
       mismatch_low=t.mismatch_low, mismatch_high=t.mismatch_high, eval_every=t.eval_every,
-      max_consecutive_skips=t.max_consecutive_skips)
+      max_consecutive_skips=t.max_consecutive_skips,
+      dynamic_sampling=DynamicSampling(enabled=bool(t.dynamic_sampling.enabled),
+                                       max_extra_rollouts=int(t.dynamic_sampling.max_extra_rollouts)),
+      kl_control=KLControl(target=float(config.algo.kl_control.target),
+                           horizon=float(config.algo.kl_control.horizon)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 
 import jax
 import numpy as np
@@ -29,26 +30,57 @@ def fail(key: str, msg: str):
   raise SystemExit(f"config key '{key}': {msg}")
 
 
-def validate(config) -> None:
+def validate(config) -> list[str]:
   """Checks an RL / SFT config before anything is built or compiled; raises SystemExit naming the key and fix.
 
   Covers the algorithm table, group sizes, the mesh against the device count, the sharding rules against the
   mesh, batch sizes against the data-parallel size, init / tokenizer / data choices and files, the
   tokenizer's vocabulary against the model's, and every reward spec (function names, fault policy, reward-model
   checkpoints). Only files are read (the tokenizer, an HF config.json, a reward model's checkpoint meta).
+
+  Returns:
+    One line per group of checks that passed (``launch.train --show`` prints them); empty for other jobs.
   """
   if config.job not in ("rl", "sft"):
-    return
+    return []
+  passed = []
   if config.job == "rl":
     _check_algo(config)
-  check_layout(config, num_devices=jax.device_count(), num_processes=jax.process_count())
+    passed.append(f"algorithm {config.algo.name!r}: its settings, old log-probs, mismatch correction, sampler")
+  names, sizes, dp = check_layout(config, num_devices=jax.device_count(), num_processes=jax.process_count())
+  passed.append(f"mesh {dict(zip(names, sizes))} on {jax.device_count()} device(s) and {jax.process_count()} "
+                f"process(es), sharding rules, batch sizes against the data-parallel size {dp}")
   _check_sources(config)
+  passed.append(f"init.policy={config.init.policy!r}, tokenizer.kind={config.tokenizer.kind!r}, "
+                f"data.source={config.data.source!r}: their files and folders, prompt keys")
   _check_model(config)
+  passed.append("model preset and overrides")
   tokenizer_vocab = _check_vocab(config)
+  passed.append("the tokenizer against the model's vocabulary" + (
+      "; the prompt format and stop tokens on the first training example" if tokenizer_vocab else ""))
   if config.job == "rl":
     _check_rewards(config.rewards, "rewards", tokenizer_vocab=tokenizer_vocab)
+    passed.append(f"rewards: {', '.join(repr(dict(r)['name']) for r in config.rewards)}")
   if config.eval.num_prompts:
     _check_rewards(config.eval.rewards, "eval.rewards", tokenizer_vocab=tokenizer_vocab, text_only=True)
+    passed.append(f"eval.rewards: {', '.join(repr(dict(r)['name']) for r in config.eval.rewards)}")
+  return passed
+
+
+def check_workdir(workdir: str) -> None:
+  """Creates the run folder and writes (then removes) a file in it, so that a folder the job cannot write stops the
+  launch now, in one line, rather than after the model was built. A ``gs://`` workdir is checked by orbax
+  when it saves; its local twin (logs, ``config.json``) is this path taken as a local one, as ``run`` does."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise SystemExit(f"--workdir {workdir}: is a file, not a folder; pass --workdir a folder the job may write "
+                     f"(it is created when missing)")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write-test-"):
+      pass
+  except OSError as e:
+    raise SystemExit(f"--workdir {workdir}: cannot create or write it ({e.strerror or e}); pass --workdir a "
+                     f"folder this user may write") from None
 
 
 def _check_algo(config) -> None:
@@ -57,6 +89,7 @@ def _check_algo(config) -> None:
   except rl_algos.SettingError as e:
     fail(e.key, e.message)
   _check_old_logp(config)
+  _check_step_controls(config, num_processes=jax.process_count())
   s = config.sampler
   if s.temperature <= 0 or not 0 < s.top_p <= 1 or s.top_k < 0 or s.max_new_tokens < 1:
     fail("sampler", f"needs temperature > 0 (got {s.temperature}), 0 < top_p <= 1 (got {s.top_p}), top_k >= 0 "
@@ -85,6 +118,39 @@ def _check_old_logp(config) -> None:
   if t.old_logp == "sampler":
     fail("train.old_logp", "a mismatch correction weighs the trainer's log-probs at the rollout against the "
          "sampler's, so the trainer's pass must run: use auto or recompute")
+
+
+def _check_step_controls(config, *, num_processes: int) -> None:
+  """``train.dynamic_sampling`` and ``algo.kl_control`` against the algorithm's row (``rlj.dynamic_sampling``,
+  ``rlj.kl_controller``)."""
+  name, row = config.algo.name, rl_algos.get(config.algo.name)
+  rows_with = lambda flag: sorted(k for k, r in rl_algos.ALGORITHMS.items() if getattr(r, flag))  # noqa: E731
+  ds = config.train.dynamic_sampling
+  extra = ds.max_extra_rollouts
+  if not isinstance(extra, int) or isinstance(extra, bool) or extra < 0:
+    fail("train.dynamic_sampling.max_extra_rollouts", f"{extra!r}; the extra rollouts one RL step may run to "
+         f"refill its batch, an int >= 0")
+  if ds.enabled and not row.dynamic_sampling:
+    fail("train.dynamic_sampling.enabled", f"algo.name={name!r} has no group-normalised advantages (a group of "
+         f"equal rewards still trains it), so its groups may not be dropped; set it False, or use one of "
+         f"{rows_with('dynamic_sampling')}")
+  kc = config.algo.kl_control
+  if not kc.target >= 0:
+    fail("algo.kl_control.target", f"{kc.target!r}; the KL target in nats per token (> 0), or 0 for a fixed "
+         f"algo.kwargs.kl_coef")
+  if kc.target == 0:
+    return
+  if not row.adaptive_kl:
+    fail("algo.kl_control.target", f"the objective of algo.name={name!r} has no KL term to weigh; set it 0, or use "
+         f"one of {rows_with('adaptive_kl')}")
+  if not float(config.algo.kwargs.get("kl_coef", 0.0)) > 0:
+    fail("algo.kwargs.kl_coef", "the adaptive KL controller starts from it (beta_0) and needs the reference's "
+         "log-probs: set it > 0, or algo.kl_control.target=0")
+  per_step = config.train.batch_prompts * config.sampler.num_generations * num_processes
+  if not kc.horizon > per_step / 5:
+    fail("algo.kl_control.horizon", f"{kc.horizon!r}; beta changes by up to 20% x completions per step "
+         f"({per_step}) / horizon each step and would reach 0 or below: set it > {per_step / 5:g} (in completions; "
+         f"the paper's: 10000)")
 
 
 def check_layout(config, *, num_devices: int, num_processes: int) -> tuple[tuple[str, ...], tuple[int, ...], int]:
@@ -164,7 +230,11 @@ def _check_sources(config) -> None:
     if not path:
       fail("tokenizer.path", "empty, and so is init.path; pass the checkpoint directory or its tokenizer file")
     if not os.path.exists(path):
-      fail(key, f"{path!r} does not exist; pass the checkpoint directory or its tokenizer.json / tokenizer.model")
+      fail(key, f"no such file or folder {path!r}; pass the checkpoint folder or its tokenizer.json / "
+           f"tokenizer.model")
+  elif t.path:
+    fail("tokenizer.path", f"{t.path!r} is ignored: tokenizer.kind='train_synthetic' trains its own tokenizer; to "
+         f"load this one add --config.tokenizer.kind=auto (or hf / sentencepiece), else drop tokenizer.path")
   if t.kind == "train_synthetic" and t.vocab_size < 8:
     fail("tokenizer.vocab_size", f"train_synthetic needs the vocabulary size to train, got {t.vocab_size}")
   d = config.data
@@ -176,6 +246,8 @@ def _check_sources(config) -> None:
   if d.source_dir and not os.path.isdir(d.source_dir):
     fail("data.source_dir", f"{d.source_dir!r} is not a directory; pass the folder with <split>.jsonl files")
   _check_prompt_keys(config)
+  if d.source != "synthetic":
+    first_record(config)   # a malformed first line stops here whatever the tokenizer (later lines: launch.train)
   if config.init.policy != "hf":
     try:
       presets.get(config.model.preset)

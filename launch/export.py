@@ -16,6 +16,10 @@ For an RL run with an SFT stage the policy is the RL checkpoint's (``<workdir>/c
 """
 from __future__ import annotations
 
+if __name__ == "__main__":   # before JAX starts: no TPU runtime probe on a host without TPUs (launch/malloc_env.py)
+  from launch import malloc_env
+  malloc_env.set_jax_platforms()
+
 import dataclasses
 import json
 import os

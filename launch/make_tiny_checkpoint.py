@@ -17,6 +17,10 @@ transformers' ``AutoTokenizer`` / ``AutoModelForCausalLM`` load the folder, and 
 """
 from __future__ import annotations
 
+if __name__ == "__main__":   # before JAX starts: no TPU runtime probe on a host without TPUs (launch/malloc_env.py)
+  from launch import malloc_env
+  malloc_env.set_jax_platforms()
+
 import json
 import os
 

@@ -25,11 +25,22 @@ cannot set them for itself. The entry points (``launch.train``, ``launch.bench``
 importing JAX: it re-executes the same command line with the environment changed. It does so only on
 CPU-only hosts (``JAX_PLATFORMS`` starting with cpu, or no TPU / GPU device files), only when neither fix is
 in place yet (so at most once, and never over a value the user set), and never with ``RLJ_MALLOC_TUNING=0``.
+
+The same early moment picks JAX's platforms (``jax_platforms``): JAX initialises every backend it has a plugin
+for, and with libtpu installed (requirements-test.txt brings it for ``launch.aot``'s compile-only TPU devices)
+that includes the TPU runtime, which on a host without TPU chips prints errors about TPU metadata and worker
+hostnames at every start. When ``JAX_PLATFORMS`` is unset, libtpu is installed and no TPU device file exists,
+``reexec()`` (and ``set_jax_platforms()``, which ``launch.export`` and ``launch.make_tiny_checkpoint`` call)
+sets it to the platforms the host has (a GPU platform whose device files exist and whose JAX plugin is
+installed, then cpu). TPU VMs, and every value the user sets (``JAX_PLATFORMS=`` included), are left alone;
+``launch.aot`` loads libtpu for its TPU topologies whatever ``JAX_PLATFORMS`` says.
 """
 from __future__ import annotations
 
 import ctypes.util
 import glob
+import importlib.metadata
+import importlib.util
 import os
 import sys
 from typing import Callable, Mapping, Optional
@@ -38,6 +49,30 @@ SETTINGS = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRES
 SWITCH = "RLJ_MALLOC_TUNING"
 # Device files of accelerators JAX would use: TPU VMs (/dev/accel*, /dev/vfio on v5e and later), NVIDIA, AMD.
 _ACCELERATOR_FILES = ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*", "/dev/kfd")
+_TPU_FILES = _ACCELERATOR_FILES[:2]
+_GPU_FILES = {"cuda": "/dev/nvidia[0-9]*", "rocm": "/dev/kfd"}
+
+
+def libtpu_installed() -> bool:
+  """Whether the ``libtpu`` package (the TPU runtime JAX loads as a plugin) is importable; nothing is imported."""
+  return importlib.util.find_spec("libtpu") is not None
+
+
+def gpu_plugins() -> set[str]:
+  """The GPU platforms (``cuda``, ``rocm``) whose JAX plugin package is installed."""
+  names = [f"{ep.name} {ep.value}" for ep in importlib.metadata.entry_points(group="jax_plugins")]
+  return {p for p in _GPU_FILES if any(p in n for n in names)}
+
+
+def jax_platforms(environ: Mapping[str, str], *, has_libtpu: Callable[[], bool] = libtpu_installed,
+                  plugins: Callable[[], set[str]] = gpu_plugins,
+                  exists: Callable[[str], bool] = lambda pattern: bool(glob.glob(pattern))) -> Optional[str]:
+  """The ``JAX_PLATFORMS`` value that keeps JAX from starting the TPU runtime on a host without TPUs, or None to
+  leave JAX's own choice (the variable is set, libtpu is absent, or a TPU device file exists)."""
+  if "JAX_PLATFORMS" in environ or not has_libtpu() or any(exists(p) for p in _TPU_FILES):
+    return None
+  gpus = [p for p, pattern in _GPU_FILES.items() if exists(pattern) and p in plugins()]
+  return ",".join(gpus + ["cpu"])
 
 
 def cpu_only(environ: Mapping[str, str]) -> bool:
@@ -84,13 +119,22 @@ def tuned_env(environ: Mapping[str, str],
   return {**environ, **{k: v for k, v in SETTINGS.items() if k not in environ}}
 
 
+def set_jax_platforms() -> None:
+  """Sets ``JAX_PLATFORMS`` in this process as ``jax_platforms`` says (JAX reads it when it starts its backends)."""
+  platforms = jax_platforms(os.environ)
+  if platforms is not None:
+    os.environ["JAX_PLATFORMS"] = platforms
+
+
 def reexec() -> None:
-  """Re-executes this process's command line with the environment ``tuned_env`` returns, if any.
+  """Sets ``JAX_PLATFORMS`` as ``jax_platforms`` says, then re-executes this process's command line with the
+  environment ``tuned_env`` returns, if any.
 
   Call it first thing in an entry point's ``__main__``, before JAX (or anything heavy) is imported: the
   command line runs again from the start. It keeps the process id, so signals and process managers still
   reach the run.
   """
+  set_jax_platforms()   # read when JAX starts its backends: no re-execution needed for it
   env = tuned_env(os.environ)
   if env is None:
     return

@@ -104,10 +104,10 @@ def preference_sources(config, workdir: str):
     raise SystemExit(f"config key 'data.source_dir': data.source={d.source!r} needs the folder with "
                      f"<split>.jsonl[.gz] files")
   data_dir = d.data_dir or os.path.join(workdir, "tfds")
-  tfds_builders.build("preference", d.source, source_dir=d.source_dir, data_dir=data_dir)
-  full = tfds_builders.data_source("preference", d.source, data_dir=data_dir, split=d.split)
+  built = tfds_builders.build("preference", d.source, source_dir=d.source_dir, data_dir=data_dir)
+  full = built.as_data_source(split=d.split)
   if d.eval_split:
-    held_out = tfds_builders.data_source("preference", d.source, data_dir=data_dir, split=d.eval_split)
+    held_out = built.as_data_source(split=d.eval_split)
     held_out, train_stop = Subset(held_out, 0, min(d.eval_records or len(held_out), len(held_out))), len(full)
   else:
     if not 0 < d.eval_records < len(full):
@@ -256,26 +256,28 @@ def run(config, workdir: str) -> dict:
     job = lifecycle.Lifecycle(os.path.join(workdir, "checkpoints"), builders.checkpoint_policy(config), job="rm",
                               total_steps=t.total_steps, stop=stop, data=it, label="reward model",
                               meta=builders.checkpoint_meta(mc))
-    start, state, _, _ = job.resume(state)
-    if start:
-      print(f"resumed from step {start} in {workdir}", flush=True)
-    writer = metrics_writer.MetricsWriter(workdir, total_steps=t.total_steps, enabled=jax.process_index() == 0,
-                                          start_step=start)
+    writer = None
     try:
+      start, state, _, _ = job.resume(state)
+      if start:
+        print(f"resumed from step {start} in {workdir}", flush=True)
+      writer = metrics_writer.MetricsWriter(workdir, total_steps=t.total_steps, phase="RM",
+                                            enabled=jax.process_index() == 0, start_step=start)
       state, held_out, stopped = rm_loop.run_rm(
           state, train_fn=rm_step.make_train_step(model, tx, **loss_kwargs),
           eval_fn=rm_step.make_eval_step(model, **loss_kwargs), batches=_train_batches(it, mesh, rules),
           eval_batches=eval_batches, job=job, writer=writer, total_steps=t.total_steps, start_step=start,
           log_every=t.log_every, eval_every=t.eval_every, seed=config.seed,
           max_consecutive_skips=t.max_consecutive_skips, meta={"reward_model": reward_model_meta(config, mc, tokenizer)})
-    finally:
+    finally:   # every exit path: the last save finished, orbax's threads and the data workers stopped
       job.close()
-      writer.close()
+      if writer is not None:
+        writer.close()
       it.close()
   if stopped:
     return {}
   if jax.process_index() == 0:
-    metrics_writer.plot_curves(workdir, keys=PLOT_KEYS)
+    metrics_writer.plot_curves(workdir, panels=PLOT_KEYS)
   extra = f" (quantile-mean accuracy {held_out['mean_accuracy']:.4f})" if "mean_accuracy" in held_out else ""
   print(f"held-out pairs: {int(held_out['count'])}, loss {held_out['loss']:.4f}{extra}", flush=True)
   print(f"held-out accuracy: {held_out['accuracy']:.4f}", flush=True)

@@ -4,29 +4,36 @@ Jobs (config key ``job``): ``rl`` (GRPO / GDPO / P3O / DNO, chosen by ``algo.nam
 ``rm`` (reward model, see ``launch/rm.py``). The config is turned into plain dataclasses and partials here;
 nothing below ``launch/`` reads it.
 
+``--help`` lists the job configs, their variants and the model presets; ``--show`` prints the resolved config and
+the pre-run checks without building anything (``launch/cli_help.py``). Every user mistake stops in one line naming
+the file, key or path and the fix; ``RLJ_TRACEBACK=1`` keeps the Python traceback.
+
 Sections: flags -> checks (before any compilation) -> mesh, tokenizer, data -> model and params -> job.
 """
 from __future__ import annotations
 
-if __name__ == "__main__":   # on CPU, re-run with the host-allocator settings before JAX starts
+if __name__ == "__main__":   # before JAX starts: its platforms (no TPU probe without TPUs), the CPU host allocator
   from launch import malloc_env
   malloc_env.reexec()
 
 import datetime
 import os
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 import jax
 
-from launch import builders, checks, distributed
+from launch import builders, checks, cli_help, distributed, relaunch
 from rewards import combine
-from rlj import lifecycle, metrics_writer, preemption, rl_loop, sft, train_state
+from rlj import checkpoint, lifecycle, metrics_writer, preemption, rl_loop, sft, train_state
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "job config file (configs/*.py[:args])", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run folder; default: runs/<config>-<time>. An existing one resumes.")
+_SHOW = flags.DEFINE_bool("show", False, "print the resolved config (YAML) and the pre-run checks, then exit; "
+                          "nothing is built or compiled")
 
 # Jobs this launcher runs; config key ``job`` must be one of them.
 JOBS = ("rl", "sft", "rm")
@@ -78,26 +85,24 @@ def run_sft_stage(config, env, state, workdir: str, stop):
   """
   data = builders.prompt_iterator(config, env, split="train", batch_prompts=config.sft.batch_prompts,
                                   seed=config.seed + 1)
-  job = lifecycle.Lifecycle(os.path.join(workdir, "checkpoints"), builders.checkpoint_policy(config), job="sft",
-                            total_steps=config.sft.steps, stop=stop, data=data, label="SFT stage",
-                            meta=builders.checkpoint_meta(env.model_config))
-  start, state, _, _ = job.resume(state)
-  if start >= config.sft.steps:
-    logging.info("SFT stage in %s already finished at step %d", workdir, start)
-    job.close()
-    return state
-  writer = metrics_writer.MetricsWriter(workdir, total_steps=config.sft.steps, enabled=jax.process_index() == 0,
-                                        start_step=start)
-  try:
-    state, history = sft.run_sft(
-        state, model=env.model, tx=env.sft_tx, mesh=env.mesh, rules=env.rules,
-        state_shardings=env.state_shardings, tokenizer=env.tokenizer, train_iter=data,
-        completion_len=config.sampler.max_new_tokens, steps=config.sft.steps, writer=writer, start_step=start,
-        eval_fn=builders.eval_fn(config, env), eval_every=config.sft.eval_every, job=job,
-        max_consecutive_skips=config.train.max_consecutive_skips, seed=config.seed)
-  finally:
-    job.close()
-    writer.close()
+  with lifecycle.Lifecycle(os.path.join(workdir, "checkpoints"), builders.checkpoint_policy(config), job="sft",
+                           total_steps=config.sft.steps, stop=stop, data=data, label="SFT stage",
+                           meta=builders.checkpoint_meta(env.model_config)) as job:
+    start, state, _, _ = job.resume(state)
+    if start >= config.sft.steps:
+      logging.info("SFT stage in %s already finished at step %d", workdir, start)
+      return state
+    writer = metrics_writer.MetricsWriter(workdir, total_steps=config.sft.steps, phase="SFT",
+                                          enabled=jax.process_index() == 0, start_step=start)
+    try:
+      state, history = sft.run_sft(
+          state, model=env.model, tx=env.sft_tx, mesh=env.mesh, rules=env.rules,
+          state_shardings=env.state_shardings, tokenizer=env.tokenizer, train_iter=data,
+          completion_len=config.sampler.max_new_tokens, steps=config.sft.steps, writer=writer, start_step=start,
+          eval_fn=builders.eval_fn(config, env), eval_every=config.sft.eval_every, job=job,
+          max_consecutive_skips=config.train.max_consecutive_skips, seed=config.seed)
+    finally:
+      writer.close()
   metrics_writer.plot_curves(workdir)
   if history and history[-1]["step"] < config.sft.steps:
     raise Stopped()
@@ -120,24 +125,27 @@ def run_rl(config, env, workdir: str, stop) -> list[dict]:
   ref_params = jax.tree.map(jax.numpy.copy, state.params) if env.use_reference else None
   data = builders.prompt_iterator(config, env, split="train", batch_prompts=config.train.batch_prompts,
                                   seed=config.seed)
-  job = lifecycle.Lifecycle(os.path.join(workdir, "checkpoints"), builders.checkpoint_policy(config), job="rl",
-                            total_steps=config.train.total_steps, stop=stop, data=data, label="RL",
-                            meta=builders.checkpoint_meta(env.model_config))
-  start, state, extra, meta = job.resume(state, {"ref_params": ref_params})
-  writer = metrics_writer.MetricsWriter(workdir, total_steps=config.train.total_steps,
-                                        enabled=jax.process_index() == 0, start_step=start)
-  trainer = rl_loop.Trainer(builders.rl_components(config, env, data, writer),
-                            builders.loop_config(config, env.tokenizer.pad_id))
-  trainer.load_host_state(meta.get("host"))
-  try:
-    _, _, history = trainer.run(state, extra["ref_params"], start_step=start, job=job)
-  finally:
-    job.close()
-    writer.close()
+  with lifecycle.Lifecycle(os.path.join(workdir, "checkpoints"), builders.checkpoint_policy(config), job="rl",
+                           total_steps=config.train.total_steps, stop=stop, data=data, label="RL",
+                           meta=builders.checkpoint_meta(env.model_config)) as job:
+    start, state, extra, meta = job.resume(state, {"ref_params": ref_params})
+    writer = metrics_writer.MetricsWriter(workdir, total_steps=config.train.total_steps, phase="RL",
+                                          enabled=jax.process_index() == 0, start_step=start)
+    try:
+      trainer = rl_loop.Trainer(builders.rl_components(config, env, data, writer),
+                                builders.loop_config(config, env.tokenizer.pad_id))
+      trainer.load_host_state(meta.get("host"))
+      trainer.start_eval = meta.get("start_eval")  # the step-0 eval of a resumed run (None in earlier checkpoints)
+      _, _, history = trainer.run(state, extra["ref_params"], start_step=start, job=job)
+    finally:
+      writer.close()
   png = metrics_writer.plot_curves(workdir)
   logging.info("curves: %s", png)
   if history and history[-1]["step"] < config.train.total_steps:
     raise Stopped()
+  summary = metrics_writer.eval_summary(history, trainer.start_eval, phase="RL")
+  if summary and jax.process_index() == 0:
+    metrics_writer.console_print(summary)
   return history
 
 
@@ -147,54 +155,122 @@ def run(config, workdir: str) -> list[dict]:
     raise SystemExit(f"config key 'job' is {config.job!r}; choose one of {JOBS}")
   check_hardware(config)
   checks.validate(config)
+  checks.check_workdir(workdir)   # an unwritable run folder stops here, in one line
   os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+  # A workdir with checkpoints resumes only the config it was started with (schedule and logging may change).
+  relaunch.check(config, workdir, write=jax.process_index() == 0)
   print(f"workdir: {os.path.abspath(workdir)}", flush=True)
   try:
+    history = []
     if config.job == "rm":
       from launch import rm  # reward-model job
       rm.run(config, workdir)
-      return []
-    env = builders.build_env(config, workdir)
-    with preemption.StopRequest() as stop:
-      if config.job == "sft":
-        run_sft_stage(config, env, env.state, workdir, stop)
-        return []
-      history = run_rl(config, env, workdir, stop)
+    else:
+      env = builders.build_env(config, workdir)
+      with preemption.StopRequest() as stop:
+        if config.job == "sft":
+          run_sft_stage(config, env, env.state, workdir, stop)
+        else:
+          history = run_rl(config, env, workdir, stop)
   except Stopped:
+    _record_start(config, workdir)
     return []
   except (train_state.NonFiniteUpdates, combine.RewardError) as e:
     raise SystemExit(f"training stopped: {e}") from e
-  evals = [h for h in history if "eval/accuracy" in h]
-  if len(evals) > 1:
-    print(f"held-out greedy accuracy: before {evals[0]['eval/accuracy']:.3f} -> after "
-          f"{evals[-1]['eval/accuracy']:.3f}", flush=True)
-  return history
+  except checkpoint.CheckpointMismatchError as e:  # a workdir without config.json, or another job's checkpoints
+    raise SystemExit(f"{e}. To resume, relaunch with the config that wrote it; to start afresh, pass a new "
+                     f"--workdir") from None
+  _record_start(config, workdir)
+  return history    # run_rl printed the RL stage's held-out summary
+
+
+def _record_start(config, workdir: str) -> None:
+  """A workdir whose checkpoints had no config record gets one once the job ran with them."""
+  if jax.process_index() == 0 and not relaunch.recorded(workdir):
+    relaunch.record_start(config, workdir)
+
+
+def launch(config, workdir: str) -> list[dict]:
+  """``run``, with the input errors that surface only while the job builds its data (a malformed line after the
+  first one of a JSONL file, which the pre-run check does not read) stopped in one line naming the config key."""
+  from rlj.data import jsonl
+  try:
+    return run(config, workdir)
+  except jsonl.JsonlError as e:
+    if cli_help.show_tracebacks():
+      raise
+    raise SystemExit(f"config key 'data.source_dir': {e}") from None
 
 
 def main(argv) -> None:
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
-  distributed.initialize_from_flags()  # multi-host jobs: join before anything touches a device
   config = _CONFIG.value
   if config is None:
-    raise app.UsageError("--config is required, e.g. --config configs/grpo_tpu.py:runlocal")
-  run(config, _WORKDIR.value or default_workdir())
+    raise SystemExit("--config is required, e.g. --config configs/grpo_tpu.py:runlocal (python -m launch.train "
+                     "--help lists the job configs)")
+  workdir = _WORKDIR.value or default_workdir()
+  try:
+    if _SHOW.value:
+      cli_help.show(config, spec=config_spec(sys.argv) or "", workdir=workdir, checks=[
+          (f"hardware: the config asks for {config.get('hardware', 'any')!r}, JAX found {jax.default_backend()!r} "
+           f"({jax.device_count()} device(s))", lambda: check_hardware(config)),
+          (f"config checks of the {config.job!r} job (launch/checks.py)", lambda: checks.validate(config) or [
+              "a reward-model job checks its data, tokenizer and model when it starts (launch/rm.py)"])])
+      return
+    distributed.initialize_from_flags()  # multi-host jobs: join before anything touches a device
+    launch(config, workdir)
+  except SystemExit as e:
+    if isinstance(e.code, str) and cli_help.show_tracebacks():
+      if e.__context__ is not None:   # the error the one-line message replaced (raised ``from None``)
+        traceback.print_exception(e.__context__)
+      traceback.print_exc()
+    raise
+
+
+# Flags that ask for help; absl's own print two flags and exit 1.
+HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "-helpshort", "-?")
+
+
+def config_spec(argv: list[str]) -> str | None:
+  """The value of ``--config`` (``file.py[:variants]``) on a command line, or None."""
+  for i, a in enumerate(argv):
+    if a.startswith(("--config=", "-config=")):
+      return a.split("=", 1)[1]
+    if a in ("--config", "-config") and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with a bad ``--config.<key>`` override reported in one line (exit status 1)."""
+  """absl's flag parsing, plus: ``--help`` prints the launcher's help (``launch.cli_help``) and exits 0; a missing
+  config file, a bad variant, a ``--config.<key>`` the config does not have or a value that does not parse stop
+  in one line naming it and the fix (exit status 1; ``RLJ_TRACEBACK=1`` keeps the traceback)."""
+  args = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+  if any(a in HELP_FLAGS for a in args):
+    print(cli_help.usage())
+    sys.exit(0)
+  spec = config_spec(args)
+  if spec is not None:
+    cli_help.check_config_arg(spec)
+    cli_help.check_overrides(spec, args)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:  # a value that does not parse, an unknown flag
-    raise SystemExit(f"bad command line: {e}") from None
+    if cli_help.show_tracebacks():
+      raise
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    msg = lines[-1] if "Traceback" in str(e) else " ".join(lines)   # config_flags puts a traceback in its text
+    fix = ("give the key a value of the type it holds (--show prints every key and value)" if
+           msg.startswith("flag --config.") else "python -m launch.train --help lists the flags")
+    raise SystemExit(f"bad command line: {msg}; {fix}") from None
   except (KeyError, AttributeError) as e:  # an override of a key the (locked) config does not have
-    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-    raise SystemExit(f"bad command-line override: {msg} (the config is locked: every key must exist; see the "
-                     f"config file's get_config)") from None
+    if cli_help.show_tracebacks():
+      raise
+    msg = " ".join(str(e.args[0] if isinstance(e, KeyError) and e.args else e).split())
+    raise SystemExit(f"bad --config.<key> override: {msg} (the config is locked: every key must exist; --show "
+                     f"prints them)") from None
 
 
 if __name__ == "__main__":

@@ -82,11 +82,12 @@ class Batcher:
 def take_units(batch: Batch, idx: np.ndarray, unit: int) -> Batch:
   """The units ``idx`` (rows, or pairs of adjacent rows when ``unit == 2``) of a batch.
 
-  Per-row arrays are indexed by their rows; per-pair arrays (keys ``pair_*``) by ``idx`` itself.
+  Per-row arrays are indexed by their rows; per-pair arrays (keys ``pair_*``) by ``idx`` itself; 0-d entries
+  are values of the whole step (the adaptive KL coefficient) and stay as they are.
   """
   idx = np.asarray(idx, np.int64)
   rows = (idx[:, None] * unit + np.arange(unit)[None]).reshape(-1)
-  return {k: v[idx] if k.startswith("pair_") else v[rows] for k, v in batch.items()}
+  return {k: v if np.ndim(v) == 0 else v[idx] if k.startswith("pair_") else v[rows] for k, v in batch.items()}
 
 
 def minibatches(batch: Batch, *, num_minibatches: int, unit: int, rng: np.random.Generator,

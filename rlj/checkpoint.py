@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import time
 from typing import Any
 
@@ -25,11 +26,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 
 
 class NonFiniteCheckpointError(ValueError):
   """Raised instead of writing a checkpoint whose arrays hold NaN or Inf."""
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint that reads fine holds another tree (other leaves or shapes) than the one asked for: the job's
+  config changed, the checkpoint is not corrupt. Nothing is moved or deleted."""
 
 
 class Checkpointer:
@@ -113,17 +120,48 @@ class Checkpointer:
 
     A checkpoint that fails (truncated or corrupted files) is reported with a warning, moved aside to
     ``<directory>.corrupt/<step>`` (kept for inspection; the next save at that step must not collide with it),
-    and the previous one is tried.
+    and the previous one is tried. "Corrupt" means its files fail to read for a tree of the saved structure: a
+    checkpoint whose saved leaves or shapes differ from ``abstract_state`` is another job's, not a damaged one.
+
+    Raises:
+      CheckpointMismatchError: the newest checkpoint's saved tree differs from ``abstract_state`` (nothing is
+        moved).
     """
     for step in reversed(self.all_steps()):
+      difference = self.structure_difference(step, abstract_state)
+      if difference:
+        raise CheckpointMismatchError(f"checkpoint step {step} in {self.directory} holds another state than this "
+                                      f"job builds ({difference}); nothing was moved or deleted")
       try:
         state, meta = self.restore(step, abstract_state)
         return step, state, meta
       except Exception as e:  # pylint: disable=broad-except  # a truncated or corrupted step directory
+        _quiet_closed_loop_callbacks()
         logging.warning("checkpoint at step %d in %s failed to restore (%s: %s); trying the previous one",
                         step, self.directory, type(e).__name__, str(e)[:500])
         self._set_aside(step)
     return None
+
+  def structure_difference(self, step: int, abstract_state: Any) -> str | None:
+    """How step ``step``'s saved tree differs from ``abstract_state`` (leaf paths and shapes), or None when it
+    matches or its metadata cannot be read (a restore then reports the damage)."""
+    saved = self.saved_tree(step)
+    if saved is None:
+      return None
+    return describe_difference(_leaf_shapes(saved), _leaf_shapes(abstract_state))
+
+  def saved_tree(self, step: int) -> dict | None:
+    """Step ``step``'s saved ``state`` tree as metadata (leaves with shape and dtype), or None when it cannot be
+    read."""
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)  # orbax warns that the item folder has no top-level metadata
+    try:
+      with ocp.StandardCheckpointer() as reader:
+        return dict(reader.metadata(os.path.join(self.directory, str(step), "state")).item_metadata)
+    except Exception:  # pylint: disable=broad-except  # unreadable metadata: a damaged step, restore decides
+      return None
+    finally:
+      absl_logging.set_verbosity(verbosity)
 
   def _set_aside(self, step: int) -> None:
     if jax.process_index() == 0 and "://" not in self.directory:
@@ -169,6 +207,52 @@ def _all_finite(tree: Any) -> bool:
   leaves = [x for x in jax.tree.leaves(tree)
             if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.inexact)]
   return not leaves or bool(_finite(leaves))
+
+
+def _quiet_closed_loop_callbacks() -> None:
+  """After a failed restore, reads still in flight report back to the event loop orbax already closed; Python then
+  prints "Exception ignored ... RuntimeError: Event loop is closed" with a traceback. That one exception is
+  expected and harmless (the failure was reported and handled): drop it, pass every other one on."""
+  previous = sys.unraisablehook
+  if getattr(previous, "rlj_closed_loop_filter", False):
+    return
+
+  def hook(unraisable):
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+      return
+    previous(unraisable)
+  hook.rlj_closed_loop_filter = True
+  sys.unraisablehook = hook
+
+
+def _key_name(key) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _leaf_shapes(tree: Any) -> dict[str, tuple]:
+  """``{"params.layers.mlp.kernel": shape}`` for every leaf (dict keys, attributes and indices alike)."""
+  return {".".join(_key_name(k) for k in path): tuple(getattr(leaf, "shape", ()))
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def describe_difference(saved: dict[str, tuple], wanted: dict[str, tuple], limit: int = 3) -> str | None:
+  """The first ``limit`` differing leaves of two ``{path: shape}`` maps, in words; None when equal."""
+  parts = []
+  for path in sorted(set(saved) | set(wanted), key=lambda p: (not p.startswith("params"), p)):
+    if path not in wanted:
+      parts.append(f"{path}: saved {saved[path]}, not in this job's state")
+    elif path not in saved:
+      parts.append(f"{path}: not saved, this job has {wanted[path]}")
+    elif saved[path] != wanted[path]:
+      parts.append(f"{path}: saved {saved[path]}, this job {wanted[path]}")
+  if not parts:
+    return None
+  more = f" and {len(parts) - limit} more" if len(parts) > limit else ""
+  return "; ".join(parts[:limit]) + more
 
 
 def _as_abstract(x):

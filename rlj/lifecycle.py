@@ -5,7 +5,7 @@ hook and the stop request.
   start, state, extra, meta = job.resume(state, extra={"ref_params": ref})    # step 0 and the inputs if none
   on_step_end = job.hook(lambda step, state, ref: job.save(step, state, extra={"ref_params": ref}))
   ... the loop calls on_step_end(done, state, ...) after every step; True means stop ...
-  job.close()
+  job.close()            # or: with lifecycle.Lifecycle(...) as job: ...
 
 A checkpoint's ``state`` item is ``checkpoint_tree(state, **extra)``: the train state's fields (params, optimizer
 state, step, skip counters) plus the job's extra trees (the RL reference). Its ``meta`` record always holds the
@@ -16,11 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from typing import Any, Callable, Mapping
-
-import orbax.checkpoint as ocp
-from absl import logging as absl_logging
 
 from rlj import checkpoint, host_data, preemption
 
@@ -86,7 +82,11 @@ class Lifecycle:
     saved = self._saved_keys()
     if saved is not None:  # checkpoints written before the skip counters joined the state: restore without them
       tree = {k: v for k, v in tree.items() if k in saved or k not in _SKIP_FIELDS}
-    restored = self.ckpt.restore_latest(tree)
+    try:
+      restored = self.ckpt.restore_latest(tree)
+    except BaseException:
+      self.close()   # a clean shutdown on every exit path: no orbax threads left behind
+      raise
     if restored is None:
       return 0, state, extra, {}
     start, tree, meta = restored
@@ -101,17 +101,8 @@ class Lifecycle:
   def _saved_keys(self) -> set[str] | None:
     """The top-level keys of the newest checkpoint's state tree (None when there is none or it cannot be read)."""
     step = self.ckpt.latest_step()
-    if step is None:
-      return None
-    verbosity = absl_logging.get_verbosity()
-    absl_logging.set_verbosity(absl_logging.ERROR)  # orbax warns that the item folder has no top-level metadata
-    try:
-      with ocp.StandardCheckpointer() as reader:
-        return set(dict(reader.metadata(os.path.join(self.directory, str(step), "state")).item_metadata))
-    except Exception:  # pylint: disable=broad-except  # restore_latest reports and sets aside unreadable steps
-      return None
-    finally:
-      absl_logging.set_verbosity(verbosity)
+    saved = None if step is None else self.ckpt.saved_tree(step)
+    return None if saved is None else set(saved)
 
   def save(self, step: int, state, *, extra: Mapping[str, Any] | None = None, meta: Mapping[str, Any] | None = None,
            host: dict | None = None) -> None:
@@ -132,3 +123,9 @@ class Lifecycle:
 
   def close(self) -> None:
     self.ckpt.close()
+
+  def __enter__(self) -> "Lifecycle":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()   # every exit path waits for the last save and stops orbax's threads

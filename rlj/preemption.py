@@ -21,6 +21,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from rlj import metrics_writer
+
 
 class StopRequest:
   """Flags SIGTERM / SIGINT until ``close()``; use as a context manager around a training loop.
@@ -96,7 +98,7 @@ def checkpoint_hook(ckpt, stop: StopRequest, *, total_steps: int, save: Callable
       save(done, *state)
     if stopping:
       ckpt.wait()
-      print(f"stopped at step {done} of {total_steps} ({label}): checkpoint saved in {ckpt.directory}; "
-            f"relaunch with the same --workdir to resume", flush=True)
+      metrics_writer.console_print(f"stopped at step {done} of {total_steps} ({label}): checkpoint saved in "
+                                   f"{ckpt.directory}; relaunch with the same --workdir to resume")
     return stopping
   return hook

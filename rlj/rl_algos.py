@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from algorithms import cispo, common, gdpo, grpo, gspo, p3o, winrate
+from algorithms import cispo, common, gdpo, grpo, gspo, p3o, running_moments, winrate
 from algorithms import kl as kl_lib
 from rewards import combine
 from rlj import dno_replay
@@ -40,9 +40,18 @@ def old_logp_of(logp, batch):
   return jax.lax.stop_gradient(logp) if old is None else old
 
 
+def batch_kl_coef(batch, loss_kwargs):
+  """``loss_kwargs`` with ``kl_coef`` taken from the batch when it carries one: the adaptive KL controller's beta
+  (``rlj.kl_controller``), a traced scalar, so a new value does not recompile the step."""
+  if "kl_coef" not in batch:
+    return loss_kwargs
+  return {**loss_kwargs, "kl_coef": batch["kl_coef"]}
+
+
 def policy_gradient_objective(logp, batch, **loss_kwargs):
   """GRPO / GDPO / RLOO: the clipped surrogate of ``algorithms.grpo.loss`` with global normalisers (and the
   batch's ``is_weight``, the sampler-trainer mismatch correction, when it has one)."""
+  loss_kwargs = batch_kl_coef(batch, loss_kwargs)
   ref = batch.get("ref_logp")
   return grpo.loss(logp, old_logp_of(logp, batch), ref, batch["adv"], batch["mask"], num_tokens=batch["num_tokens"],
                    num_seqs=batch["num_seqs"], token_weight=batch.get("is_weight"), **loss_kwargs)
@@ -50,21 +59,42 @@ def policy_gradient_objective(logp, batch, **loss_kwargs):
 
 def gspo_objective(logp, batch, **loss_kwargs):
   """GSPO / GSPO-token (``algorithms.gspo.loss``) normalised by the whole step's sequence count."""
+  loss_kwargs = batch_kl_coef(batch, loss_kwargs)
   return gspo.loss(logp, old_logp_of(logp, batch), batch.get("ref_logp"), batch["adv"], batch["mask"],
                    num_seqs=batch["num_seqs"], **loss_kwargs)
 
 
 def cispo_objective(logp, batch, **loss_kwargs):
   """CISPO (``algorithms.cispo.loss``) normalised by the whole step's token / sequence counts."""
+  loss_kwargs = batch_kl_coef(batch, loss_kwargs)
   return cispo.loss(logp, old_logp_of(logp, batch), batch.get("ref_logp"), batch["adv"], batch["mask"],
                     num_tokens=batch["num_tokens"], num_seqs=batch["num_seqs"], **loss_kwargs)
 
 
 def p3o_objective(logp, batch, **loss_kwargs):
   """P3O on adjacent row pairs: ``algorithms.p3o.loss(logp[B,2,T], ...)``."""
+  loss_kwargs = batch_kl_coef(batch, loss_kwargs)
   pairs = common.adjacent_pairs
   return p3o.loss(pairs(logp), pairs(old_logp_of(logp, batch)), pairs(batch["ref_logp"]), batch["pair_rewards"],
                   pairs(batch["mask"]), **loss_kwargs)
+
+
+def dno_objective(logp, batch, **loss_kwargs):
+  """DNO (``rlj.dno_replay.objective``) plus the diagnostic ``kl``: the loss has no KL term, so the metric is
+  ``reference_kl`` over the valid pairs' completion tokens (its reference is the previous iterate)."""
+  loss, metrics = dno_replay.objective(logp, batch, **loss_kwargs)
+  rows_valid = jnp.repeat(batch["pair_valid"], 2)[:, None]              # pairs are adjacent rows (2i, 2i+1)
+  metrics["kl"] = reference_kl(logp, batch["ref_logp"], batch["mask"] * rows_valid)
+  return loss, metrics
+
+
+def reference_kl(logp, ref_logp, mask):
+  """A diagnostic of KL(pi_theta || pi_ref) for objectives without a KL term: the token mean of the k3 estimate
+  (Schulman, "Approximating KL Divergence", 2020; ``algorithms.kl.estimate``) on the batch's tokens, from
+  the log-probs the step computes anyway (no gradient, no extra forward pass). The tokens come from the
+  sampler, so it is unbiased for the policy that sampled them (the current one before its first update)."""
+  kl = kl_lib.estimate(jax.lax.stop_gradient(logp), ref_logp, "k3")
+  return common.masked_mean(kl, mask)
 
 
 def sft_objective(logp, batch):
@@ -129,11 +159,52 @@ class GroupBatcher(Batcher):
     return policy_gradient_batch(rollout, adv), m
 
 
+P3O_REWARD_NORMS = ("none", "diff_std", "score_std")
+
+
 class P3OBatcher(Batcher):
-  """P3O: disjoint pairs (2j, 2j+1) inside each group with their weighted reward sums."""
+  """P3O: disjoint pairs (2j, 2j+1) inside each group with their weighted reward sums, divided by a running std
+  when ``algo.p3o.reward_norm`` asks for one:
+
+  - "diff_std": the std of the pairs' reward differences r_1 - r_2, over every pair of every step so far;
+  - "score_std": the std of the rewards themselves, over every completion so far: the P3O authors' code
+    (arXiv:2310.00212; their trlx trainer keeps ``RunningMoments`` of the rollout scores and divides the scores
+    by its std, ``scale_reward="running"``);
+  - "none": the raw rewards.
+
+  The pairwise loss only sees r_1 - r_2, and it is invariant to a per-prompt constant added to both; the
+  differences' std is the scale of what the loss sees, while the scores' std also counts the spread between
+  prompts. Both are running (``algorithms.running_moments``, unbiased as in the authors' code) and include this
+  step's values (update, then scale, as the authors do); while the std is 0 (fewer than two values, or all
+  equal) the rewards stay as they are. The moments come from the gathered rewards of the whole batch, so every
+  process holds the same; they are host state, kept in every checkpoint.
+  """
+
+  def __init__(self, settings: Settings):
+    super().__init__(settings)
+    self.norm = dict(settings.options.get("p3o", {})).get("reward_norm", "none")
+    self.moments = running_moments.Moments()
 
   def build(self, rollout, values, weights, step):
-    return p3o_batch(rollout, values, weights), {}
+    batch = p3o_batch(rollout, values, weights)
+    if self.norm == "none":
+      return batch, {}
+    r = batch["pair_rewards"].astype(np.float64)                               # [pairs, 2]
+    self.moments = running_moments.update(self.moments, r[:, 0] - r[:, 1] if self.norm == "diff_std" else r)
+    std = running_moments.std(self.moments)
+    if std > 0:
+      batch["pair_rewards"] = (r / std).astype(np.float32)
+    return batch, {"p3o/reward_std": std, "p3o/reward_norm_count": self.moments.count}
+
+  def host_state(self) -> dict[str, np.ndarray]:
+    if self.norm == "none":
+      return {}
+    return {f"p3o_norm/{k}": np.float64(v) for k, v in self.moments._asdict().items()}
+
+  def load_host_state(self, host: Mapping[str, np.ndarray]) -> None:
+    if self.norm != "none" and "p3o_norm/count" in host:
+      fields = running_moments.Moments._fields
+      self.moments = running_moments.Moments(**{k: float(host[f"p3o_norm/{k}"]) for k in fields})
 
 
 def policy_gradient_batch(rollout: Mapping[str, np.ndarray], adv: np.ndarray) -> Batch:
@@ -186,6 +257,9 @@ def _check_p3o(s: Settings) -> None:
   if not kl_coef_positive(s.loss_kwargs):
     raise SettingError("algo.kwargs.kl_coef", "P3O's KL-regularised reward difference needs reference log-probs: "
                        "set it > 0")
+  norm = dict(s.options.get("p3o", {})).get("reward_norm", "none")
+  if norm not in P3O_REWARD_NORMS:
+    raise SettingError("algo.p3o.reward_norm", f"{norm!r}; choose {' | '.join(P3O_REWARD_NORMS)}")
 
 
 def _group_loss_defaults(s: Settings) -> dict:
@@ -207,6 +281,10 @@ class Algorithm:
     fixed_rows: whether the batch has the rollout's rows (False: a varying number of selected pairs).
     check: ``Settings -> None``, raising ``SettingError``.
     loss_defaults: ``Settings -> dict`` of objective keyword arguments the config may leave out.
+    dynamic_sampling: whether DAPO's dynamic sampling may filter its groups (``rlj.dynamic_sampling``): its
+      advantages are group-normalised, so a group of equal rewards adds no policy gradient.
+    adaptive_kl: whether its objective takes ``kl_coef`` from the batch as the weight of a KL term and reports
+      that KL as ``kl`` (``rlj.kl_controller``).
   """
   objective: Callable
   batcher: Callable[[Settings], Batcher]
@@ -218,6 +296,8 @@ class Algorithm:
   token_weights: bool = False
   check: Callable[[Settings], None] = lambda s: None
   loss_defaults: Callable[[Settings], dict] = lambda s: {}
+  dynamic_sampling: bool = False
+  adaptive_kl: bool = False
 
   def loss_kwargs(self, settings: Settings) -> dict:
     return {**self.loss_defaults(settings), **dict(settings.loss_kwargs)}
@@ -226,18 +306,21 @@ class Algorithm:
 ALGORITHMS: dict[str, Algorithm] = {
     "grpo": Algorithm(policy_gradient_objective, lambda s: GroupBatcher(s, "grpo"), unit=1, sum_microbatches=True,
                       needs_old_logp=True, uses_reference=kl_coef_positive, check=_check_group,
-                      loss_defaults=_group_loss_defaults, token_weights=True),
+                      loss_defaults=_group_loss_defaults, token_weights=True, dynamic_sampling=True,
+                      adaptive_kl=True),
     "gdpo": Algorithm(policy_gradient_objective, lambda s: GroupBatcher(s, "gdpo"), unit=1, sum_microbatches=True,
                       needs_old_logp=True, uses_reference=kl_coef_positive, check=_check_group,
-                      loss_defaults=_group_loss_defaults, token_weights=True),
+                      loss_defaults=_group_loss_defaults, token_weights=True, dynamic_sampling=True,
+                      adaptive_kl=True),
     "gspo": Algorithm(gspo_objective, lambda s: GroupBatcher(s, "grpo"), unit=1, sum_microbatches=True,
-                      needs_old_logp=True, uses_reference=kl_coef_positive, check=_check_group),
+                      needs_old_logp=True, uses_reference=kl_coef_positive, check=_check_group,
+                      dynamic_sampling=True, adaptive_kl=True),
     "cispo": Algorithm(cispo_objective, lambda s: GroupBatcher(s, "grpo"), unit=1, sum_microbatches=True,
                        needs_old_logp=True, uses_reference=kl_coef_positive, check=_check_group,
-                       loss_defaults=_group_loss_defaults),
+                       loss_defaults=_group_loss_defaults, dynamic_sampling=True, adaptive_kl=True),
     "p3o": Algorithm(p3o_objective, P3OBatcher, unit=2, sum_microbatches=False, needs_old_logp=True,
-                     uses_reference=kl_coef_positive, check=_check_p3o),
-    "dno": Algorithm(dno_replay.objective, dno_replay.DnoBatcher, unit=2, sum_microbatches=False,
+                     uses_reference=kl_coef_positive, check=_check_p3o, adaptive_kl=True),
+    "dno": Algorithm(dno_objective, dno_replay.DnoBatcher, unit=2, sum_microbatches=False,
                      needs_old_logp=False, uses_reference=lambda kw: True, fixed_rows=False,
                      check=dno_replay.check),
 }

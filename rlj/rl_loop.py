@@ -21,8 +21,10 @@ import numpy as np
 
 from algorithms import common, mismatch
 from rewards import combine
-from rlj import evaluation, host_data, programs, rl_algos, sharding, train_state
+from rlj import evaluation, host_data, programs, rl_algos, rollout_stats, sharding, train_state
 from rlj.batches import Settings, minibatches
+from rlj.dynamic_sampling import DynamicSampler, DynamicSampling
+from rlj.kl_controller import AdaptiveKL, KLControl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +43,8 @@ class LoopConfig:
   mismatch_high: float = 2.0
   eval_every: int = 0
   max_consecutive_skips: int = 0       # abort after this many non-finite updates in a row (0: never)
+  dynamic_sampling: DynamicSampling = DynamicSampling()   # DAPO's group filter and refill (rlj.dynamic_sampling)
+  kl_control: KLControl = KLControl()                     # the adaptive KL coefficient (rlj.kl_controller)
 
   @property
   def num_generations(self) -> int:
@@ -133,10 +137,16 @@ class Trainer:
                                  state_shardings=comps.state_shardings)
     self.step_fn, self.logp_fn = progs.step, progs.logp
     self.batcher = self.algo.batcher(cfg.algo_settings)
+    self.dynamic = DynamicSampler(cfg.dynamic_sampling, weights=comps.reward_weights, group_size=cfg.num_generations,
+                                  pad_id=cfg.algo_settings.pad_id)
+    self.kl_control = AdaptiveKL.for_loop(cfg)
     self.root = jax.random.key(cfg.seed)
     self.skips = train_state.SkipCounter(
         cfg.max_consecutive_skips, what="optimizer updates",
         hint="Check the rewards and advantages for NaN/Inf, lower optim.learning_rate")
+    # The held-out eval before any RL update (step 0); saved in every checkpoint's meta as "start_eval" so that
+    # a resumed run can still compare against it. The launcher sets it from a resumed checkpoint's meta.
+    self.start_eval: dict | None = None
 
   # ---------------------------------------------------------------------------------------------- rollout
   def sampler_params(self, params):
@@ -178,8 +188,12 @@ class Trainer:
     lengths = host_data.gather(ro.lengths)
     mm = self.trainer_logp(state.params, arrays, sampler_logp) if cfg.trainer_pass(step) else {}
     t3 = time.perf_counter()
+    completion = arrays["tokens"][:, arrays["tokens"].shape[1] - arrays["mask"].shape[1]:]
+    sc = c.sampler.config
     metrics = {**mm, "time/sample": t1 - t0, "time/reward": t2 - t1, "time/reference": t3 - t2,
-               "response_len/mean": float(lengths.mean()), "response_len/max": float(lengths.max()),
+               **rollout_stats.completion_lengths(completion, arrays["mask"], max_new_tokens=sc.max_new_tokens,
+                                                  stop_ids=sc.stop_set),
+               "entropy": rollout_stats.sampler_entropy(sampler_logp, arrays["mask"]),   # of the sampler's q
                "sampled_tokens": float(lengths.sum())}
     summed = combine.weighted_total(rewards.values, c.reward_weights)
     metrics["reward/mean"] = float(np.nanmean(summed))
@@ -235,12 +249,13 @@ class Trainer:
 
   # ---------------------------------------------------------------------------------------------- host state
   def host_state(self) -> dict[str, np.ndarray]:
-    """This process's loop state that is not in the train state (the algorithm batcher's)."""
-    return self.batcher.host_state()
+    """This process's loop state that is not in the train state (the algorithm batcher's, the KL controller's)."""
+    return {**self.batcher.host_state(), **self.kl_control.host_state()}
 
   def load_host_state(self, host: Mapping[str, np.ndarray] | None) -> None:
     if host:
       self.batcher.load_host_state(host)
+      self.kl_control.load_host_state(host)
 
   # ---------------------------------------------------------------------------------------------- eval
   def evaluate(self, params, step: int) -> dict:
@@ -263,9 +278,11 @@ class Trainer:
     on_step_end = None
     if job is not None:
       on_step_end = job.hook(lambda done, st, ref: job.save(
-          done, st, extra={"ref_params": ref if cfg.use_reference else None}, host=self.host_state()))
+          done, st, extra={"ref_params": ref if cfg.use_reference else None}, host=self.host_state(),
+          meta={"start_eval": self.start_eval} if self.start_eval else None))
     if start_step == 0 and cfg.eval_every:
       m = self.evaluate(state.params, 0)
+      self.start_eval = {k: float(v) for k, v in m.items()} or None
       c.writer.write(0, m)
       history.append({"step": 0, **m})
     for step in range(start_step, cfg.total_steps):
@@ -273,16 +290,19 @@ class Trainer:
       ref_params = self.batcher.begin_step(step, state.params, ref_params)
       rng = jax.random.fold_in(self.root, step)
       rng_sample, rng_train = jax.random.split(rng)
-      prompts = next(c.train_iter)
-      arrays, rewards, metrics = self.rollout(state, prompts, rng_sample, step)
+      # One rollout of the next prompt batch; with dynamic sampling more until the batch's groups have spread.
+      arrays, rewards, metrics = self.dynamic.collect(
+          lambda r: self.rollout(state, next(c.train_iter), r, step), rng_sample, step)
       t1 = time.perf_counter()
       batch, bm = self.build_batch(arrays, rewards, ref_params, step)
+      batch.update(self.kl_control.batch_fields())    # beta_t as a traced scalar (none without the controller)
       reference_time = bm.pop("time/reference", 0.0)
       metrics["time/reference"] += reference_time
       metrics.update(bm)
       state, um = self.update(state, batch, rng_train, step)
       t2 = time.perf_counter()
       metrics.update(um)
+      metrics.update(self.kl_control.update(um.get("kl"), batch["tokens"].shape[0]))
       metrics["time/update"] = t2 - t1 - reference_time
       metrics["time/step"] = t2 - t0
       metrics["time/host_overhead"] = max(metrics["time/step"] - metrics["time/sample"] - metrics["time/reference"]

@@ -15,6 +15,14 @@ and this case adds the fraction of wall time that is not model compute, (step - 
 update) / step.
 
   python -m launch.bench --case rl_step --steps 3
+
+Another shape and where old log-probs come from (``train.old_logp``): ``--model`` takes a preset (its own
+vocabulary; sampled ids past the tokenizer's decode to nothing), ``--batch`` prompts x 8 completions,
+``--seq`` prompt bucket, ``--new_tokens``, ``--old_logp`` (with one minibatch, so the update is on-policy: ``auto``
+then skips the rollout's trainer log-prob pass, ``time/reference``, that ``recompute`` runs):
+
+  python -m launch.bench --case rl_step --model small-32m --batch 8 --seq 32 --new_tokens 64 --old_logp recompute
+  python -m launch.bench --case rl_step --model small-32m --batch 8 --seq 32 --new_tokens 64 --old_logp auto
 """
 from __future__ import annotations
 
@@ -89,10 +97,31 @@ def breakdown_row(means: dict) -> dict:
   return row
 
 
+def shape_overrides(args: argparse.Namespace) -> dict:
+  """Config overrides for ``--model`` / ``--batch`` / ``--seq`` / ``--new_tokens`` / ``--old_logp``."""
+  out = {}
+  if getattr(args, "model", None):
+    out.update({"model.preset": args.model, "model.vocab_from_tokenizer": False,
+                "model.overrides": dict(param_dtype="float32", dtype=args.dtype or "float32", remat=False)})
+  if getattr(args, "batch", None):
+    out["train.batch_prompts"] = args.batch
+  if getattr(args, "seq", None):
+    out["data.buckets"] = (args.seq,)
+  if getattr(args, "new_tokens", None):
+    out["sampler.max_new_tokens"] = args.new_tokens
+  old_logp = getattr(args, "old_logp", None)
+  if old_logp:   # one epoch of one minibatch (on-policy), so the settings differ only in the log-prob pass
+    out["train.old_logp"] = old_logp
+    out["train.num_minibatches"] = 1
+  return out
+
+
 def run(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
   steps = args.steps or 5
-  means, facts = measure(steps=steps)
+  overrides = shape_overrides(args)
+  means, facts = measure(steps=steps, overrides=overrides)
+  facts["old_logp"] = overrides.get("train.old_logp", "sampler")
   notes = [f"configs/grpo_tpu.py:runlocal (init.policy=scratch, no SFT, no eval); mean of {steps} steps after 2 "
            "warm-up steps; timers from rlj.rl_loop (host overhead = step - sample - reference - update, reward "
-           "included)."]
+           "included)." + (f" Overrides: {overrides}." if overrides else "")]
   return [{**facts, **breakdown_row(means)}], notes

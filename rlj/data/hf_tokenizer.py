@@ -56,7 +56,7 @@ class HFTokenizer(TokenizerBase):
   def from_file(cls, path: str | os.PathLike, **kwargs) -> "HFTokenizer":
     path = os.fspath(path)
     if not os.path.isfile(path):
-      raise TokenizerError(f"{path} does not exist; pass a checkpoint directory or its tokenizer.json")
+      raise TokenizerError(f"no such file: {path}; pass a checkpoint folder or its tokenizer.json")
     try:
       with open(path, encoding="utf-8") as f:
         text = f.read()

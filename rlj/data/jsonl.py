@@ -1,4 +1,5 @@
-"""Strict JSONL reading: every bad line is reported as ``file:line`` with the reason.
+"""Strict JSONL reading: every bad line is reported as ``file:line`` (``file:line:column`` for JSON syntax) with
+the reason and the fix, in one line.
 
 A JSONL file holds one JSON object per line (``.jsonl``, or gzip-compressed ``.jsonl.gz``). Reading is
 strict on purpose: a dataset with a broken line is a broken dataset, and silently skipping rows changes
@@ -13,7 +14,8 @@ from typing import Any, Iterator, Sequence
 
 
 class JsonlError(ValueError):
-  """A malformed JSONL line; the message starts with ``file:line:``."""
+  """A malformed JSONL line; the message is one line that starts with ``file:line:`` (``file:line:column:`` for
+  JSON syntax errors)."""
 
 
 def open_binary(path: str | os.PathLike):
@@ -39,7 +41,8 @@ def read_jsonl(path: str | os.PathLike, *, fields: Sequence[str] = ()) -> Iterat
       try:
         line = raw.decode("utf-8")
       except UnicodeDecodeError as e:
-        raise JsonlError(f"{path}:{line_no}: not valid UTF-8 ({e.reason} at byte {e.start})") from e
+        raise JsonlError(f"{path}:{line_no}: not valid UTF-8 ({e.reason} at byte {e.start} of the line); save the "
+                         f"file as UTF-8") from e
       yield line_no, parse_line(line, path=path, line_no=line_no, fields=fields)
 
 
@@ -47,19 +50,28 @@ def parse_line(line: str, *, path: str, line_no: int, fields: Sequence[str] = ()
   """Parses one JSONL line into a dict; see ``read_jsonl`` for the checks and errors."""
   where = f"{path}:{line_no}"
   if not line.strip():
-    raise JsonlError(f"{where}: blank line (JSONL needs one JSON object per line)")
+    raise JsonlError(f"{where}: blank line; remove it (JSONL needs one JSON object per line)")
+  text = line.rstrip("\r\n")
   try:
-    record = json.loads(line)
+    record = json.loads(text)
   except json.JSONDecodeError as e:
-    raise JsonlError(f"{where}: malformed JSON at character {e.pos + 1}: {e.msg}") from e
+    end = " (the end of the line)" if e.pos >= len(text) else ""
+    raise JsonlError(f"{where}:{e.colno}: malformed JSON at column {e.colno}{end}: {e.msg}; fix or remove line "
+                     f"{line_no} (a JSONL file holds one JSON object per line)") from e
   if not isinstance(record, dict):
-    raise JsonlError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    raise JsonlError(f"{where}: expected a JSON object ({{...}}), got a JSON {_json_type(record)}")
   for name in fields:
     if name not in record:
-      raise JsonlError(f"{where}: missing field {name!r} (has {sorted(record)})")
+      raise JsonlError(f"{where}: missing field {name!r} (the line has {sorted(record)})")
     if not isinstance(record[name], str):
-      raise JsonlError(f"{where}: field {name!r} must be a string, got {type(record[name]).__name__}")
+      raise JsonlError(f"{where}: field {name!r} must be a string, got a JSON {_json_type(record[name])}")
   return record
+
+
+def _json_type(value: Any) -> str:
+  """The JSON name of a parsed value's type (object, array, string, number, boolean, null)."""
+  names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+  return names.get(type(value), "number")
 
 
 # Prompt-answer rows in three layouts ---------------------------------------------------------------------------
@@ -72,8 +84,13 @@ def parse_messages(value: Any, *, where: str) -> list[dict[str, str]]:
   if not isinstance(value, list) or not value:
     raise JsonlError(f"{where}: field 'messages' must be a non-empty list of {{'role', 'content'}} objects")
   for i, m in enumerate(value):
-    if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-      raise JsonlError(f"{where}: messages[{i}] must be an object with string 'role' and 'content', got {m!r:.80}")
+    if not isinstance(m, dict):
+      raise JsonlError(f"{where}: messages[{i}] must be an object with string 'role' and 'content', got a JSON "
+                       f"{_json_type(m)}")
+    for name in ("role", "content"):
+      if not isinstance(m.get(name), str):
+        got = f"a JSON {_json_type(m[name])}" if name in m else f"no {name!r} (it has {sorted(m)})"
+        raise JsonlError(f"{where}: messages[{i}] must be an object with string 'role' and 'content', got {got}")
   return [dict(m) for m in value]
 
 

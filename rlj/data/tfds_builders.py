@@ -12,7 +12,9 @@ Two record schemas cover the trainer's needs:
 
 ``index`` is the record's 0-based line number in its source file; records keep file order (shuffling
 belongs to the input pipeline). A source directory holds one file per split named ``<split>.jsonl`` or
-``<split>.jsonl.gz``. Building is atomic: tfds writes into an ``incomplete.*`` directory and renames it
+``<split>.jsonl.gz``. A built entry is keyed by a fingerprint of the source files' contents and the encoding
+options (``source_fingerprint``), so editing a source and building again gives a new entry, never the stale
+one. Building is atomic: tfds writes into an ``incomplete.*`` directory and renames it
 when every record has been written; on error that directory is removed, and so are the (empty) dataset
 directories this build created, so a failed build leaves the data dir as it found it. Build once, then
 read with ``data_source`` (``tfds.data_source``); text fields come back as UTF-8 ``bytes``.
@@ -22,18 +24,21 @@ Custom configs (another JSONL layout, another dataset name) are ``JsonlConfig`` 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
+import io
 import os
 import shutil
 import tempfile
 from typing import Any
 
+from absl import logging as absl_logging
 from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
-from rlj.data import jsonl
+from rlj.data import fingerprint, jsonl
 
 ASSISTANT_MARKER = "\n\nAssistant:"
 VERSION = "1.0.0"
@@ -180,29 +185,79 @@ def _pick_builder(kind: str) -> type[_JsonlBuilder]:
   return BUILDERS[kind]
 
 
+def source_files(source_dir: str) -> list[str]:
+  """The ``<split>.jsonl[.gz]`` files of a source directory (what a build reads, and what is fingerprinted)."""
+  return list(_find_splits(os.fspath(source_dir)).values())
+
+
+def _base_config(kind: str, config: str | JsonlConfig) -> JsonlConfig:
+  if isinstance(config, JsonlConfig):
+    return config
+  by_name = {c.name: c for c in _pick_builder(kind).BUILDER_CONFIGS}
+  if config not in by_name:
+    raise ValueError(f"unknown {kind} dataset config {config!r}; choose one of {sorted(by_name)}")
+  return by_name[config]
+
+
+def source_fingerprint(kind: str, config: str | JsonlConfig, source_dir: str) -> dict:
+  """``rlj.data.fingerprint`` of a source directory's split files and the encoding options (builder kind,
+  config, field mapping, schema version): what a built entry is keyed by."""
+  base = _base_config(kind, config)
+  options = {"kind": kind, "config": base.name, "fields": dict(base.fields), "transcripts": base.transcripts,
+             "messages": base.messages, "version": VERSION}
+  return fingerprint.fingerprint(source_files(source_dir), options)
+
+
+@contextlib.contextmanager
+def _quiet():
+  """tfds announces every config that is not one of the class's own ("Using custom data configuration") and draws
+  progress bars; an entry keyed by its fingerprint is such a config, and a trainer's console is not the place."""
+  verbosity = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  tfds.display_progress_bar(False)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):   # and prints "Downloading and preparing dataset ..."
+      yield
+  finally:
+    absl_logging.set_verbosity(verbosity)
+    tfds.display_progress_bar(True)
+
+
+def _keyed_config(kind: str, config: str | JsonlConfig, digest: str) -> JsonlConfig:
+  """The config under the name of its cache entry: ``<config name>-<first 16 hex digits of the digest>``."""
+  base = _base_config(kind, config)
+  return dataclasses.replace(base, name=f"{base.name}-{digest[:16]}")
+
+
 def build(kind: str, config: str | JsonlConfig, *, source_dir: str, data_dir: str) -> tfds.core.DatasetBuilder:
-  """Builds one dataset from ``source_dir`` into ``data_dir`` (array_record), unless already built.
+  """Builds one dataset from ``source_dir`` into ``data_dir`` (array_record), unless an entry built from the
+  same file contents with the same options is there already.
 
   Args:
     kind: "prompt_answer" | "preference".
     config: a config name of that builder ("gsm8k", "hh_rlhf", "generic") or a ``JsonlConfig``.
     source_dir: directory with ``<split>.jsonl[.gz]`` files.
-    data_dir: tfds data dir; the dataset lands in ``data_dir/<builder>/<config>/<version>``.
+    data_dir: tfds data dir; the dataset lands in ``data_dir/<builder>/<config>-<fingerprint>/<version>``, keyed
+      by ``source_fingerprint``: an edited source builds a new entry beside the old one.
 
   Returns:
-    The builder (``builder.info.splits[split].num_examples`` holds the record counts).
+    The builder (``builder.info.splits[split].num_examples`` holds the record counts; ``as_data_source(split)``
+    reads a split).
 
   Raises:
     jsonl.JsonlError: naming file and line (and field) of a bad record; ``data_dir`` is left untouched.
   """
   data_dir = os.fspath(data_dir)
-  builder = _pick_builder(kind)(config=config, source_dir=os.fspath(source_dir), data_dir=data_dir,
-                                file_format="array_record")
+  digest = source_fingerprint(kind, config, source_dir)["digest"]
+  with _quiet():
+    builder = _pick_builder(kind)(config=_keyed_config(kind, config, digest), source_dir=os.fspath(source_dir),
+                                  data_dir=data_dir, file_format="array_record")
   own_dir = os.path.join(data_dir, builder.name)  # tfds writes only below data_dir/<builder name>
   before = _snapshot(data_dir)
   download_dir = tempfile.mkdtemp(prefix="rlj_tfds_download_")
   try:
-    builder.download_and_prepare(download_dir=download_dir)
+    with _quiet():
+      builder.download_and_prepare(download_dir=download_dir)
   except BaseException:
     _remove_new_paths(own_dir, before)
     for path in (own_dir, data_dir):  # created by this build and now empty
@@ -214,12 +269,42 @@ def build(kind: str, config: str | JsonlConfig, *, source_dir: str, data_dir: st
   return builder
 
 
-def data_source(kind: str, config: str | JsonlConfig, *, data_dir: str, split: str) -> Any:
-  """Random-access reader (``len``, ``[i]``) over a built split; text fields come back as ``bytes``."""
-  builder = _pick_builder(kind)(config=config, data_dir=os.fspath(data_dir), file_format="array_record")
+def built_entries(kind: str, config: str | JsonlConfig, *, data_dir: str) -> list[str]:
+  """Names of the built entries of ``config`` in ``data_dir`` (one per distinct source fingerprint)."""
+  base = _base_config(kind, config)
+  root = os.path.join(os.fspath(data_dir), _pick_builder(kind).name)
+  if not os.path.isdir(root):
+    return []
+  return sorted(n for n in os.listdir(root) if n.startswith(base.name + "-")
+                and os.path.isfile(os.path.join(root, n, VERSION, "dataset_info.json")))
+
+
+def data_source(kind: str, config: str | JsonlConfig, *, data_dir: str, split: str,
+                source_dir: str | None = None) -> Any:
+  """Random-access reader (``len``, ``[i]``) over a built split; text fields come back as ``bytes``.
+
+  With ``source_dir``, the entry built from its files as they are now; without, the one entry of ``config`` in
+  ``data_dir`` (a data dir prepared elsewhere).
+
+  Raises:
+    FileNotFoundError: no such entry, or (without ``source_dir``) several, naming them.
+  """
+  if source_dir is not None:
+    name = _keyed_config(kind, config, source_fingerprint(kind, config, source_dir)["digest"]).name
+  else:
+    entries = built_entries(kind, config, data_dir=data_dir)
+    if len(entries) != 1:
+      where = os.path.join(os.fspath(data_dir), _pick_builder(kind).name)
+      found = f"several ({', '.join(entries)})" if entries else "no built dataset"
+      raise FileNotFoundError(f"{where} holds {found} for {_base_config(kind, config).name!r}; pass the source "
+                              f"folder (data.source_dir) to pick or build the entry of its files")
+    name = entries[0]
+  base = _base_config(kind, config)
+  with _quiet():
+    builder = _pick_builder(kind)(config=dataclasses.replace(base, name=name), data_dir=os.fspath(data_dir),
+                                  file_format="array_record")
   if not builder.is_prepared():
-    raise FileNotFoundError(f"{builder.data_path} holds no built dataset; run rlj.data.tfds_builders.build "
-                            f"first")
+    raise FileNotFoundError(f"{builder.data_path} holds no built dataset; build it from data.source_dir first")
   return builder.as_data_source(split=split)
 
 

@@ -88,13 +88,15 @@ class TokenizerBase:
 
   def decode(self, ids: Iterable[int], *, stop_at_eos: bool = True) -> str:
     """Text of ``ids``: BOS and PAD are dropped, EOS ids too, and decoding stops at the first of ``eos_ids`` when
-    asked. Other special tokens (turn markers) are kept as their text."""
+    asked. Other special tokens (turn markers) are kept as their text. Ids past the vocabulary (a model whose
+    embedding is padded beyond the tokenizer, as many checkpoints' are, can sample them) have no text and are
+    dropped."""
     out, drop = [], {self.bos_id, self.pad_id, *self.eos_ids}
     for i in ids:
       i = int(i)
       if stop_at_eos and i in self.eos_ids:
         break
-      if i not in drop:
+      if i not in drop and 0 <= i < self.vocab_size:
         out.append(i)
     return self._decode_ids(out)
 
@@ -159,7 +161,7 @@ class Tokenizer(TokenizerBase):
     """Loads a SentencePiece ``.model`` file alone (no checkpoint JSON files; see ``load`` for those)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-      raise TokenizerError(f"{path} does not exist; pass a tokenizer.model file or a checkpoint directory")
+      raise TokenizerError(f"no such file: {path}; pass a tokenizer.model file or a checkpoint folder")
     with open(path, "rb") as f:
       return cls(f.read(), pad_id=pad_id, where=path)
 
@@ -256,7 +258,8 @@ def load(path: str | os.PathLike, kind: str = "auto", *, pad_id: int | None = No
   if kind not in KINDS:
     raise TokenizerError(f"unknown tokenizer kind {kind!r}; choose one of {KINDS}")
   if not os.path.exists(path):
-    raise TokenizerError(f"{path} does not exist; pass a checkpoint directory or its tokenizer file")
+    raise TokenizerError(f"no such file or folder: {path}; pass a checkpoint folder or its tokenizer.json / "
+                         f"tokenizer.model file")
   file, kind = _tokenizer_file(path, kind)
   directory = os.path.dirname(file)
   files = CheckpointFiles.read(directory)
@@ -279,12 +282,16 @@ def _tokenizer_file(path: str, kind: str) -> tuple[str, str]:
     hf, sp = os.path.join(path, HF_FILE), os.path.join(path, SP_FILE)
     if kind == "auto":
       if not (os.path.isfile(hf) or os.path.isfile(sp)):
-        raise TokenizerError(f"{path} holds neither {HF_FILE} nor {SP_FILE}; pass the checkpoint directory the "
-                             f"tokenizer came with")
+        raise TokenizerError(f"the folder {path} has no {HF_FILE} or {SP_FILE}; pass the checkpoint folder the "
+                             f"tokenizer came with, or the tokenizer file itself")
       kind = "hf" if os.path.isfile(hf) else "sentencepiece"
     file = hf if kind == "hf" else sp
     if not os.path.isfile(file):
-      raise TokenizerError(f"{file} does not exist; use tokenizer kind 'auto' or point to a directory that has it")
+      other = SP_FILE if kind == "hf" else HF_FILE
+      has_other = os.path.isfile(os.path.join(path, other))
+      raise TokenizerError(f"the folder {path} has no {os.path.basename(file)} (tokenizer kind {kind!r})"
+                           + (f"; it has {other}: use tokenizer kind 'auto'" if has_other else
+                              f" and no {other}; pass the checkpoint folder the tokenizer came with"))
     return file, kind
   if kind == "auto":
     kind = "hf" if path.endswith(".json") else "sentencepiece"

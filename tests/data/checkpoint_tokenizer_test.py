@@ -192,13 +192,16 @@ def _one_line_error(match, fn, *args, **kwargs):
 
 def test_load_errors_are_one_line_and_name_the_fix(checkpoint_dirs, tmp_path):
   llama, gemma = checkpoint_dirs["llama3"], checkpoint_dirs["gemma"]
-  _one_line_error("does not exist", tokenizer.load, tmp_path / "missing")
-  _one_line_error("does not exist", tokenizer.load, tmp_path / "missing.model")
-  _one_line_error("does not exist", tokenizer.Tokenizer.from_file, tmp_path / "missing.model")
+  _one_line_error("^no such file or folder: .*missing; pass a checkpoint folder", tokenizer.load, tmp_path / "missing")
+  _one_line_error("^no such file or folder: .*missing.model", tokenizer.load, tmp_path / "missing.model")
+  _one_line_error("^no such file: .*missing.model", tokenizer.Tokenizer.from_file, tmp_path / "missing.model")
   (tmp_path / "empty").mkdir()
-  _one_line_error("holds neither tokenizer.json nor tokenizer.model", tokenizer.load, tmp_path / "empty")
-  _one_line_error(r"gemma/tokenizer\.json does not exist", tokenizer.load, gemma, kind="hf")
-  _one_line_error(r"llama3/tokenizer\.model does not exist", tokenizer.load, llama, kind="sentencepiece")
+  _one_line_error("empty has no tokenizer.json or tokenizer.model; pass the checkpoint folder", tokenizer.load,
+                  tmp_path / "empty")
+  _one_line_error(r"gemma has no tokenizer\.json \(tokenizer kind 'hf'\); it has tokenizer\.model: use tokenizer "
+                  r"kind 'auto'", tokenizer.load, gemma, kind="hf")
+  _one_line_error(r"llama3 has no tokenizer\.model \(tokenizer kind 'sentencepiece'\); it has tokenizer\.json",
+                  tokenizer.load, llama, kind="sentencepiece")
   _one_line_error("unknown tokenizer kind 'tiktoken'", tokenizer.load, llama, kind="tiktoken")
   bad = tmp_path / "bad"
   shutil.copytree(llama, bad)

@@ -4,9 +4,8 @@ import json
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
-from rlj.data import pipeline, synthetic
+from rlj.data import pipeline, synthetic, tfds_builders
 
 CFG = pipeline.PipelineConfig(batch_size=4, buckets=(16, 24, 32), template="Q: {prompt}\nA:", seed=7)
 
@@ -48,7 +47,7 @@ def test_restore_replays_the_same_batches(tok):
 
 def test_restore_across_worker_count(tok, built_data_dir):
   """Saved with no worker process (1 reader thread), restored with 2 worker processes, and back."""
-  ds = tfds.data_source("rlj_prompt_answer/gsm8k", data_dir=built_data_dir, split="test")
+  ds = tfds_builders.data_source("prompt_answer", "gsm8k", data_dir=built_data_dir, split="test")
   cfg0 = dataclasses.replace(CFG, buckets=(64, 96), num_threads=1)
   cfg2 = dataclasses.replace(cfg0, num_workers=2, num_threads=4)
   straight = _take(_prompts(ds, tok, cfg0, 1, 2), 7)
@@ -171,7 +170,7 @@ def test_default_host_comes_from_jax(tok):
 
 
 def test_preference_pipeline_on_hh_rlhf(tok, built_data_dir):
-  ds = tfds.data_source("rlj_preference/hh_rlhf", data_dir=built_data_dir, split="test")
+  ds = tfds_builders.data_source("preference", "hh_rlhf", data_dir=built_data_dir, split="test")
   cfg = dataclasses.replace(CFG, template="{prompt}", buckets=(256, 512), shuffle=False, batch_size=2)
   batch = next(pipeline.preference_pipeline(ds, tok, cfg, process_index=0, process_count=1))
   assert batch["chosen_tokens"].shape == batch["rejected_tokens"].shape

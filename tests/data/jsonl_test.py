@@ -40,8 +40,9 @@ def test_bad_line_names_file_line_and_reason(tmp_path, bad_line, reason):
   path = _write(tmp_path / "data.jsonl", lines)
   with pytest.raises(jsonl.JsonlError) as e:
     list(jsonl.read_jsonl(path, fields=("prompt", "answer")))
-  assert str(e.value).startswith(f"{path}:4: ")
-  assert reason in str(e.value)
+  column = f"{len(bad_line) + 1}:" if reason == "malformed JSON" else ""   # a syntax error adds its column
+  assert str(e.value).startswith(f"{path}:4:{column} ")
+  assert reason in str(e.value) and "\n" not in str(e.value)
 
 
 def test_bad_utf8_names_line(tmp_path):
@@ -49,3 +50,26 @@ def test_bad_utf8_names_line(tmp_path):
   path.write_bytes(b'{"a": "ok"}\n{"a": "\xff"}\n')
   with pytest.raises(jsonl.JsonlError, match=r"x\.jsonl:2: not valid UTF-8"):
     list(jsonl.read_jsonl(path))
+
+
+@pytest.mark.parametrize("line, column, reason", [
+    ('{"prompt": "x" "answer": "y"}', 16, "Expecting ',' delimiter"),
+    ('{"prompt": "x", "answer": "y"} trailing', 32, "Extra data"),
+    ('{"prompt": "x", answer: "y"}', 17, "Expecting property name enclosed in double quotes"),
+])
+def test_json_syntax_error_names_line_column_reason_and_fix(tmp_path, line, column, reason):
+  """path:line:column (1-based: the character where the JSON goes wrong), its reason in full, and what to do."""
+  assert line[column - 1] == {16: '"', 32: "t", 17: "a"}[column]    # the column points at the offending character
+  path = _write(tmp_path / "train.jsonl", ['{"prompt": "a", "answer": "b"}', line])
+  with pytest.raises(jsonl.JsonlError) as e:
+    list(jsonl.read_jsonl(path))
+  assert str(e.value) == (f"{path}:2:{column}: malformed JSON at column {column}: {reason}; fix or remove line 2 "
+                          f"(a JSONL file holds one JSON object per line)")
+
+
+def test_bad_message_rows_say_what_is_wrong_without_cutting_the_row(tmp_path):
+  long_text = "word " * 100
+  with pytest.raises(jsonl.JsonlError) as e:
+    jsonl.parse_messages([{"role": "user", "text": long_text}], where="f.jsonl:3")
+  assert str(e.value) == ("f.jsonl:3: messages[0] must be an object with string 'role' and 'content', got no "
+                          "'content' (it has ['role', 'text'])")

@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import tensorflow_datasets as tfds
 
 from rlj.data import jsonl, prompts, tfds_builders, tokenizer
 
@@ -128,7 +127,7 @@ def test_tfds_messages_config_renders_like_gsm8k(tmp_path, gsm8k_dir, qwen):
   _write(source / "test.jsonl", [{"messages": [{"role": "user", "content": r["question"]},
                                                {"role": "assistant", "content": r["answer"]}]} for r in raw])
   tfds_builders.build("prompt_answer", "messages", source_dir=source, data_dir=tmp_path / "tfds")
-  ds = tfds.data_source("rlj_prompt_answer/messages", data_dir=tmp_path / "tfds", split="test")
+  ds = tfds_builders.data_source("prompt_answer", "messages", data_dir=tmp_path / "tfds", split="test")
   fmt = prompts.from_tokenizer(ours, format="chat", system_prompt="Solve it.")
   assert len(ds) == 20
   for i, r in enumerate(raw):
@@ -142,7 +141,7 @@ def test_chat_prompt_pipeline_in_worker_processes(built_data_dir, checkpoint_dir
   from rlj.data import pipeline
   ours = tokenizer.load(checkpoint_dirs["llama3"])
   ref = transformers.AutoTokenizer.from_pretrained(checkpoint_dirs["llama3"])
-  ds = tfds.data_source("rlj_prompt_answer/gsm8k", data_dir=built_data_dir, split="test")
+  ds = tfds_builders.data_source("prompt_answer", "gsm8k", data_dir=built_data_dir, split="test")
   fmt = prompts.from_tokenizer(ours, format="chat", user_template=r"{prompt}\nEnd with '#### N'.")
   cfg = pipeline.PipelineConfig(batch_size=4, buckets=(256, 512), prompt_format=fmt, add_bos=fmt.add_bos(ours),
                                 shuffle=False, num_workers=1, num_threads=1)

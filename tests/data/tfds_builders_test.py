@@ -4,7 +4,6 @@ import json
 import os
 
 import pytest
-import tensorflow_datasets as tfds
 
 from rlj.data import jsonl, tfds_builders
 
@@ -28,7 +27,7 @@ def _snapshot(root):
 
 def test_gsm8k_counts_and_every_row(built_data_dir, gsm8k_dir):
   for split, count in (("train", 7473), ("test", 1319)):
-    ds = tfds.data_source("rlj_prompt_answer/gsm8k", data_dir=built_data_dir, split=split)
+    ds = tfds_builders.data_source("prompt_answer", "gsm8k", data_dir=built_data_dir, split=split)
     raw = _raw(gsm8k_dir / f"{split}.jsonl")
     assert len(ds) == len(raw) == count
     for i, row in enumerate(raw):  # file order is kept, index = line number - 1
@@ -36,7 +35,10 @@ def test_gsm8k_counts_and_every_row(built_data_dir, gsm8k_dir):
       assert rec["index"] == i
       assert rec["prompt"].decode() == row["question"]
       assert rec["answer"].decode() == row["answer"]
-  files = os.listdir(built_data_dir / "rlj_prompt_answer" / "gsm8k" / "1.0.0")
+  entry, = tfds_builders.built_entries("prompt_answer", "gsm8k", data_dir=built_data_dir)
+  digest = tfds_builders.source_fingerprint("prompt_answer", "gsm8k", gsm8k_dir)["digest"]
+  assert entry == "gsm8k-" + digest[:16]  # keyed by the source files' fingerprint
+  files = os.listdir(built_data_dir / "rlj_prompt_answer" / entry / "1.0.0")
   assert sorted(f for f in files if ".array_record-" in f) == [
       "rlj_prompt_answer-test.array_record-00000-of-00001", "rlj_prompt_answer-train.array_record-00000-of-00001"]
 
@@ -49,7 +51,7 @@ def test_gsm8k_spot_rows(built_data_dir):
 
 
 def test_hh_rlhf_counts_and_split(built_data_dir, hh_dir):
-  ds = tfds.data_source("rlj_preference/hh_rlhf", data_dir=built_data_dir, split="test")
+  ds = tfds_builders.data_source("preference", "hh_rlhf", data_dir=built_data_dir, split="test")
   raw = _raw(hh_dir / "test.jsonl.gz")
   assert len(ds) == len(raw) == 2312
   marker = "\n\nAssistant:"
@@ -104,7 +106,7 @@ def test_generic_layouts_and_custom_config(tmp_path):
 
 
 @pytest.mark.parametrize("bad_line, message", [
-    ('{"question": "x", "answer": ', r"train\.jsonl:4000: malformed JSON"),
+    ('{"question": "x", "answer": ', r"train\.jsonl:4000:29: malformed JSON"),
     ('{"question": "x"}', r"train\.jsonl:4000: missing field 'answer'"),
 ])
 def test_corrupted_jsonl_names_file_and_line_and_writes_nothing(tmp_path, gsm8k_dir, bad_line, message):
@@ -145,3 +147,32 @@ def test_unknown_kind_and_missing_source(tmp_path):
   with pytest.raises(ValueError, match="no <split>.jsonl"):
     tfds_builders.build("prompt_answer", "generic", source_dir=tmp_path, data_dir=tmp_path / "d")
   assert not (tmp_path / "d").exists()
+
+
+def test_an_edited_source_builds_a_new_entry(tmp_path):
+  src = tmp_path / "src"
+  src.mkdir()
+  rows = [{"prompt": f"p{i}", "answer": f"a{i}"} for i in range(5)]
+  (src / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  data_dir = tmp_path / "tfds"
+  first = tfds_builders.build("prompt_answer", "generic", source_dir=src, data_dir=data_dir)
+  assert first.info.splits["train"].num_examples == 5
+  again = tfds_builders.build("prompt_answer", "generic", source_dir=src, data_dir=data_dir)  # reused as is
+  assert again.data_path == first.data_path
+  (src / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))   # edited in place
+  edited = tfds_builders.build("prompt_answer", "generic", source_dir=src, data_dir=data_dir)
+  assert edited.info.splits["train"].num_examples == 2
+  assert len(tfds_builders.data_source("prompt_answer", "generic", data_dir=data_dir, split="train",
+                                       source_dir=src)) == 2
+  assert len(tfds_builders.built_entries("prompt_answer", "generic", data_dir=data_dir)) == 2
+  with pytest.raises(FileNotFoundError, match="several"):  # which one is meant needs the source
+    tfds_builders.data_source("prompt_answer", "generic", data_dir=data_dir, split="train")
+  # A copy of the same files elsewhere is the same entry; other options (another config) are another.
+  copy = tmp_path / "copy"
+  copy.mkdir()
+  (copy / "train.jsonl").write_bytes((src / "train.jsonl").read_bytes())
+  assert tfds_builders.build("prompt_answer", "generic", source_dir=copy, data_dir=data_dir).data_path == \
+      edited.data_path
+  a = tfds_builders.source_fingerprint("prompt_answer", "generic", src)
+  b = tfds_builders.source_fingerprint("prompt_answer", "messages", src)
+  assert a["files"] == b["files"] and a["digest"] != b["digest"]

@@ -69,3 +69,10 @@ def test_pad_resolution_for_loaded_models():
 def test_empty_corpus_raises():
   with pytest.raises(ValueError, match="empty corpus"):
     tokenizer.train(["", ""], vocab_size=300)
+
+
+def test_decode_drops_ids_past_the_vocabulary(tok):
+  """A model whose embedding is padded beyond the tokenizer can sample those ids; they have no text."""
+  ids = tok.encode("12+7=19")
+  padded = [tok.vocab_size, *ids[:2], tok.vocab_size + 5, *ids[2:], 10 ** 6]
+  assert tok.decode(padded) == tok.decode(ids) == "12+7=19"

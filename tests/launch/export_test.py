@@ -56,7 +56,15 @@ def run(tmp_path_factory):
   c.train.num_minibatches = 2
   c.eval.num_prompts = c.eval.batch_prompts = 8
   workdir = str(root / "run")
-  history = train.run(c, workdir)
+  cwd, here = os.getcwd(), root / "cwd"
+  here.mkdir()
+  os.chdir(here)  # a job writes under its workdir only (the built dataset too), never the current directory
+  try:
+    history = train.run(c, workdir)
+  finally:
+    os.chdir(cwd)
+  assert not os.listdir(here)
+  assert os.listdir(os.path.join(workdir, "tfds", "rlj_prompt_answer"))
   assert [h["step"] for h in history] == [0, 1, 2]
   out = export.export(workdir, out=str(root / "exported"), max_shard_bytes=60_000)
   return ckpt, workdir, out

@@ -48,3 +48,30 @@ def test_in_effect_names_the_allocator():
       "glibc MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1099511627776")
   assert malloc_env.in_effect(_clean(LD_PRELOAD="/usr/lib/libfoo.so /usr/lib/libtcmalloc_minimal.so.4")) == (
       "LD_PRELOAD libtcmalloc_minimal.so.4")
+
+
+def test_jax_platforms_skips_the_tpu_runtime_only_where_there_is_no_tpu():
+  files = lambda *present: (lambda pattern: any(p in pattern for p in present))  # noqa: E731
+  pick = lambda env, *present, libtpu=True, plugins=(): malloc_env.jax_platforms(  # noqa: E731
+      env, has_libtpu=lambda: libtpu, plugins=lambda: set(plugins), exists=files(*present))
+  assert pick({}) == "cpu"                                                      # a CPU host with libtpu installed
+  assert pick({}, "nvidia", plugins=("cuda",)) == "cuda,cpu"                    # a GPU host with JAX's CUDA plugin
+  assert pick({}, "nvidia") == "cpu"                                            # ... without it: JAX's CPU anyway
+  assert pick({}, "kfd", plugins=("rocm",)) == "rocm,cpu"
+  assert pick({}, "accel") is None and pick({}, "vfio") is None                 # a TPU VM: JAX decides
+  assert pick({}, libtpu=False) is None                                         # no TPU runtime to probe
+  assert pick({"JAX_PLATFORMS": ""}) is None and pick({"JAX_PLATFORMS": "tpu"}) is None   # the user's choice
+
+
+def test_a_job_started_from_a_venv_with_libtpu_prints_no_tpu_probe():
+  """The entry points' early call sets JAX_PLATFORMS before JAX starts, so libtpu never looks for TPU metadata."""
+  code = ("import os; from launch import malloc_env; malloc_env.reexec(); import jax; jax.devices(); "
+          "print(os.environ.get('JAX_PLATFORMS'))")
+  env = _clean(RLJ_MALLOC_TUNING="0")
+  env.pop("JAX_PLATFORMS", None)
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+  expected = malloc_env.jax_platforms(env)
+  assert proc.stdout.strip() == str(expected)
+  if malloc_env.libtpu_installed() and expected is not None:
+    assert expected == "cpu" or expected.endswith(",cpu")
+    assert "TPU" not in proc.stderr and "E0000" not in proc.stderr, proc.stderr

@@ -145,3 +145,11 @@ def test_hh_file_is_split_into_train_and_held_out_by_index(tmp_path):
   assert len(rm.preference_sources(c, str(tmp_path / "run"))[0]) == 4
   with pytest.raises(IndexError):
     held_out[3]
+  # The source edited in place: the next build reads the new rows (a new cache entry), not the stale ones.
+  c.data.train_records = 0
+  with gzip.open(src / "test.jsonl.gz", "wt") as f:
+    for i in range(6):
+      f.write(json.dumps({"chosen": f"\n\nHuman: r{i}?\n\nAssistant: yes", "rejected": f"\n\nHuman: r{i}?\n\n"
+                          f"Assistant: no"}) + "\n")
+  train_src, held_out = rm.preference_sources(c, str(tmp_path / "run"))
+  assert (len(train_src), len(held_out)) == (3, 3) and train_src[0]["prompt"] == b"\n\nHuman: r0?\n\nAssistant:"

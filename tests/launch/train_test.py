@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from configs import dno_tpu, gdpo_tpu, grpo_tpu, p3o_tpu, sft as sft_config
-from launch import train
+from launch import export, train
 from rlj import metrics_writer
 
 CONFIGS = {"grpo": grpo_tpu, "gdpo": gdpo_tpu, "p3o": p3o_tpu, "dno": dno_tpu}
@@ -45,7 +45,8 @@ def test_runlocal_two_steps(name, tmp_path):
   assert [r["step"] for r in records] == [0, 1, 2]
   last = records[-1]
   for key in ("reward/mean", "response_len/mean", "loss", "grad_norm", "tokens_per_s", "eval/accuracy",
-              "time/sample", "time/update", "time/host_overhead"):
+              "time/sample", "time/update", "time/host_overhead", "entropy", "response_len/max",
+              "response_len/truncated_frac"):
     assert key in last, key
   if name in ("grpo", "gdpo"):
     assert "clip_frac_low" in last
@@ -55,14 +56,45 @@ def test_runlocal_two_steps(name, tmp_path):
     assert "kl" in last  # P3O's KL-regularised reward difference runs the reference
   if name == "dno":
     assert "dno/valid_pairs" in last
+    assert "kl" in last  # the diagnostic KL to its reference (the loss has no KL term)
   assert os.path.exists(os.path.join(workdir, "curves.png"))
   assert os.listdir(os.path.join(workdir, "tensorboard"))
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))
 
-  if name == "grpo":  # relaunching a finished run resumes from its last checkpoint and does nothing more
+  if name == "grpo":
+    # the step-0 eval is in the checkpoint's meta, for the summary of a resumed run
+    _, meta = export.read_meta(os.path.join(workdir, "checkpoints"), None)
+    assert meta["start_eval"]["eval/accuracy"] == records[0]["eval/accuracy"]
+    # relaunching a finished run resumes from its last checkpoint and does nothing more
     again = train.run(_shrink(CONFIGS[name].get_config("runlocal")), workdir)
     assert again == []
     assert [r["step"] for r in metrics_writer.read_metrics(os.path.join(workdir, "metrics.jsonl"))] == [0, 1, 2]
+    _relaunch_with_changes_stops_and_keeps_every_file(workdir)
+
+
+def _files(root):
+  return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+          for d, _, fs in os.walk(root) for f in fs}
+
+
+def _relaunch_with_changes_stops_and_keeps_every_file(workdir):
+  """A finished run relaunched with another layer count, tokenizer or dataset: one line naming the key, the
+  workdir byte-identical (no checkpoint set aside as corrupt, nothing retrained)."""
+  before = _files(workdir)
+  for key, value in (("model.overrides", {"num_layers": 3}), ("tokenizer.vocab_size", 64),
+                     ("data.train_records", 300)):
+    c = _shrink(grpo_tpu.get_config("runlocal"))
+    if key == "model.overrides":
+      c.model.overrides = dict(c.model.overrides, **value)
+      key = "model.overrides.num_layers"
+    else:
+      section, name = key.split(".")
+      c[section][name] = value
+    with pytest.raises(SystemExit, match=key.replace(".", r"\.") + ": ") as e:
+      train.run(c, workdir)
+    assert "\n" not in str(e.value) and "init.policy=rlj" in str(e.value)
+    assert _files(workdir) == before
+  assert not os.path.exists(workdir + "/checkpoints.corrupt")
 
 
 def test_sft_job_writes_a_checkpoint_the_rl_job_loads(tmp_path):

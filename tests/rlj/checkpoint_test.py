@@ -94,6 +94,28 @@ def test_corrupted_newest_checkpoint_falls_back_to_the_previous_one(damage, tmp_
   np.testing.assert_array_equal(np.asarray(state["w"]), np.asarray(_state(mesh, 3.0)["w"]))
 
 
+def _tree_bytes(root):
+  return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+          for d, _, fs in os.walk(root) for f in fs}
+
+
+def test_another_structure_is_a_mismatch_not_corruption(tmp_path):
+  mesh = sharding.make_mesh([("data", 2), ("fsdp", 2), ("tensor", 2)])
+  directory = str(tmp_path / "ck")
+  ckpt = checkpoint.Checkpointer(directory)
+  ckpt.save(2, _state(mesh), {"step": 2})
+  ckpt.close()
+  before = _tree_bytes(str(tmp_path))
+  wider = dict(_abstract(mesh), w=jax.ShapeDtypeStruct((16, 9), jnp.float32))   # e.g. a changed model width
+  extra = dict(_abstract(mesh), ref=jax.ShapeDtypeStruct((4,), jnp.float32))      # e.g. a reference added
+  for abstract, words in ((wider, "w: saved (16, 8), this job (16, 9)"), (extra, "ref: not saved")):
+    with pytest.raises(checkpoint.CheckpointMismatchError, match=r"step 2 .*" + words.replace("(", r"\(")
+                       .replace(")", r"\)")):
+      checkpoint.Checkpointer(directory).restore_latest(abstract)
+  assert _tree_bytes(str(tmp_path)) == before   # nothing moved aside, nothing deleted
+  assert checkpoint.Checkpointer(directory).restore_latest(_abstract(mesh))[0] == 2
+
+
 def test_host_state_round_trip_and_pruning(tmp_path):
   mesh = sharding.make_mesh([("data", 8), ("fsdp", 1), ("tensor", 1)])
   directory = str(tmp_path / "ck")
