@@ -231,6 +231,9 @@ def parser() -> argparse.ArgumentParser:
   ap.add_argument("--new_tokens", type=int, default=None, help="sampler: decode steps; logprobs: T")
   ap.add_argument("--vocab", type=int, default=None, help="logprobs: vocabulary size")
   ap.add_argument("--steps", type=int, default=None, help="rl_step: timed RL steps after warm-up")
+  ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                  help="rl_step: any config override of configs/grpo_tpu.py:runlocal, repeatable, e.g. "
+                       "--set algo.kwargs.kl_coef=0.04 --set algo.name=gdpo (values parse as Python literals)")
   ap.add_argument("--old_logp", default=None, choices=("auto", "recompute", "sampler"),
                   help="rl_step: train.old_logp (auto runs one minibatch: on-policy, no trainer log-prob pass)")
   ap.add_argument("--cache_phases", type=int, default=None,

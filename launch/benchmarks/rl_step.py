@@ -23,10 +23,16 @@ then skips the rollout's trainer log-prob pass, ``time/reference``, that ``recom
 
   python -m launch.bench --case rl_step --model small-32m --batch 8 --seq 32 --new_tokens 64 --old_logp recompute
   python -m launch.bench --case rl_step --model small-32m --batch 8 --seq 32 --new_tokens 64 --old_logp auto
+
+``--set KEY=VALUE`` (repeatable) overrides any other key, e.g. the algorithm and its KL coefficient (a positive
+``kl_coef`` keeps a reference copy of the policy, as ``launch.train`` does, and times its log-prob pass):
+
+  python -m launch.bench --case rl_step --set algo.kwargs.kl_coef=0.04 --set algo.name=gdpo
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import tempfile
 
 import jax
@@ -56,12 +62,19 @@ def runlocal_config(*, total_steps: int, overrides: dict | None = None):
   c.train.eval_every = 0
   c.train.ckpt_every = 0
   c.eval.num_prompts = 0
+  c.lock()   # an override of a key the config does not have fails instead of adding it
   for key, value in (overrides or {}).items():
     node = c
     *path, leaf = key.split(".")
-    for part in path:
-      node = node[part]
-    node[leaf] = value
+    try:
+      for part in path:
+        node = node[part]
+      node[leaf] = value
+    except (KeyError, AttributeError, TypeError) as e:
+      why = str(e.args[0] if isinstance(e, KeyError) and e.args else e).replace("\n", "; ")
+      raise SystemExit(f"rl_step override {key}={value!r}: no such key ({why}); the keys are those of "
+                       f"configs/grpo_tpu.py:runlocal (python -m launch.train --config "
+                       f"configs/grpo_tpu.py:runlocal --show)") from None
   return c
 
 
@@ -109,6 +122,14 @@ def shape_overrides(args: argparse.Namespace) -> dict:
     out["data.buckets"] = (args.seq,)
   if getattr(args, "new_tokens", None):
     out["sampler.max_new_tokens"] = args.new_tokens
+  for item in getattr(args, "set", None) or []:
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise SystemExit(f"--set {item!r}: give KEY=VALUE, e.g. --set algo.kwargs.kl_coef=0.04")
+    try:
+      out[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      out[key] = value    # a bare string, e.g. --set algo.name=gdpo
   old_logp = getattr(args, "old_logp", None)
   if old_logp:   # one epoch of one minibatch (on-policy), so the settings differ only in the log-prob pass
     out["train.old_logp"] = old_logp

@@ -119,6 +119,20 @@ def test_rl_step_case_breakdown():
   assert row["reference ms"] < row["sample ms"]
 
 
+def test_rl_step_shape_and_settings_from_the_command_line():
+  args = bench.parser().parse_args(["--case", "rl_step", "--model", "small-32m", "--batch", "8", "--seq", "32",
+                                    "--new_tokens", "64", "--old_logp", "auto", "--set", "algo.kwargs.kl_coef=0.04",
+                                    "--set", "algo.name=gdpo"])
+  overrides = bench_rl.shape_overrides(args)
+  c = bench_rl.runlocal_config(total_steps=3, overrides=overrides)
+  assert (c.model.preset, c.model.vocab_from_tokenizer, c.train.batch_prompts, tuple(c.data.buckets)) == \
+      ("small-32m", False, 8, (32,))
+  assert (c.sampler.max_new_tokens, c.train.old_logp, c.train.num_minibatches) == (64, "auto", 1)
+  assert (c.algo.kwargs.kl_coef, c.algo.name) == (0.04, "gdpo")
+  with pytest.raises(SystemExit, match=r"^rl_step override algo\.kwarg\.kl_coef=0\.04: no such key .*kwargs"):
+    bench_rl.runlocal_config(total_steps=3, overrides={"algo.kwarg.kl_coef": 0.04})
+
+
 def test_main_appends_a_section_with_its_command(tmp_path):
   out = tmp_path / "B.md"
   argv = ["--case", "logprobs", "--batch", "8", "--new_tokens", "4", "--vocab", "32", "--repeats", "1",
