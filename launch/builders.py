@@ -252,14 +252,18 @@ def prompt_source(config, split: str, workdir: str = ""):
 
 
 def prompt_iterator(config, env: Env, *, split: str, batch_prompts: int, seed: int, num_epochs=None,
-                    shuffle: bool = True, drop_remainder: bool = True):
+                    shuffle: bool = True, drop_remainder: bool = True, source=None):
+  """Batches of encoded prompts of ``split``; ``source``: its records when the caller holds them already
+  (``prompt_source``), so that a split read again (every evaluation) is not fingerprinted and opened again."""
   from rlj.data import pipeline
   fmt = prompt_format(config, env.tokenizer)
   pc = pipeline.PipelineConfig(batch_size=batch_prompts, buckets=tuple(config.data.buckets), prompt_format=fmt,
                                add_bos=config.data.add_bos and fmt.add_bos(env.tokenizer),
                                overflow=config.data.overflow, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
                                drop_remainder=drop_remainder, num_workers=config.data.num_workers)
-  return pipeline.prompt_pipeline(prompt_source(config, split, env.workdir), env.tokenizer, pc)
+  if source is None:
+    source = prompt_source(config, split, env.workdir)
+  return pipeline.prompt_pipeline(source, env.tokenizer, pc)
 
 
 def sampler_config(config, *, eos_id: int, pad_id: int, stop_ids: tuple[int, ...] = (), greedy: bool = False,
@@ -289,10 +293,11 @@ def eval_fn(config, env: Env):
   sampled = make_sampler(config, env) if config.eval.sampled else None
   reward_fn = dict(combine.build([dict(r) for r in config.eval.rewards]))[config.eval.rewards[0]["name"]]
   batch = config.eval.batch_prompts
+  source = prompt_source(config, "eval", env.workdir)   # built (or found) once, read at every evaluation
 
   def batches():
     it = prompt_iterator(config, env, split="eval", batch_prompts=batch, seed=0, num_epochs=1, shuffle=False,
-                         drop_remainder=False)
+                         drop_remainder=False, source=source)
     for i, b in enumerate(it):
       if i * batch >= config.eval.num_prompts:
         break

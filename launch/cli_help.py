@@ -151,9 +151,9 @@ def usage() -> str:
   return "\n".join(lines)
 
 
-def check_config_arg(spec: str) -> None:
+def check_config_arg(spec: str):
   """Loads ``--config``'s file and calls its ``get_config`` with the variants, so that a missing file, an unknown
-  variant or a bad value stops in one line (absl would print config_flags' traceback).
+  variant or a bad value stops in one line (absl would print config_flags' traceback); returns the config.
 
   Raises:
     SystemExit: naming the file and variant, with the choices and a suggestion.
@@ -168,7 +168,7 @@ def check_config_arg(spec: str) -> None:
   if not callable(getattr(module, "get_config", None)):
     raise SystemExit(f"--config {spec}: {path} has no get_config function; pass one of {configs}")
   try:
-    module.get_config(arg) if has_arg else module.get_config()
+    config = module.get_config(arg) if has_arg else module.get_config()
   except ValueError as e:
     if show_tracebacks():
       raise
@@ -187,11 +187,13 @@ def check_config_arg(spec: str) -> None:
       hint = f"did you mean {close[0]!r}? " if close else ""
       raise SystemExit(f"--config {spec}: model={value!r} is not a model preset; {hint}choose one of "
                        f"{', '.join(presets.names())} (models/presets.py)")
+  return config
 
 
-def check_overrides(spec: str, args: list[str]) -> None:
-  """Every ``--config.<key>[=<value>]`` in ``args`` against the keys of the config ``spec`` names, so that a key
-  it does not have stops in one line naming the closest one (config_flags' own message spans two lines).
+def check_overrides(spec: str, args: list[str], config=None) -> None:
+  """Every ``--config.<key>[=<value>]`` in ``args`` against the keys of the config ``spec`` names (``config``: that
+  config when the caller built it already, ``check_config_arg``), so that a key it does not have stops in one line
+  naming the closest one (config_flags' own message spans two lines).
 
   Raises:
     SystemExit: naming the override, the missing key and a suggestion (or the keys that exist there).
@@ -199,8 +201,10 @@ def check_overrides(spec: str, args: list[str]) -> None:
   overrides = [a for a in args if re.match(r"^--?config\.", a)]
   if not overrides:
     return
-  path, has_arg, arg = spec.partition(":")
-  config = load_module(path).get_config(arg) if has_arg else load_module(path).get_config()
+  if config is None:
+    path, has_arg, arg = spec.partition(":")
+    module = load_module(path)
+    config = module.get_config(arg) if has_arg else module.get_config()
   for flag in overrides:
     name_part, eq, value = flag.partition("=")
     parts = name_part.split(".", 1)[1].split(".")

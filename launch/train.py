@@ -253,8 +253,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(0)
   spec = config_spec(args)
   if spec is not None:
-    cli_help.check_config_arg(spec)
-    cli_help.check_overrides(spec, args)
+    cli_help.check_overrides(spec, args, config=cli_help.check_config_arg(spec))
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:  # a value that does not parse, an unknown flag

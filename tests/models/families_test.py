@@ -15,11 +15,12 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
 
 from models import hf, hf_config
 from models.transformer import Transformer
 from rlj import logprobs, sampler, sharding
+
+import hf_parity  # noqa: E402  (tests/models)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -81,16 +82,8 @@ def _inputs():
   return tokens, mask, logprobs.positions_from_mask(mask)
 
 
-def _hf_logits(model, tokens, mask, positions):
-  with torch.no_grad():
-    out = model(input_ids=torch.tensor(np.asarray(tokens), dtype=torch.long), attention_mask=torch.tensor(mask),
-                position_ids=torch.tensor(np.asarray(positions), dtype=torch.long))
-  return out.logits.float().numpy()
 
 
-def _our_logits(config, params, tokens, mask, positions):
-  fn = jax.jit(lambda p, t, m, pos: Transformer(config).apply({"params": p}, t, pos, m)[0])
-  return np.asarray(fn(params, tokens, mask, positions))
 
 
 def _check_rows(ours, ref):
@@ -101,11 +94,8 @@ def _check_rows(ours, ref):
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request, tmp_path_factory):
   """(name, hf model, hf checkpoint dir, our config, our params, our logits on _inputs())."""
-  model = _hf_model(request.param)
-  path = str(tmp_path_factory.mktemp(request.param))
-  model.save_pretrained(path)
-  config, params = hf.load_hf_checkpoint(path)
-  return request.param, model, path, config, params, _our_logits(config, params, *_inputs())
+  return hf_parity.family_record(request.param, _hf_model(request.param),
+                                 str(tmp_path_factory.mktemp(request.param)), _inputs())
 
 
 def test_config_translation(family):
@@ -127,11 +117,11 @@ def test_config_translation(family):
 def test_logits_match_transformers(family):
   _, model, _, _, _, ours = family
   tokens, mask, positions = _inputs()
-  ref = _hf_logits(model, tokens, mask, positions)
+  ref = hf_parity.hf_logits(model, tokens, mask, positions)
   assert np.abs(ref).max() > 1.0  # not a degenerate near-zero model
   _check_rows(ours, ref)
   # Padding must not leak: the padded row's real tokens equal the same tokens run unpadded.
-  alone = _hf_logits(model, tokens[1:, PAD:], mask[1:, PAD:], positions[1:, PAD:])
+  alone = hf_parity.hf_logits(model, tokens[1:, PAD:], mask[1:, PAD:], positions[1:, PAD:])
   np.testing.assert_allclose(ours[1, PAD:], alone[0], atol=1e-4, rtol=1e-4)
 
 
@@ -163,7 +153,7 @@ def test_saved_checkpoint_loads_in_transformers(family, tmp_path):
   model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), attn_implementation="eager",
                                                             dtype=torch.float32)
   assert type(model).__name__ == hf_config.ARCHITECTURES[name]
-  _check_rows(ours, _hf_logits(model.eval(), *_inputs()))
+  _check_rows(ours, hf_parity.hf_logits(model.eval(), *_inputs()))
   config2, params2 = hf.load_hf_checkpoint(str(tmp_path))
   assert config2 == config
   jax.tree.map(np.testing.assert_array_equal, params2, params)
@@ -199,7 +189,7 @@ def test_sliding_window_family_on_8_device_mesh_equals_one_device(gemma3):
     logits8 = jax.jit(forward)(params8, *batch)
   assert logits8.sharding.spec == jax.P(("data", "fsdp"), None, "tensor")
   np.testing.assert_allclose(np.asarray(logits8), np.asarray(logits1), atol=1e-5, rtol=1e-5)
-  np.testing.assert_allclose(np.asarray(logits1)[:2], _our_logits(config, params1, *_inputs()), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(logits1)[:2], hf_parity.our_logits(config, params1, *_inputs()), atol=1e-5)
 
 
 def test_greedy_sampler_on_8_device_mesh_equals_transformers(gemma3):
@@ -266,24 +256,14 @@ def test_unsupported_features_of_other_families():
     hf.config_to_hf(dataclasses.replace(config, final_logit_softcap=30.0))
 
 
-def _rewrite(src, dst, edit):
-  os.makedirs(dst)
-  with open(os.path.join(src, "config.json")) as fh:
-    cfg = json.load(fh)
-  with open(os.path.join(dst, "config.json"), "w") as fh:
-    json.dump(cfg, fh)
-  tensors = load_file(os.path.join(src, "model.safetensors"))
-  edit(tensors)
-  save_file(tensors, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
-  return dst
 
 
 def test_missing_and_extra_tensors_are_named(gemma3, tmp_path):
   name = "model.layers.1.self_attn.k_norm.weight"
-  bad = _rewrite(gemma3, str(tmp_path / "missing"), lambda t: t.pop(name))
+  bad = hf_parity.rewrite_checkpoint(gemma3, str(tmp_path / "missing"), lambda t: t.pop(name))
   with pytest.raises(ValueError, match=name.replace(".", r"\.")):
     hf.load_hf_checkpoint(bad)
   name = "model.layers.2.post_feedforward_layernorm.weight"
-  bad = _rewrite(gemma3, str(tmp_path / "extra"), lambda t: t.update({name.replace("2", "7"): t[name]}))
+  bad = hf_parity.rewrite_checkpoint(gemma3, str(tmp_path / "extra"), lambda t: t.update({name.replace("2", "7"): t[name]}))
   with pytest.raises(ValueError, match=r"model\.layers\.7\.post_feedforward_layernorm\.weight"):
     hf.load_hf_checkpoint(bad)

@@ -1,7 +1,6 @@
 """Parity with Hugging Face transformers: our loader + forward pass vs LlamaForCausalLM, Qwen2ForCausalLM
 and GemmaForCausalLM on tiny random models, and our saved checkpoints loaded back by transformers."""
 import dataclasses
-import json
 import os
 
 import flax.linen as nn
@@ -9,10 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
 
 from models import hf, presets
-from models.transformer import Transformer
+
+import hf_parity  # noqa: E402  (tests/models)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -51,26 +50,15 @@ def _inputs():
   return tokens, mask, positions
 
 
-def _hf_logits(model, tokens, mask, positions):
-  with torch.no_grad():
-    out = model(input_ids=torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(mask),
-                position_ids=torch.tensor(positions, dtype=torch.long))
-  return out.logits.float().numpy()
 
 
-def _our_logits(config, params, tokens, mask, positions):
-  fn = jax.jit(lambda p, t, m, pos: Transformer(config).apply({"params": p}, t, pos, m)[0])
-  return np.asarray(fn(params, tokens, mask, positions))
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "gemma"])
 def family(request, tmp_path_factory):
   """(name, hf model, hf checkpoint dir, our config, our params, our logits on _inputs())."""
-  model = _hf_model(request.param)
-  path = str(tmp_path_factory.mktemp(request.param))
-  model.save_pretrained(path)
-  config, params = hf.load_hf_checkpoint(path)
-  return request.param, model, path, config, params, _our_logits(config, params, *_inputs())
+  return hf_parity.family_record(request.param, _hf_model(request.param),
+                                 str(tmp_path_factory.mktemp(request.param)), _inputs())
 
 
 def test_config_translation(family):
@@ -85,12 +73,12 @@ def test_config_translation(family):
 def test_logits_match_transformers(family):
   _, model, _, _, _, ours = family
   tokens, mask, positions = _inputs()
-  ref = _hf_logits(model, tokens, mask, positions)
+  ref = hf_parity.hf_logits(model, tokens, mask, positions)
   assert np.abs(ref).max() > 1.0  # not a degenerate near-zero model
   np.testing.assert_allclose(ours[0], ref[0], atol=1e-4, rtol=1e-4)              # no padding
   np.testing.assert_allclose(ours[1, 3:], ref[1, 3:], atol=1e-4, rtol=1e-4)      # left padding, real tokens
   # Padding must not leak: the padded row's real tokens equal the same tokens run unpadded.
-  alone = _hf_logits(model, tokens[1:, 3:], mask[1:, 3:], positions[1:, 3:])
+  alone = hf_parity.hf_logits(model, tokens[1:, 3:], mask[1:, 3:], positions[1:, 3:])
   np.testing.assert_allclose(ours[1, 3:], alone[0], atol=1e-4, rtol=1e-4)
 
 
@@ -103,7 +91,7 @@ def test_saved_checkpoint_loads_in_transformers(family, tmp_path):
   assert type(model).__name__ == {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                                   "gemma": "GemmaForCausalLM"}[name]
   tokens, mask, positions = _inputs()
-  ref = _hf_logits(model.eval(), tokens, mask, positions)
+  ref = hf_parity.hf_logits(model.eval(), tokens, mask, positions)
   np.testing.assert_allclose(ours[0], ref[0], atol=1e-4, rtol=1e-4)
   np.testing.assert_allclose(ours[1, 3:], ref[1, 3:], atol=1e-4, rtol=1e-4)
   # And our loader reads the sharded checkpoint back bit for bit.
@@ -125,16 +113,6 @@ def test_load_onto_mesh_and_bfloat16(family):
                sharded, params)
 
 
-def _rewrite(src, dst, edit):
-  os.makedirs(dst)
-  with open(os.path.join(src, "config.json")) as fh:
-    cfg = json.load(fh)
-  with open(os.path.join(dst, "config.json"), "w") as fh:
-    json.dump(cfg, fh)
-  tensors = load_file(os.path.join(src, "model.safetensors"))
-  edit(tensors)
-  save_file(tensors, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
-  return dst
 
 
 def test_clear_errors(tmp_path):
@@ -143,14 +121,14 @@ def test_clear_errors(tmp_path):
   path = str(tmp_path / "good")
   assert hf.save_hf_checkpoint(zeros, config, path) == ["model.safetensors"]
   assert hf.load_hf_checkpoint(path)[0] == config
-  bad = _rewrite(path, str(tmp_path / "missing"), lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+  bad = hf_parity.rewrite_checkpoint(path, str(tmp_path / "missing"), lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
   with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
     hf.load_hf_checkpoint(bad)
-  bad = _rewrite(path, str(tmp_path / "extra"), lambda t: t.update({"model.extra.weight": np.zeros(3, np.float32)}))
+  bad = hf_parity.rewrite_checkpoint(path, str(tmp_path / "extra"), lambda t: t.update({"model.extra.weight": np.zeros(3, np.float32)}))
   with pytest.raises(ValueError, match=r"model\.extra\.weight.*model\.safetensors"):
     hf.load_hf_checkpoint(bad)
   key = "model.layers.0.self_attn.k_proj.weight"
-  bad = _rewrite(path, str(tmp_path / "shape"), lambda t: t.update({key: t[key][:8]}))
+  bad = hf_parity.rewrite_checkpoint(path, str(tmp_path / "shape"), lambda t: t.update({key: t[key][:8]}))
   with pytest.raises(ValueError, match=r"model\.safetensors: tensor model\.layers\.0\.self_attn\.k_proj"):
     hf.load_hf_checkpoint(bad)
   with pytest.raises(ValueError, match="model_type"):
