@@ -78,6 +78,14 @@ LOCAL_MODEL = dict(num_layers=2, embed_dim=128, num_heads=4, num_kv_heads=2, hea
 MATH_REWARDS = ({"name": "correct", "fn": "math_exact_match", "weight": 1.0},)
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def lora_section() -> dict:
+  """A config ``model.lora`` section: off (rank 0) by default."""
+  return dict(rank=0, alpha=32.0, targets=LORA_TARGETS, dropout=0.0, base_dtype="")
+
+
 def tokenizer_section() -> dict:
   """A config ``tokenizer`` section. ``kind``: auto (``path``'s tokenizer.json, else its tokenizer.model) | hf |
   sentencepiece | train_synthetic (trained on the synthetic task at start-up); ``path`` "" means ``init.path``;
@@ -103,8 +111,11 @@ def rl_base(arg: mlc.ConfigDict) -> mlc.ConfigDict:
   c.slice = arg.slice                                       # TPU slice the job is sized for (launch.aot)
   c.mesh = [("data", 1), ("fsdp", -1), ("tensor", 1)]
   c.sharding_rules = rules_list()
+  # model.lora: LoRA adapters (Hu et al., arXiv:2106.09685; rlj/lora_policy.py). rank 0: full fine-tuning; rank > 0
+  # trains only adapters W0 + (alpha / rank) B A on the targeted projections (q k v o gate up down) of the frozen
+  # base, which is also the reference; base_dtype "" keeps the model's param dtype, "bfloat16" halves the base.
   c.model = dict(preset=arg.model, vocab_from_tokenizer=False,
-                 overrides=dict(param_dtype="float32", dtype="bfloat16", remat=True))
+                 overrides=dict(param_dtype="float32", dtype="bfloat16", remat=True), lora=lora_section())
   c.init = dict(policy="hf", path="")                       # scratch | hf | rlj | sft
   c.tokenizer = tokenizer_section()
   c.data = dict(source="gsm8k", source_dir="", data_dir="", train_split="train", eval_split="test",

@@ -15,9 +15,14 @@ compiler compiles, at the config's shapes:
 - the sampler's program (prefill + decode loop, ``rlj.sampler``) on the whole rollout, and its prefill and one
   decode step alone for their costs.
 
+With ``model.lora.rank > 0`` it compiles the LoRA run instead (``launch/aot_tools/lora_weights.py``): the step on
+the adapters' train state with the frozen base as its separate argument, the log-prob pass on the base's shapes,
+the sampler on the merged copy, and the merge program itself.
+
 It prints each phase's per-chip HBM (params, optimizer state, reference params, sampler params, KV cache,
-activations / temporaries) against the chip's HBM, the FLOPs and the compiler's time estimate per program and
-per RL step, and exits non-zero naming the biggest consumer and a fix when the config does not fit.
+activations / temporaries; with LoRA the base, the adapters and the merged copies) against the chip's HBM, the
+FLOPs and the compiler's time estimate per program and per RL step, and exits non-zero naming the biggest
+consumer and a fix when the config does not fit.
 Batch sizes: ``train.batch_prompts`` is per host (as the data pipeline reads it), so a step's rollout has
 ``batch_prompts x hosts x num_generations`` rows. Needs ``pip install "jax[tpu]"`` (libtpu); the rest of the
 project does not.
@@ -38,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from launch import builders, checks
-from launch.aot_tools import flops, hbm, tpu_topology
+from launch.aot_tools import flops, hbm, lora_weights, tpu_topology
 from models.transformer import Transformer
 from rlj import programs, rl_algos, sharding, train_state
 from rlj.batches import minibatches
@@ -126,7 +131,12 @@ def _with_shardings(tree, shardings):
 # ------------------------------------------------------------------------------------------------------------
 
 def compile_all(config, devices, *, log=print) -> tuple[dict, list, dict]:
-  """Compiles every program of one RL step for ``devices``; returns (phases, cost programs, summary)."""
+  """Compiles every program of one RL step for ``devices``; returns (phases, cost programs, summary).
+
+  With ``model.lora.rank > 0`` the train state holds the adapters and their moments, the frozen base (also the
+  reference) is the step's separate argument, and the sampler reads a merged copy (``aot_tools/lora_weights.py``).
+  """
+  lora_cfg = lora_weights.check(config)   # a LoRA config launch.train would refuse stops here, in one line
   hosts = tpu_topology.num_hosts(devices)
   names, sizes = check_mesh(config, len(devices), hosts)
   mesh = sharding.make_mesh(list(zip(names, sizes)), devices=devices)
@@ -144,20 +154,33 @@ def compile_all(config, devices, *, log=print) -> tuple[dict, list, dict]:
   param_sh = sharding.tree_shardings(sharding.logical_specs(boxed), nn.unbox(boxed), mesh, rules)
   params = _with_shardings(nn.unbox(boxed), param_sh)
   tx = train_state.make_optimizer(train_state.OptimConfig(**config.optim.to_dict()))
-  state_sh = train_state.state_shardings(param_sh, tx, nn.unbox(boxed), mesh)
-  state = _with_shardings(jax.eval_shape(lambda p: train_state.TrainState.create(p, tx), params), state_sh)
+  lc = builders.loop_config(config)
+  if lora_cfg is None:
+    lw, frozen = None, ()
+    state_sh = train_state.state_shardings(param_sh, tx, nn.unbox(boxed), mesh)
+    state = _with_shardings(jax.eval_shape(lambda p: train_state.TrainState.create(p, tx), params), state_sh)
+    sizes_b = {"params": hbm.shard_bytes(state.params), "optimizer state": hbm.shard_bytes(state.opt_state)}
+    what = ""
+  else:   # as builders.lora_state lays them out: the TrainState over the adapters, the base apart
+    lw = lora_weights.abstract(lora_cfg, config.model.lora.get("base_dtype", ""), mc, params, tx, mesh, rules)
+    state, state_sh, frozen = lw.state, lw.state_shardings, (lw.base,)
+    sizes_b = {lora_weights.BASE: hbm.shard_bytes(lw.base), lora_weights.ADAPTERS: hbm.shard_bytes(state.params),
+               "optimizer state": hbm.shard_bytes(state.opt_state)}
+    what = (f"LoRA rank {lora_cfg.rank} (alpha {lora_cfg.alpha:g}) on {','.join(lora_cfg.targets)}, "
+            f"base in {lw.base_dtype.name}, {sum(x.size for x in jax.tree.leaves(state.params)):,} adapter params")
   key_dtype = jax.eval_shape(lambda: jax.random.key(0)).dtype
   rng, rng_free = jax.ShapeDtypeStruct((), key_dtype, sharding=replicated), jax.ShapeDtypeStruct((), key_dtype)
 
-  lc = builders.loop_config(config)
-  sizes_b = {"params": hbm.shard_bytes(state.params), "optimizer state": hbm.shard_bytes(state.opt_state)}
   # The train step's input shardings are given (donated state), so its compiled layout holds these bytes.
-  ref_bytes = sizes_b["params"] if lc.use_reference else 0
+  # With LoRA the frozen base is the reference: no copy.
+  ref_bytes = sizes_b["params"] if lc.use_reference and lw is None else 0
   log(f"model {config.model.preset}: {mc.num_params():,} params ({mc.param_dtype}), mesh "
-      f"{dict(zip(names, sizes))} on {len(devices)} chips / {hosts} hosts ({devices[0].device_kind})")
+      f"{dict(zip(names, sizes))} on {len(devices)} chips / {hosts} hosts ({devices[0].device_kind})"
+      + (f"; {what}" if what else ""))
 
   # The trainer's programs, from the same factory (rlj.programs) the Trainer uses.
-  progs = programs.rl_programs(model, tx, lc.program_settings(), mesh=mesh, rules=rules, state_shardings=state_sh)
+  progs = programs.rl_programs(model, tx, lc.program_settings(), mesh=mesh, rules=rules, state_shardings=state_sh,
+                               combine=None if lw is None else lw.policy.step_params)
   step_fn = progs.step
   arrays = example_rollout(config, rows, p_len)
   if lc.old_logp_source == "current":  # the Trainer's on-policy batch has no old log-probs
@@ -167,12 +190,18 @@ def compile_all(config, devices, *, log=print) -> tuple[dict, list, dict]:
   batch = abstract_batch(example_minibatch(config, lc, arrays, prompts), mesh, rules)
   updates = lc.num_epochs * lc.num_minibatches
 
-  # Sampler: its own dtype copy of the params (sync_weights), the KV cache for the whole rollout.
+  # Sampler: its own dtype copy of the params (sync_weights; with LoRA always a merged copy), the KV cache for
+  # the whole rollout.
   s = config.sampler
   sampler_dtype = jnp.dtype(s.dtype)
-  sampler_params = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, sampler_dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype,
-                                     sharding=x.sharding), params)
+  if lw is None:
+    sampler_params = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, sampler_dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype,
+                                       sharding=x.sharding), params)
+    sampler_params_bytes = hbm.shard_bytes(sampler_params) if sampler_dtype != mc.jnp_param_dtype else 0
+  else:
+    sampler_params = lw.merged(sampler_dtype)
+    sampler_params_bytes = hbm.shard_bytes(sampler_params)
   sc = builders.sampler_config(config, **special_ids(config, mc.vocab_size))
   sampler = programs.sampler(model, sc, mesh=mesh, param_shardings=param_sh, rules=rules)
   bb = pick_bucket(prompts, sc.batch_buckets, "batch")
@@ -181,48 +210,84 @@ def compile_all(config, devices, *, log=print) -> tuple[dict, list, dict]:
   prompt = jax.ShapeDtypeStruct((bb, p_len), jnp.int32)    # placed by the program's own in_shardings
   cache_bytes = hbm.shard_bytes(cache)
   kept_cache = {"KV cache": cache_bytes} if s.keep_cache else {}
-  sampler_params_bytes = hbm.shard_bytes(sampler_params) if sampler_dtype != mc.jnp_param_dtype else 0
 
   tokens = jax.ShapeDtypeStruct((rows, p_len + t_len), jnp.int32, sharding=sharding.batch_sharding(mesh, 2, rules))
-  passes = int(lc.old_logp_source == "recompute") + int(lc.use_reference)
+  recompute = lc.old_logp_source == "recompute"
+  passes = int(recompute) + int(lc.use_reference)
+  # The log-prob pass reads the params (full fine-tuning), or with LoRA the merged copy in the base's dtype when
+  # old log-probs are recomputed (else only the reference pass runs, on the base itself): the base's shapes.
+  logp_params = params if lw is None else lw.base
+  if lw is None:
+    logp_args = {"params": sizes_b["params"]}
+  else:
+    logp_args = {lora_weights.MERGED if recompute else lora_weights.BASE: sizes_b[lora_weights.BASE]}
 
   sampler_args = {"KV cache": cache_bytes}
-  sampler_args["sampler params" if sampler_params_bytes else "params"] = sampler_params_bytes or sizes_b["params"]
+  if lw is not None:
+    sampler_args[lora_weights.SAMPLER] = sampler_params_bytes
+  else:
+    sampler_args["sampler params" if sampler_params_bytes else "params"] = sampler_params_bytes or sizes_b["params"]
   s_params = sampler_params if sampler_params_bytes else params
   prefill_fn, prefill_args, decode_args = _prefill_and_decode(sampler, s_params, cache, prompt, mesh, rules)
+  merges = []   # LoRA: (phase, dtype) of each merged copy a rollout makes
+  if lw is not None:
+    merges.append(("LoRA merge (sampler copy)", sampler_dtype))
+    if recompute and lw.base_dtype != sampler_dtype:
+      merges.append(("LoRA merge (log-prob copy)", lw.base_dtype))
+  chips = len(devices)
   with jax.set_mesh(mesh):
+    merge_costs, merge_phases = [], {}
+    for phase, dtype in merges:
+      log(f"compiling the {phase} ...")
+      merge_fn, merge_args = lw.merge_call(dtype)
+      merge_p = _compile("lora_merge", merge_fn, merge_args, per_step=1,
+                         args={k: sizes_b[k] for k in (lora_weights.BASE, lora_weights.ADAPTERS)})
+      merge_phases[phase] = hbm.Phase(merge_p, {"optimizer state": sizes_b["optimizer state"], **kept_cache})
+      merge_costs.append((f"lora_merge ({dtype.name})", flops.traced_flops(merge_fn, *merge_args) / chips, 1,
+                          merge_p))
     log("compiling the optimizer step ...")
-    train_p = _compile("train_step", step_fn, (state, batch, rng), per_step=updates,
+    train_p = _compile("train_step", step_fn, (state, batch, rng, *frozen), per_step=updates,
                        args={**sizes_b, "batch": hbm.shard_bytes(batch)})
     log("compiling the rollout log-prob pass ...")
     logp_fn_jit = progs.logp   # the Trainer's rollout pass
-    logp_p = _compile("completion_logprobs", logp_fn_jit, (params, tokens, tokens), per_step=passes,
-                      args={"params": sizes_b["params"], "rollout tokens": 2 * hbm.shard_bytes(tokens)})
+    logp_p = _compile("completion_logprobs", logp_fn_jit, (logp_params, tokens, tokens), per_step=passes,
+                      args={**logp_args, "rollout tokens": 2 * hbm.shard_bytes(tokens)})
     log("compiling the sampler (prefill + decode loop) ...")
     sample_p = _compile("sampler program", sampler.program(bb, p_len), (s_params, prompt, prompt, rng_free, cache),
                         per_step=1, args=sampler_args)
-    chips = len(devices)
     costs = [  # (name, matmul FLOPs per chip of one run, runs per RL step, compiled program or None)
+        *merge_costs,
         ("sampler prefill", flops.traced_flops(prefill_fn, *prefill_args) / chips, 1, None),
         # T tokens take T - 1 forward passes after the prefill (the last one is drawn without one).
         ("sampler decode step", flops.traced_flops(prefill_fn, *decode_args) / chips, max(t_len - 1, 0), None),
         ("sampler program", None, 1, sample_p),
-        ("completion_logprobs", flops.traced_flops(logp_fn_jit, params, tokens, tokens) / chips, passes, logp_p),
-        ("train_step", flops.traced_flops(step_fn, state, batch, rng) / chips, updates, train_p),
+        ("completion_logprobs", flops.traced_flops(logp_fn_jit, logp_params, tokens, tokens) / chips, passes, logp_p),
+        ("train_step", flops.traced_flops(step_fn, state, batch, rng, *frozen) / chips, updates, train_p),
     ]
 
-  resident_train = {"reference params": ref_bytes, **kept_cache}
-  phases = {
-      "sampling": hbm.Phase(sample_p, {"optimizer state": sizes_b["optimizer state"], "reference params": ref_bytes,
-                                       **({"params": sizes_b["params"]} if sampler_params_bytes else {})}),
-      "rollout log-probs": hbm.Phase(logp_p, {"optimizer state": sizes_b["optimizer state"],
-                                              "reference params": ref_bytes, **kept_cache}),
-      "train step": hbm.Phase(train_p, resident_train),
-  }
+  if lw is None:
+    resident_train = {"reference params": ref_bytes, **kept_cache}
+    phases = {
+        "sampling": hbm.Phase(sample_p, {"optimizer state": sizes_b["optimizer state"], "reference params": ref_bytes,
+                                         **({"params": sizes_b["params"]} if sampler_params_bytes else {})}),
+        "rollout log-probs": hbm.Phase(logp_p, {"optimizer state": sizes_b["optimizer state"],
+                                                "reference params": ref_bytes, **kept_cache}),
+        "train step": hbm.Phase(train_p, resident_train),
+    }
+  else:   # the base and the train state (adapters, moments) stay resident; the base is the reference
+    train_state_b = {k: sizes_b[k] for k in (lora_weights.ADAPTERS, "optimizer state")}
+    phases = {
+        **merge_phases,
+        "sampling": hbm.Phase(sample_p, {lora_weights.BASE: sizes_b[lora_weights.BASE], **train_state_b}),
+        "rollout log-probs": hbm.Phase(logp_p, {**({lora_weights.BASE: sizes_b[lora_weights.BASE]} if recompute
+                                                   else {}), **train_state_b, **kept_cache}),
+        "train step": hbm.Phase(train_p, dict(kept_cache)),
+    }
   if not passes:
     del phases["rollout log-probs"]
   summary = dict(sizes_b, mesh=dict(zip(names, sizes)), hosts=hosts, prompts=prompts, rows=rows,
-                 minibatch_rows=batch["tokens"].shape[0], kv_cache=cache_bytes, reference=ref_bytes)
+                 minibatch_rows=batch["tokens"].shape[0], kv_cache=cache_bytes, reference=ref_bytes,
+                 sampler_params=sampler_params_bytes, lora=what)
   return phases, costs, summary
 
 
@@ -278,7 +343,8 @@ def run(config, topology: str | None = None, *, hbm_gib: float | None = None, lo
             f"{hbm.gib(sl.hbm_bytes).strip()} HBM per chip), mesh {summary['mesh']}; rollout {summary['prompts']} "
             f"prompts x {config.sampler.num_generations} = {summary['rows']} rows, "
             f"{config.train.num_minibatches} minibatches of {summary['minibatch_rows']} rows in "
-            f"{config.train.num_microbatches} micro-batches\nper-chip HBM by phase:")
+            f"{config.train.num_microbatches} micro-batches"
+            + (f"; {summary['lora']}" if summary["lora"] else "") + "\nper-chip HBM by phase:")
   fits, text = hbm.report(phases, sl.hbm_bytes, header=header)
   text += "\n" + "\n".join(hbm.cost_lines(costs))
   return fits, text

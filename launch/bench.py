@@ -7,6 +7,7 @@ BENCHMARKS.md next to the one command that reproduces it.
   python -m launch.bench --case decode_matmuls --model small-50m      # each weight matmul of a decode step
   python -m launch.bench --case logprobs                              # dense vs vocab-parallel log-probs
   python -m launch.bench --case rl_step                               # one runlocal GRPO step broken down
+  python -m launch.bench --case lora_sampling --model small-32m       # LoRA decode: merged vs unmerged
   python -m launch.bench --case all                                   # train_step, sampler, logprobs, rl_step
   python -m launch.bench --case train_step --model small-50m --dtype bfloat16   # GPU / TPU: bf16 peak
 
@@ -216,6 +217,8 @@ CASES = {
     "decode_matmuls": Case("launch.benchmarks.matmul", "run", "each weight matmul of a decode step, timed alone"),
     "logprobs": Case("launch.benchmarks.logprobs", "run", "teacher-forced log-probs, dense vs chunked vs vocab-parallel"),
     "rl_step": Case("launch.benchmarks.rl_step", "run", "one runlocal GRPO step broken down"),
+    "lora_sampling": Case("launch.benchmarks.lora_sampling", "run",
+                          "LoRA decode on merged weights vs base + unmerged adapters"),
 }
 ALL = ("train_step", "sampler", "logprobs", "rl_step")   # what --case all runs (sampler_hf needs torch)
 
@@ -239,6 +242,7 @@ def parser() -> argparse.ArgumentParser:
   ap.add_argument("--cache_phases", type=int, default=None,
                   help="sampler: KV-cache phases of the T-token call (rlj.sampler.SamplerConfig.cache_phases; "
                        "default: the platform's)")
+  ap.add_argument("--rank", type=int, default=None, help="lora_sampling: the adapters' rank (default 16)")
   ap.add_argument("--repeats", type=int, default=3, help="timed repetitions (after one warm-up)")
   ap.add_argument("--out", default="BENCHMARKS.md", help="markdown file to append to ('' prints only)")
   return ap

@@ -36,11 +36,13 @@ class Env:
   model: Any
   tx: Any
   sft_tx: Any
-  state: Any
+  state: Any                      # the full TrainState (None for a LoRA job without an SFT stage: never built)
   state_shardings: Any
   param_shardings: Any
   use_reference: bool
   workdir: str = ""
+  params: Any = None              # the initial policy params (the LoRA base when no SFT stage comes first)
+  lora: Any = None                # models.lora.LoraConfig, or None (full fine-tuning)
 
 
 TOKENIZER_DIR = "tokenizer"   # <workdir>/tokenizer: the run's tokenizer files (save_pretrained), for launch.export
@@ -187,11 +189,43 @@ def build_env(config, workdir: str) -> Env:
     params, _ = checkpoint.restore_params(config.init.path, params)
   tx = train_state.make_optimizer(train_state.OptimConfig(**config.optim.to_dict()))
   sft_tx = train_state.make_optimizer(train_state.OptimConfig(**config.sft.optim.to_dict()))
-  state, state_sh = train_state_of(params, param_shardings, tx, mesh)
+  from launch import lora_setup
+  lora_cfg = lora_setup.lora_config(config)
+  if lora_cfg is not None and not runs_sft_stage(config):
+    state, state_sh = None, None   # no full optimizer state: run_rl builds the adapters' (lora_state)
+  else:
+    state, state_sh = train_state_of(params, param_shardings, tx, mesh)
   use_ref = config.job == "rl" and loop_config(config, tokenizer.pad_id).use_reference
   return Env(mesh=mesh, rules=rules, tokenizer=tokenizer, model_config=mc, model=model, tx=tx, sft_tx=sft_tx,
              state=state, state_shardings=state_sh, param_shardings=param_shardings, use_reference=use_ref,
-             workdir=workdir)
+             workdir=workdir, params=params, lora=lora_cfg)
+
+
+@dataclasses.dataclass
+class RLStart:
+  """What the RL stage starts from: its state, the reference (None with LoRA: the base is the reference), the
+  LoRA policy and its state shardings (None for full fine-tuning), and what its checkpoints' meta adds."""
+  state: Any
+  ref_params: Any
+  lora: Any = None
+  state_shardings: Any = None
+  meta: dict = dataclasses.field(default_factory=dict)
+
+
+def rl_start(config, env: Env, params, workdir: str) -> RLStart:
+  """The RL stage's start from the policy ``params`` (``env.params``, or an SFT stage's): full fine-tuning keeps a
+  reference copy when the algorithm uses one; LoRA puts fresh adapters over the frozen ``params``."""
+  if env.lora is not None:
+    from launch import lora_setup
+    lora, state, state_sh = lora_setup.lora_state(config, env, params, lora_setup.base_source(config, workdir))
+    return RLStart(state, None, lora, state_sh, {"lora": dataclasses.asdict(env.lora), "lora_base": lora.fingerprint})
+  if env.state is not None and params is env.state.params:
+    state = env.state
+  else:   # a fresh optimizer on the given weights (the SFT stage's)
+    state = jax.device_put(train_state.TrainState.create(params, env.tx), env.state_shardings)
+  # A copy: the state's buffers are donated to the train step, the reference must outlive them.
+  ref = jax.tree.map(jnp.copy, state.params) if env.use_reference else None
+  return RLStart(state, ref)
 
 
 def load_hf(path: str, mesh, rules, **kwargs):
@@ -330,15 +364,19 @@ def reward_specs(config) -> list[dict]:
   return specs
 
 
-def rl_components(config, env: Env, data, writer) -> rl_loop.Components:
+def rl_components(config, env: Env, data, writer, *, lora=None, state_shardings=None) -> rl_loop.Components:
+  """The trainer's components; ``lora`` (an ``rlj.lora_policy.LoraPolicy``) and the adapters' state shardings for
+  a LoRA job."""
   specs = reward_specs(config)
   reward_fns = combine.build(specs)
   weights = np.array([float(s.get("weight", 1.0)) for s in specs], np.float32)
   comps = rl_loop.Components(
-      model=env.model, tx=env.tx, mesh=env.mesh, rules=env.rules, state_shardings=env.state_shardings,
-      sampler=make_sampler(config, env), tokenizer=env.tokenizer, train_iter=data, reward_fns=reward_fns,
-      reward_weights=weights, writer=writer)
-  if config.sampler.dtype != env.model_config.param_dtype:
+      model=env.model, tx=env.tx, mesh=env.mesh, rules=env.rules,
+      state_shardings=state_shardings or env.state_shardings, sampler=make_sampler(config, env),
+      tokenizer=env.tokenizer, train_iter=data, reward_fns=reward_fns, reward_weights=weights, writer=writer,
+      lora=lora)
+  weights_dtype = env.model_config.param_dtype if lora is None else jax.tree.leaves(lora.base)[0].dtype
+  if jnp.dtype(config.sampler.dtype) != jnp.dtype(weights_dtype):
     comps.sampler_dtype = jnp.dtype(config.sampler.dtype)
   comps.eval_fn = eval_fn(config, env)
   return comps

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from algorithms import mismatch
-from launch import builders
+from launch import builders, lora_setup
 from models import presets
 from models.config import ModelConfig
 from rewards import combine
@@ -55,6 +55,9 @@ def validate(config) -> list[str]:
                 f"data.source={config.data.source!r}: their files and folders, prompt keys")
   _check_model(config)
   passed.append("model preset and overrides")
+  lora_line = lora_setup.check(config)
+  if lora_line:
+    passed.append(lora_line)
   tokenizer_vocab = _check_vocab(config)
   passed.append("the tokenizer against the model's vocabulary" + (
       "; the prompt format and stop tokens on the first training example" if tokenizer_vocab else ""))

@@ -13,6 +13,13 @@ RL, SFT and reward-model job writes them). Writes into ``--out`` (default ``<wor
 
 For an RL run with an SFT stage the policy is the RL checkpoint's (``<workdir>/checkpoints``); pass
 ``--workdir <run>/sft`` for the SFT stage's. Every failure is one line naming the flag and the fix.
+
+A LoRA run (``model.lora.rank > 0``) checkpoints its adapters only. ``--lora merged`` (the default) reads the base
+the run recorded (its Hugging Face folder or rlj checkpoint, checked against the base's fingerprint) and writes
+W0 + (alpha / r) B A as the full checkpoint above; ``--lora adapter`` writes the adapter alone in PEFT's layout
+(``adapter_config.json`` + ``adapter_model.safetensors``, ``models.lora.write_peft_adapter``) with the tokenizer
+files, which ``peft.PeftModel.from_pretrained`` loads onto the base; a base that is no Hugging Face folder (an
+SFT stage's weights) is written beside it as ``<out>/base`` and named in ``adapter_config.json``.
 """
 from __future__ import annotations
 
@@ -138,24 +145,108 @@ def restore_policy(directory: str, mc, step: int):
   return checkpoint.restore_params(directory, abstract, step=step)[0]
 
 
+LORA_MODES = ("merged", "adapter")
+
+
+def lora_of(meta: dict):
+  """The ``LoraConfig`` a LoRA run's checkpoint meta records, or None."""
+  from models import lora
+  if not meta.get("lora"):
+    return None
+  d = dict(meta["lora"])
+  return lora.LoraConfig(rank=int(d["rank"]), alpha=float(d["alpha"]), targets=tuple(d["targets"]),
+                         dropout=float(d.get("dropout", 0.0)))
+
+
+def restore_adapters(directory: str, mc, cfg, step: int):
+  """The adapters saved at ``step`` (the LoRA run's ``TrainState.params``), on the first device."""
+  import flax.linen as nn
+  import jax
+  from models import hf, lora
+  from rlj import checkpoint
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  base = nn.unbox(hf.abstract_params(mc))
+  shapes = jax.eval_shape(lambda: lora.init_adapters(jax.random.key(0), base, cfg))
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
+  return checkpoint.restore_params(directory, abstract, step=step)[0]
+
+
+def load_base(meta: dict, mc):
+  """The frozen base a LoRA run recorded (``meta["lora_base"]``): its Hugging Face folder or rlj checkpoint,
+  checked against the recorded fingerprint. Returns ``(params, is_hf_folder)``."""
+  from rlj import checkpoint, lora_policy
+  record = meta.get("lora_base") or {}
+  source = record.get("source", "")
+  if os.path.isfile(os.path.join(source, "config.json")):
+    from models import hf
+    _, params = hf.load_hf_checkpoint(source)
+    is_hf = True
+  elif os.path.isdir(source):
+    try:
+      params = restore_policy(source, mc, None)
+    except (FileNotFoundError, ValueError, checkpoint.CheckpointMismatchError) as e:
+      fail("workdir", f"the LoRA run's base {source!r} does not restore as this model: {e}")
+    is_hf = False
+  else:
+    fail("lora", f"the run's adapters sit on the base {source!r}, which is not a folder on this machine; use "
+         f"--lora adapter to write the adapter alone, or put the base back at that path")
+  now = lora_policy.fingerprint(params, source)
+  if now["hash"] != record.get("hash"):
+    fail("lora", f"the base at {source!r} has changed since the adapters were trained (hash {record.get('hash')} "
+         f"then, {now['hash']} now); put the original base back, or use --lora adapter")
+  return params, is_hf
+
+
+def export_lora(directory: str, meta: dict, mc, cfg, step: int, out: str, *, mode: str, max_shard_bytes: int,
+                dtype: str | None) -> None:
+  """Writes a LoRA run's policy into ``out``: merged into the base as a Hugging Face checkpoint, or the adapter
+  alone in PEFT's layout (with the base as ``<out>/base`` when it is no Hugging Face folder)."""
+  import jax
+  from models import hf, lora
+  adapters = restore_adapters(directory, mc, cfg, step)
+  if mode == "adapter":
+    base_path = (meta.get("lora_base") or {}).get("source", "")
+    if not os.path.isfile(os.path.join(base_path, "config.json")):
+      base, _ = load_base(meta, mc)
+      base_path = os.path.join(out, "base")
+      hf.save_hf_checkpoint(base, mc, base_path, max_shard_bytes=max_shard_bytes, dtype=dtype)
+    lora.write_peft_adapter(out, adapters, cfg, mc, base_path=os.path.abspath(base_path))
+    return
+  base, _ = load_base(meta, mc)
+  merged = jax.jit(lambda b, a: lora.merge(b, a, cfg))(base, adapters)
+  hf.save_hf_checkpoint(merged, mc, out, max_shard_bytes=max_shard_bytes, dtype=dtype)
+
+
 def export(workdir: str, *, step: int | None = None, out: str | None = None, max_shard_bytes: int = 5 * 10**9,
-           dtype: str | None = None) -> str:
-  """Writes the policy of ``workdir``'s checkpoint (newest, or ``step``) as a Hugging Face folder; returns it."""
+           dtype: str | None = None, lora: str = "merged") -> str:
+  """Writes the policy of ``workdir``'s checkpoint (newest, or ``step``) as a Hugging Face folder (a LoRA run's:
+  merged, or ``lora="adapter"`` in PEFT's layout); returns it."""
   from models import hf
+  if lora not in LORA_MODES:
+    fail("lora", f"{lora!r}; choose merged | adapter")
   directory = checkpoint_dir(workdir)
   step, meta = read_meta(directory, step)
   mc = model_config_of(meta, directory)
   source = tokenizer_dir(workdir, meta)
   if dtype and dtype not in ("float32", "bfloat16"):
     fail("dtype", f"{dtype!r}; choose float32 | bfloat16")
-  params = restore_policy(directory, mc, step)
-  out = out or os.path.join(workdir, "export", f"step_{step}")
-  os.makedirs(out, exist_ok=True)
-  hf.save_hf_checkpoint(params, mc, out, max_shard_bytes=max_shard_bytes, dtype=dtype or None)
+  cfg = lora_of(meta)
+  out = out or os.path.join(workdir, "export", f"step_{step}" + ("_adapter" if cfg and lora == "adapter" else ""))
+  if cfg is None:
+    if lora == "adapter":
+      fail("lora", f"the run in {directory!r} trained every weight (no model.lora); export it without --lora")
+    params = restore_policy(directory, mc, step)
+    os.makedirs(out, exist_ok=True)
+    hf.save_hf_checkpoint(params, mc, out, max_shard_bytes=max_shard_bytes, dtype=dtype or None)
+  else:
+    os.makedirs(out, exist_ok=True)
+    export_lora(directory, meta, mc, cfg, step, out, mode=lora, max_shard_bytes=max_shard_bytes, dtype=dtype or None)
   gen = write_tokenizer(source, out)
   with open(os.path.join(out, "generation_config.json"), "w") as f:
     json.dump(gen, f, indent=2)
   config_path = os.path.join(out, "config.json")
+  if not os.path.isfile(config_path):   # a PEFT adapter folder: no model config of its own
+    return out
   with open(config_path) as f:
     config = json.load(f)
   config.update({k: gen[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in gen})
@@ -171,6 +262,8 @@ def define_flags() -> None:
   flags.DEFINE_string("out", None, "output folder; default: <workdir>/export/step_<N>")
   flags.DEFINE_float("max_shard_gb", 5.0, "start a new safetensors shard past this many GB")
   flags.DEFINE_string("dtype", "", "storage dtype (float32 | bfloat16); default: the run's param dtype")
+  flags.DEFINE_string("lora", "merged", "a LoRA run: merged (adapters folded into the base, a full checkpoint) | "
+                      "adapter (PEFT's adapter_config.json + adapter_model.safetensors)")
 
 
 def main(argv) -> None:
@@ -181,7 +274,7 @@ def main(argv) -> None:
   if not f.workdir:
     fail("workdir", "required: the run folder of a launch.train job")
   out = export(f.workdir, step=f.step, out=f.out, max_shard_bytes=int(f.max_shard_gb * 10**9),
-               dtype=f.dtype or None)
+               dtype=f.dtype or None, lora=f.lora)
   print(f"exported {out}", flush=True)
 
 

@@ -28,7 +28,7 @@ import jax
 
 from launch import builders, checks, cli_help, distributed, relaunch
 from rewards import combine
-from rlj import checkpoint, lifecycle, metrics_writer, preemption, rl_loop, sft, train_state
+from rlj import checkpoint, lifecycle, lora_policy, metrics_writer, preemption, rl_loop, sft, train_state
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "job config file (configs/*.py[:args])", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run folder; default: runs/<config>-<time>. An existing one resumes.")
@@ -112,27 +112,31 @@ def run_sft_stage(config, env, state, workdir: str, stop):
 def run_rl(config, env, workdir: str, stop) -> list[dict]:
   """Runs (or resumes) the RL job in ``workdir``; returns the logged records.
 
+  With ``model.lora`` the RL state holds the adapters over the frozen base (the initial policy, or the SFT stage's
+  weights), the base is the reference, and a resume checks that the base is the one the adapters were trained on.
+
   Raises:
     Stopped: when a stop request ended the job early (after saving).
   """
-  state = env.state
+  params = env.params
   if builders.runs_sft_stage(config):
-    sft_state = run_sft_stage(config, env, state, os.path.join(workdir, "sft"), stop)
-    # RL starts from the SFT weights with a fresh optimizer.
-    state = train_state.TrainState.create(sft_state.params, env.tx)
-    state = jax.device_put(state, env.state_shardings)
-  # A copy: the state's buffers are donated to the train step, the reference must outlive them.
-  ref_params = jax.tree.map(jax.numpy.copy, state.params) if env.use_reference else None
+    params = run_sft_stage(config, env, env.state, os.path.join(workdir, "sft"), stop).params
+  start_from = builders.rl_start(config, env, params, workdir)   # RL: a fresh optimizer (or fresh adapters)
+  lora = start_from.lora
   data = builders.prompt_iterator(config, env, split="train", batch_prompts=config.train.batch_prompts,
                                   seed=config.seed)
   with lifecycle.Lifecycle(os.path.join(workdir, "checkpoints"), builders.checkpoint_policy(config), job="rl",
                            total_steps=config.train.total_steps, stop=stop, data=data, label="RL",
-                           meta=builders.checkpoint_meta(env.model_config)) as job:
-    start, state, extra, meta = job.resume(state, {"ref_params": ref_params})
+                           meta={**builders.checkpoint_meta(env.model_config), **start_from.meta}) as job:
+    start, state, extra, meta = job.resume(start_from.state, {"ref_params": start_from.ref_params})
+    if lora is not None and start:
+      lora_policy.check_same_base(meta.get("lora_base"), lora.fingerprint,
+                                  f"checkpoint step {start} in {job.directory}")
     writer = metrics_writer.MetricsWriter(workdir, total_steps=config.train.total_steps, phase="RL",
                                           enabled=jax.process_index() == 0, start_step=start)
     try:
-      trainer = rl_loop.Trainer(builders.rl_components(config, env, data, writer),
+      trainer = rl_loop.Trainer(builders.rl_components(config, env, data, writer, lora=lora,
+                                                       state_shardings=start_from.state_shardings),
                                 builders.loop_config(config, env.tokenizer.pad_id))
       trainer.load_host_state(meta.get("host"))
       trainer.start_eval = meta.get("start_eval")  # the step-0 eval of a resumed run (None in earlier checkpoints)
@@ -177,6 +181,8 @@ def run(config, workdir: str) -> list[dict]:
     return []
   except (train_state.NonFiniteUpdates, combine.RewardError) as e:
     raise SystemExit(f"training stopped: {e}") from e
+  except lora_policy.BaseMismatch as e:
+    raise SystemExit(str(e)) from None
   except checkpoint.CheckpointMismatchError as e:  # a workdir without config.json, or another job's checkpoints
     raise SystemExit(f"{e}. To resume, relaunch with the config that wrote it; to start afresh, pass a new "
                      f"--workdir") from None

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from models import kv_cache
-from models.layers import RMSNorm, apply_rope, dense, param, softcap
+from models.layers import RMSNorm, apply_rope, dense, param, softcap, with_lora
 
 # Finite "minus infinity": a query with no valid key (a padding row) gets a uniform softmax, not NaN.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -162,7 +162,7 @@ class Attention(nn.Module):
   def _project(self, x, name, heads, heads_axis):
     d = x.shape[-1]
     w = param(self, name, ("embed", heads_axis, "head_dim"), (d, heads, self.head_dim), self.param_dtype)
-    y = dense(x, w, dtype=self.dtype)
+    y = with_lora(self, name, x, dense(x, w, dtype=self.dtype), dtype=self.dtype)
     if self.qkv_bias:
       bias = param(self, f"{name}_bias", (heads_axis, "head_dim"), (heads, self.head_dim), self.param_dtype,
                    nn.initializers.zeros)
@@ -212,4 +212,4 @@ class Attention(nn.Module):
     d = x.shape[-1]
     wo = param(self, "o", ("heads", "head_dim", "embed"), (self.num_heads, self.head_dim, d), self.param_dtype,
                nn.initializers.normal(stddev=(self.num_heads * self.head_dim) ** -0.5))
-    return dense(out, wo, contract=2, dtype=self.dtype), cache
+    return with_lora(self, "o", out, dense(out, wo, contract=2, dtype=self.dtype), 2, dtype=self.dtype), cache

@@ -142,6 +142,20 @@ def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
   return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
 
 
+LORA = "lora"   # variable collection of unmerged LoRA adapters (models.lora.unmerged_variables)
+
+
+def with_lora(module: nn.Module, name: str, x: jax.Array, y: jax.Array, contract: int = 1, *,
+              dtype: Optional[Dtype] = None) -> jax.Array:
+  """``y`` (= x · W of projection ``name``) plus x · a · b when the "lora" collection holds ``{name}_a``
+  [k..., r] and ``{name}_b`` [r, o...] (b already scaled by alpha / r) for ``module``: LoRA's unmerged form,
+  h = W0 x + (alpha / r) B A x (Hu et al., arXiv:2106.09685, Eq. 3). Without the collection, ``y`` as it is."""
+  if not module.has_variable(LORA, name + "_a"):
+    return y
+  a, b = module.get_variable(LORA, name + "_a"), module.get_variable(LORA, name + "_b")
+  return y + dense(dense(x, a, contract, dtype=dtype), b, dtype=dtype).astype(y.dtype)
+
+
 class MLP(nn.Module):
   """Gated MLP: down(act(x · gate) ⊙ (x · up)); act = SiLU (SwiGLU) or tanh-GELU (GeGLU)."""
   mlp_dim: int
@@ -155,13 +169,14 @@ class MLP(nn.Module):
     gate = param(self, "gate", ("embed", "mlp"), (d, self.mlp_dim), self.param_dtype)
     up = param(self, "up", ("embed", "mlp"), (d, self.mlp_dim), self.param_dtype)
     down = param(self, "down", ("mlp", "embed"), (self.mlp_dim, d), self.param_dtype)
-    g = dense(x, gate, dtype=self.dtype)
-    u = dense(x, up, dtype=self.dtype)
+    g = with_lora(self, "gate", x, dense(x, gate, dtype=self.dtype), dtype=self.dtype)
+    u = with_lora(self, "up", x, dense(x, up, dtype=self.dtype), dtype=self.dtype)
     if self.activation == "silu":
       g = jax.nn.silu(g)
     else:
       g = jax.nn.gelu(g, approximate=True)
-    return dense(g * u, down, dtype=self.dtype)
+    h = g * u
+    return with_lora(self, "down", h, dense(h, down, dtype=self.dtype), dtype=self.dtype)
 
 
 class Embedder(nn.Module):

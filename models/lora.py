@@ -225,6 +225,22 @@ def merge(params: Any, adapters: dict, cfg: LoraConfig) -> Any:
   return out
 
 
+def unmerged_variables(params: Any, adapters: dict, cfg: LoraConfig) -> dict:
+  """``{"params": params, "lora": ...}`` for ``Transformer.apply``: the base kernels as they are and the adapters in
+  the "lora" collection (b pre-scaled by alpha / r), so every targeted projection computes x W + x a b (the
+  unmerged form; ``models.layers.with_lora``). Equal to applying ``merge(params, adapters, cfg)`` up to rounding."""
+  _check_adapters(params, adapters, cfg)
+  tree: dict = {}
+  for name in cfg.targets:
+    *where, leaf = TARGETS[name].path
+    node = tree
+    for key in where:
+      node = node.setdefault(key, {})
+    node[leaf + "_a"] = adapters[name]["a"]
+    node[leaf + "_b"] = cfg.scale * adapters[name]["b"]
+  return {"params": params, "lora": tree}
+
+
 def lora_params(params: Any, adapters: dict, cfg: LoraConfig) -> Any:
   """``merge`` with the base under ``stop_gradient``: the params to ``Transformer.apply`` when training only
   the adapters (``jax.grad`` w.r.t. the adapters through it is the LoRA gradient; the base gets zeros)."""

@@ -35,7 +35,7 @@ from models import kv_cache
 from models.attention import Attention, attention_mask, sliding_window_mask
 from models.config import ModelConfig
 from models.kv_cache import KVCache
-from models.layers import MLP, Embedder, RMSNorm, dense, param, rope_angles, rope_inv_freq, softcap
+from models.layers import LORA, MLP, Embedder, RMSNorm, dense, param, rope_angles, rope_inv_freq, softcap
 
 
 class Block(nn.Module):
@@ -94,7 +94,7 @@ class Block(nn.Module):
 
 def _stacked_blocks(config: ModelConfig):
   block = nn.remat(Block, prevent_cse=False) if config.remat else Block
-  return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+  return nn.scan(block, variable_axes={"params": 0, LORA: 0}, split_rngs={"params": True},
                  in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                  length=config.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
 

@@ -23,12 +23,14 @@ from rlj.sampler import Sampler, SamplerConfig
 
 
 def train_step(model, tx, *, objective: Callable, mesh, rules, state_shardings, completion_len: int,
-               temperature: float = 1.0, num_microbatches: int = 1, sum_microbatches: bool = True):
-  """``jit(train_step)``: ``(state, batch, rng) -> (state, metrics)``, the state donated."""
+               temperature: float = 1.0, num_microbatches: int = 1, sum_microbatches: bool = True,
+               combine: Callable | None = None):
+  """``jit(train_step)``: ``(state, batch, rng[, frozen]) -> (state, metrics)``, the state donated (``frozen``,
+  the LoRA base read through ``combine``, is not)."""
   logp_fn = logprobs.make_logp_fn(model.apply, completion_len=completion_len, temperature=temperature, mesh=mesh,
                                   rules=rules)
   step = functools.partial(train_step_lib.train_step, logp_fn=logp_fn, objective=objective, tx=tx,
-                           num_microbatches=num_microbatches, sum_microbatches=sum_microbatches)
+                           num_microbatches=num_microbatches, sum_microbatches=sum_microbatches, combine=combine)
   replicated = jax.sharding.NamedSharding(mesh, jax.P())
   return jax.jit(step, donate_argnums=0, out_shardings=(state_shardings, replicated))
 
@@ -67,12 +69,14 @@ class RLPrograms:
   logp: Any          # (params, tokens, attn_mask) -> logp, over a whole rollout
 
 
-def rl_programs(model, tx, s: RLSettings, *, mesh, rules, state_shardings) -> RLPrograms:
-  """The RL step's programs for algorithm ``s.algo`` (its objective and micro-batch rule from its row)."""
+def rl_programs(model, tx, s: RLSettings, *, mesh, rules, state_shardings, combine: Callable | None = None
+                ) -> RLPrograms:
+  """The RL step's programs for algorithm ``s.algo`` (its objective and micro-batch rule from its row);
+  ``combine``: LoRA's ``(base, adapters) -> params`` (``rlj.lora_policy.LoraPolicy.step_params``)."""
   row = rl_algos.get(s.algo)
   step = train_step(model, tx, objective=functools.partial(row.objective, **s.loss_kwargs), mesh=mesh, rules=rules,
                     state_shardings=state_shardings, completion_len=s.completion_len, temperature=s.temperature,
-                    num_microbatches=s.num_microbatches, sum_microbatches=row.sum_microbatches)
+                    num_microbatches=s.num_microbatches, sum_microbatches=row.sum_microbatches, combine=combine)
   logp = rollout_logp(model, mesh=mesh, rules=rules, completion_len=s.completion_len, temperature=s.temperature,
                       num_chunks=s.logp_chunks)
   return RLPrograms(step=step, logp=logp)

@@ -119,6 +119,7 @@ class Components:
   eval_fn: Callable[[Any, int], dict] | None = None      # (params, step) -> held-out metrics
   sampler_shardings: Any = None
   sampler_dtype: Any = None
+  lora: Any = None        # rlj.lora_policy.LoraPolicy: the state holds adapters, the frozen base is the reference
 
 
 def place_batch(batch: Mapping[str, np.ndarray], mesh, rules) -> dict:
@@ -134,7 +135,8 @@ class Trainer:
     self.c, self.cfg = comps, cfg
     self.algo = cfg.row
     progs = programs.rl_programs(comps.model, comps.tx, cfg.program_settings(), mesh=comps.mesh, rules=comps.rules,
-                                 state_shardings=comps.state_shardings)
+                                 state_shardings=comps.state_shardings,
+                                 combine=None if comps.lora is None else comps.lora.step_params)
     self.step_fn, self.logp_fn = progs.step, progs.logp
     self.batcher = self.algo.batcher(cfg.algo_settings)
     self.dynamic = DynamicSampler(cfg.dynamic_sampling, weights=comps.reward_weights, group_size=cfg.num_generations,
@@ -148,12 +150,27 @@ class Trainer:
     # a resumed run can still compare against it. The launcher sets it from a resumed checkpoint's meta.
     self.start_eval: dict | None = None
 
-  # ---------------------------------------------------------------------------------------------- rollout
+  # ---------------------------------------------------------------------------------------------- weights
+  def policy_weights(self, params):
+    """The policy's full weights: the state's params, or with LoRA the base merged with the state's adapters."""
+    return params if self.c.lora is None else self.c.lora.merged(params)
+
   def sampler_params(self, params):
-    if self.c.sampler_shardings is None and self.c.sampler_dtype is None:
+    """The sampler's weights (its dtype and shardings); with LoRA merged and cast in one program."""
+    c = self.c
+    if c.lora is not None and c.sampler_shardings is None:
+      return c.lora.merged(params, c.sampler_dtype)
+    params = self.policy_weights(params)
+    if c.sampler_shardings is None and c.sampler_dtype is None:
       return params
-    shard = self.c.sampler_shardings or jax.tree.map(lambda x: x.sharding, params)
-    return sharding.sync_weights(params, shard, dtype=self.c.sampler_dtype)
+    shard = c.sampler_shardings or jax.tree.map(lambda x: x.sharding, params)
+    return sharding.sync_weights(params, shard, dtype=c.sampler_dtype)
+
+  def reference_params(self, ref_params):
+    """The reference's weights: with LoRA the frozen base itself (adapters off), else the kept copy."""
+    return ref_params if self.c.lora is None else self.c.lora.base
+
+  # ---------------------------------------------------------------------------------------------- rollout
 
   def host_logp(self, params, tokens: np.ndarray, attn_mask: np.ndarray) -> np.ndarray:
     """Teacher-forced log-probs [N, T] of whole host rows (the same on every process), as numpy."""
@@ -186,7 +203,8 @@ class Trainer:
     if cfg.old_logp_source != "current":  # on-policy: the objective takes the current log-probs
       arrays["old_logp"] = sampler_logp
     lengths = host_data.gather(ro.lengths)
-    mm = self.trainer_logp(state.params, arrays, sampler_logp) if cfg.trainer_pass(step) else {}
+    mm = (self.trainer_logp(self.policy_weights(state.params), arrays, sampler_logp) if cfg.trainer_pass(step)
+          else {})
     t3 = time.perf_counter()
     completion = arrays["tokens"][:, arrays["tokens"].shape[1] - arrays["mask"].shape[1]:]
     sc = c.sampler.config
@@ -224,13 +242,14 @@ class Trainer:
     batch, m = self.batcher.build(arrays, rewards.values, self.c.reward_weights, step)
     if self.cfg.use_reference:  # without one no reference forward pass runs (and no KL is reported)
       t0 = time.perf_counter()
-      batch["ref_logp"] = self.host_logp(ref_params, batch["tokens"], batch["attn_mask"])
+      batch["ref_logp"] = self.host_logp(self.reference_params(ref_params), batch["tokens"], batch["attn_mask"])
       m["time/reference"] = time.perf_counter() - t0
     return batch, m
 
   # ---------------------------------------------------------------------------------------------- updates
   def update(self, state, batch: dict, rng, step: int) -> tuple[Any, dict]:
     cfg, c = self.cfg, self.c
+    frozen = () if c.lora is None else (c.lora.base,)
     shuffle_rng = np.random.default_rng([cfg.seed, step, 1])
     per_update = []
     for epoch in range(cfg.num_epochs):
@@ -238,7 +257,7 @@ class Trainer:
                                          rng=shuffle_rng)):
         with jax.set_mesh(c.mesh):
           state, m = self.step_fn(state, place_batch(mb, c.mesh, c.rules),
-                                  jax.random.fold_in(rng, epoch * cfg.num_minibatches + i))
+                                  jax.random.fold_in(rng, epoch * cfg.num_minibatches + i), *frozen)
         per_update.append(m)
     per_update = jax.device_get(per_update)  # one transfer per RL step, after every update was dispatched
     per_update = [self.skips.update(m, f"in RL step {step + 1}") for m in per_update]
@@ -278,8 +297,8 @@ class Trainer:
     on_step_end = None
     if job is not None:
       on_step_end = job.hook(lambda done, st, ref: job.save(
-          done, st, extra={"ref_params": ref if cfg.use_reference else None}, host=self.host_state(),
-          meta={"start_eval": self.start_eval} if self.start_eval else None))
+          done, st, extra={"ref_params": ref if cfg.use_reference and c.lora is None else None},
+          host=self.host_state(), meta={"start_eval": self.start_eval} if self.start_eval else None))
     if start_step == 0 and cfg.eval_every:
       m = self.evaluate(state.params, 0)
       self.start_eval = {k: float(v) for k, v in m.items()} or None

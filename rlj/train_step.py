@@ -8,6 +8,8 @@ Everything else (the log-prob function, the loss, the optimizer, the micro-batch
 - accumulates gradients over ``num_microbatches`` slices with ``lax.scan``: summed when the objective's
   normaliser already counts the whole optimizer step (GRPO ``token_mean`` with a global ``num_tokens``;
   ALGORITHMS.md §3.3), averaged otherwise,
+- with ``combine`` (LoRA, ``rlj.lora_policy``), runs the model on ``combine(frozen, state.params)``: the state
+  holds the trainable part, ``frozen`` (an argument, never donated) the rest, which gets no gradient;
 - skips the update when the loss or the gradient norm is not finite (the state passes through unchanged but for
   its skip counters, ``skipped`` is 1), so a checkpoint never holds NaNs; the metrics carry the state's counters
   (``train_state.SkipCounter`` checks them on the host).
@@ -37,11 +39,12 @@ def _split_microbatches(batch: Batch, n: int) -> Batch:
 
 
 def loss_and_grads(params: Any, batch: Batch, *, logp_fn, objective: Objective, num_microbatches: int = 1,
-                   sum_microbatches: bool = True):
-  """Loss, metrics and gradients of one optimizer step's batch, accumulated over micro-batches."""
+                   sum_microbatches: bool = True, frozen: Any = None, combine: Callable | None = None):
+  """Loss, metrics and gradients (w.r.t. ``params``) of one optimizer step's batch, accumulated over micro-batches;
+  the model runs on ``combine(frozen, params)`` when ``combine`` is given."""
 
   def loss_of(p, mb):
-    logp = logp_fn(p, mb["tokens"], mb["attn_mask"])
+    logp = logp_fn(p if combine is None else combine(frozen, p), mb["tokens"], mb["attn_mask"])
     return objective(logp, mb)
 
   grad_fn = jax.value_and_grad(loss_of, has_aux=True)
@@ -65,12 +68,15 @@ def loss_and_grads(params: Any, batch: Batch, *, logp_fn, objective: Objective, 
   return loss, metrics, grads
 
 
-def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, logp_fn, objective: Objective,
-               tx: optax.GradientTransformation, num_microbatches: int = 1, sum_microbatches: bool = True):
-  """One optimizer update; returns ``(new_state, metrics)`` with float32 scalar metrics."""
+def train_step(state: TrainState, batch: Batch, rng: jax.Array, frozen: Any = None, *, logp_fn,
+               objective: Objective, tx: optax.GradientTransformation, num_microbatches: int = 1,
+               sum_microbatches: bool = True, combine: Callable | None = None):
+  """One optimizer update; returns ``(new_state, metrics)`` with float32 scalar metrics. ``frozen``: the weights
+  that do not train (the LoRA base), read through ``combine``; None otherwise."""
   del rng  # no dropout in the policy; kept so every step has the same signature
   loss, metrics, grads = loss_and_grads(state.params, batch, logp_fn=logp_fn, objective=objective,
-                                        num_microbatches=num_microbatches, sum_microbatches=sum_microbatches)
+                                        num_microbatches=num_microbatches, sum_microbatches=sum_microbatches,
+                                        frozen=frozen, combine=combine)
   new_state, grad_norm, skipped = apply_if_finite(state, grads, loss, tx)
   metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
   metrics.update(loss=loss.astype(jnp.float32), grad_norm=grad_norm.astype(jnp.float32), skipped=skipped)

@@ -2,7 +2,8 @@
 
 One RL step runs several programs one after another (sampling, the rollout's log-prob passes, the optimizer
 steps). While one runs, buffers that another program owns stay resident: the train state (params, optimizer
-moments), the frozen reference params and, with ``sampler.keep_cache``, the sampler's KV cache. So the HBM a
+moments), the frozen reference params (with LoRA: the frozen base, which is also the reference, beside the
+adapters' train state) and, with ``sampler.keep_cache``, the sampler's KV cache. So the HBM a
 step needs on one chip is the largest, over the phases, of
 
   phase bytes = the program's compiled peak + the bytes of resident buffers that are not its arguments,
@@ -141,6 +142,14 @@ FIXES = {
     "activations / temporaries": None,      # depends on the phase, see ``fix_for``
     "other arguments / layout padding": "a mesh whose axes divide the array dimensions",
     "outputs": "donate the program's inputs",
+    # LoRA runs (launch/aot_tools/lora_weights.py)
+    "base params (frozen, also the reference)": "store the frozen base in bfloat16 "
+                                                "(--config.model.lora.base_dtype=bfloat16) or shard over more chips",
+    "adapters": "a lower rank (--config.model.lora.rank) or fewer targets (--config.model.lora.targets)",
+    "sampler params (merged)": "sample in bfloat16 (--config.sampler.dtype=bfloat16) or shard over more chips",
+    "merged params (old log-probs)": "take the sampler's old log-probs (--config.train.old_logp=sampler), store the "
+                                     "base in bfloat16 (--config.model.lora.base_dtype=bfloat16) or shard over "
+                                     "more chips",
 }
 
 
@@ -151,6 +160,9 @@ def fix_for(component: str, phase: str) -> str:
     return ("more micro-batches (--config.train.num_microbatches), fewer rows per optimizer step "
             "(--config.train.num_minibatches up), remat (--config.model.overrides.remat=True), "
             "or more chips on the batch axes")
+  if phase.startswith("LoRA merge"):
+    return ("shard the weights over more chips (a larger mesh 'fsdp' axis): the merge sums each kernel's "
+            "W0 + (alpha / r) a b in float32")
   if phase == "rollout log-probs":
     return "fewer prompts per RL step (--config.train.batch_prompts) or more chips on the batch axes"
   return ("fewer rollout rows per chip (--config.train.batch_prompts, --config.sampler.num_generations) "
@@ -167,13 +179,14 @@ def report(phases: Mapping[str, Phase], capacity: int, *, header: str) -> tuple[
   """(fits, text): every phase's breakdown against ``capacity`` and, when over, the biggest consumer."""
   lines = [header]
   worst_name = max(phases, key=lambda k: phases[k].total)
+  width = max([34] + [len(c) + 1 for ph in phases.values() for c in ph.components])   # LoRA's labels are longer
   for name, ph in phases.items():
     lines.append(f"  {name} ({ph.program.name}): {gib(ph.total)} per chip")
     if ph.program.error:
       lines.append(f"      the TPU compiler refused it: {ph.program.error}")
     for comp, b in sorted(ph.components.items(), key=lambda kv: -kv[1]):
       if b:
-        lines.append(f"      {comp:<34s}{gib(b)}")
+        lines.append(f"      {comp:<{width}s}{gib(b)}")
   worst = phases[worst_name]
   fits = worst.total <= capacity and not any(ph.program.error for ph in phases.values())
   lines.append(f"  peak per chip: {gib(worst.total).strip()} in the {worst_name} phase, HBM {gib(capacity).strip()} "

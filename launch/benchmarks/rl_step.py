@@ -35,7 +35,6 @@ import argparse
 import ast
 import tempfile
 
-import jax
 import numpy as np
 
 from configs import grpo_tpu
@@ -88,10 +87,11 @@ def measure(*, steps: int, warmup: int = 2, overrides: dict | None = None) -> tu
     env = builders.build_env(config, workdir)
     data = builders.prompt_iterator(config, env, split="train", batch_prompts=config.train.batch_prompts,
                                     seed=config.seed)
-    comps = builders.rl_components(config, env, data, _NullWriter())
+    start = builders.rl_start(config, env, env.params, workdir)    # as launch.train starts RL (LoRA included)
+    comps = builders.rl_components(config, env, data, _NullWriter(), lora=start.lora,
+                                   state_shardings=start.state_shardings)
     trainer = rl_loop.Trainer(comps, builders.loop_config(config, env.tokenizer.pad_id))
-    ref = jax.tree.map(jax.numpy.copy, env.state.params) if env.use_reference else None   # as launch.train keeps it
-    _, _, history = trainer.run(env.state, ref, start_step=0)
+    _, _, history = trainer.run(start.state, start.ref_params, start_step=0)
   timed = history[warmup:]
   means = {k: float(np.mean([h[k] for h in timed])) for k in KEYS}
   means["sampled_tokens"] = float(np.mean([h["sampled_tokens"] for h in timed]))

@@ -137,3 +137,53 @@ def test_param_and_optimizer_bytes_fall_as_one_over_fsdp(compiled):
   # The compiled step's arguments (train state + a small batch) shrink with it.
   args = {2: phases2["train step"].program.argument, 8: phases8["train step"].program.argument}
   assert args[8] < 0.5 * args[2]
+
+
+# ------------------------------------------------------------------------------------------ LoRA runs
+
+@pytest.mark.parametrize("key,value,named", [
+    ("model.lora.rank", 10 ** 4, "model.lora.rank"), ("model.lora.targets", ("q", "qq"), "model.lora"),
+    ("model.lora.base_dtype", "float16", "model.lora.base_dtype"), ("algo.name", "dno", "model.lora.rank")])
+def test_lora_config_launch_train_refuses_stops_in_one_line(key, value, named):
+  from launch import aot
+  c = _config()
+  c.model.lora.rank = 2
+  section, leaf = key.rsplit(".", 1)
+  node = c
+  for part in section.split("."):
+    node = node[part]
+  node[leaf] = value
+  with pytest.raises(SystemExit) as e:
+    aot.compile_all(c, [], log=lambda *_: None)   # checked before anything is laid out
+  msg = str(e.value)
+  assert "\n" not in msg and f"'{named}'" in msg
+
+
+def test_lora_run_reports_base_adapters_and_no_reference(compiled):
+  """Rank-1 adapters over a bfloat16 base, old log-probs recomputed, against the full fine-tuning of the same
+  model (``compiled``: float32, the same fsdp=8 layout and KL term)."""
+  from launch import aot
+  from launch.aot_tools import lora_weights as lw
+  _, (_, _, full) = compiled
+  c = _config()
+  c.sampler.max_new_tokens = 8
+  c.model.lora.rank, c.model.lora.base_dtype, c.train.old_logp = 1, "bfloat16", "recompute"
+  phases, costs, summary = aot.compile_all(c, _devices("v5e-8"), log=lambda *_: None)
+  assert list(phases) == ["LoRA merge (sampler copy)", "LoRA merge (log-prob copy)", "sampling", "rollout log-probs",
+                          "train step"]
+  assert full["reference"] > 0 and summary["reference"] == 0     # the base is the reference: no copy
+  assert not any(ph.components.get("reference params") for ph in phases.values())
+  assert summary[lw.BASE] == pytest.approx(full["params"] / 2, rel=0.02)            # bfloat16 base
+  assert summary["sampler_params"] == pytest.approx(full["params"], rel=0.02)       # merged, float32 sampler
+  assert summary["optimizer state"] == pytest.approx(2 * summary[lw.ADAPTERS], rel=0.01)   # Adam on the adapters
+  assert summary[lw.ADAPTERS] < summary[lw.BASE] / 4
+  assert summary[lw.ADAPTERS] + summary["optimizer state"] < (full["params"] + full["optimizer state"]) / 8
+  # The step takes the base as an argument beside the adapters' state; the old log-probs read a merged copy.
+  assert phases["train step"].program.argument >= summary[lw.BASE] + summary[lw.ADAPTERS] + summary["optimizer state"]
+  assert phases["rollout log-probs"].components[lw.MERGED] == summary[lw.BASE]
+  assert phases["sampling"].components[lw.SAMPLER] == summary["sampler_params"]
+  assert {name for name, *_ in costs} >= {"lora_merge (float32)", "lora_merge (bfloat16)", "train_step"}
+  fits, text = hbm.report(phases, 1, header="h")   # every LoRA component has a fix
+  assert not fits and "fix:" in text
+  for label in (lw.BASE, lw.ADAPTERS, lw.SAMPLER, lw.MERGED, "optimizer state", "KV cache"):
+    assert label in text, label

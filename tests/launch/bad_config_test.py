@@ -102,6 +102,11 @@ CASES = {
     "correction_without_token_weights": (dict(**{"train.mismatch_correction": "token_mask", "train.old_logp": "auto",
                                                  "algo.name": "cispo"}),
                                          r"'train\.mismatch_correction'.*applies no token weights"),
+    "lora_rank": (dict(**{"model.lora.rank": 100}), r"'model\.lora\.rank': 100 exceeds 64.*'k'.*use rank <= 64"),
+    "lora_target": (dict(**{"model.lora.rank": 4, "model.lora.targets": ("q", "qkv")}),
+                    r"'model\.lora'.*from q, k, v, o, gate, up, down \(unknown: qkv\)"),
+    "lora_base_dtype": (dict(**{"model.lora.rank": 4, "model.lora.base_dtype": "int8"}),
+                        r"'model\.lora\.base_dtype'.*bfloat16"),
 }
 
 

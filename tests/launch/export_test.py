@@ -38,14 +38,21 @@ def _gsm8k_like(directory, rng):
   return [r[k] for r in rows["train"] for k in ("question", "answer")]
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  """(hf checkpoint dir, run workdir, exported dir) of a 2 SFT + 2 RL step GRPO run from the checkpoint."""
-  root = tmp_path_factory.mktemp("byoc")
+def tiny_llama(root):
+  """``root``/gsm8k (GSM8K-style JSONL) and ``root``/tiny-llama (a 2-layer Llama folder with a tokenizer trained on
+  it); returns the checkpoint folder."""
   corpus = _gsm8k_like(str(root / "gsm8k"), np.random.default_rng(0))
   ckpt = tiny_checkpoints.llama3(str(root / "tiny-llama"), corpus * 4)
   make_tiny_checkpoint.write_model(ckpt, 768, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, head_dim=8,
                                    mlp_dim=64)
+  return ckpt
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """(hf checkpoint dir, run workdir, exported dir) of a 2 SFT + 2 RL step GRPO run from the checkpoint."""
+  root = tmp_path_factory.mktemp("byoc")
+  ckpt = tiny_llama(root)
   c = grpo_tpu.get_config(f"runlocal,hf={ckpt}")
   c.data.source_dir = str(root / "gsm8k")
   c.data.buckets = (128,)

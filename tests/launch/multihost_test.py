@@ -229,6 +229,7 @@ def _launch_rm(workdir: str, *, processes: int, devices_per_process: int, total_
                  config="configs/rm_bt.py:runlocal", overrides=[f"--config.{k}={v}" for k, v in c.items()])
 
 
+@pytest.mark.slow   # ~40 s on 2 cores: outside the CI budget (pytest -m slow runs it)
 def test_reward_model_job_on_two_processes_equals_one_and_resumes(tmp_path):
   """rm_bt on two processes x 2 devices logs what one process with 4 devices logs; its checkpoint keeps one
   data-iterator state per process, and a two-process relaunch from step 2 ends where the straight run does."""

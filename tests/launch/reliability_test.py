@@ -146,6 +146,7 @@ def test_sigkill_midway_then_relaunch_equals_an_uninterrupted_run(uninterrupted,
   _assert_same_run(workdir, uninterrupted)
 
 
+@pytest.mark.slow   # ~40 s on 2 cores: outside the CI budget (pytest -m slow runs it)
 def test_sigterm_saves_where_it_stopped_and_the_relaunch_finishes(uninterrupted, tmp_path):
   config_path = uninterrupted[0]
   workdir = str(tmp_path / "terminated")
