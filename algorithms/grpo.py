@@ -99,7 +99,8 @@ def loss(logp: jax.Array, old_logp: jax.Array, ref_logp: Optional[jax.Array], ad
          token_weight: Optional[jax.Array] = None):
   """Clipped-surrogate policy loss of GRPO, with DAPO clip-higher, dual clip, a KL term and four aggregations.
 
-  Per token, with rho = exp(clamp(logp - old_logp, -20, 20)) and A = adv[:, None]:
+  Per token, with rho = exp(clamp(logp - old_logp, -20, 20)) and A = adv[:, None] (or adv itself when it is
+  per token, [N, T]: process supervision, ``algorithms.process``):
     l_pg = -min(rho * A, clip(rho, 1 - clip_eps, 1 + clip_eps_high) * A)
     l_pg = min(l_pg, -dual_clip * A)            where A < 0, when dual_clip is set
     l_pg = token_weight * l_pg                  when token_weight is given (``algorithms.mismatch.weights``)
@@ -114,7 +115,8 @@ def loss(logp: jax.Array, old_logp: jax.Array, ref_logp: Optional[jax.Array], ad
     logp: [N, T] log-probs under the current parameters (carries the gradient).
     old_logp: [N, T] log-probs under the sampling policy (stop-gradient applied).
     ref_logp: [N, T] log-probs under the reference (stop-gradient applied), or None when kl_coef is the Python 0.
-    adv: [N] one advantage per sequence (e.g. `advantages(r).reshape(-1)`).
+    adv: [N] one advantage per sequence (e.g. `advantages(r).reshape(-1)`), or [N, T] one per token (e.g.
+      `algorithms.process.advantages`); a [N, T] array whose rows are constant gives the loss of their [N].
     mask: [N, T] 1.0 on completion tokens up to and including the first EOS.
     clip_eps: epsilon_low.
     clip_eps_high: epsilon_high; None means clip_eps (DAPO uses 0.28).
@@ -136,14 +138,20 @@ def loss(logp: jax.Array, old_logp: jax.Array, ref_logp: Optional[jax.Array], ad
     TRL/DAPO. Clip fractions count the tokens where the clip removes the gradient (TRL's definition:
     rho < 1 - eps with A < 0, rho > 1 + eps_high with A > 0).
   """
-  chex.assert_rank([logp, old_logp, mask, adv], [2, 2, 2, 1])
+  chex.assert_rank([logp, old_logp, mask], 2)
   chex.assert_equal_shape([logp, old_logp, mask])
-  chex.assert_equal_shape_prefix([logp, adv], 1)
+  per_token_adv = adv.ndim == 2
+  if per_token_adv:
+    chex.assert_equal_shape([logp, adv])
+  else:
+    chex.assert_rank(adv, 1)
+    chex.assert_equal_shape_prefix([logp, adv], 1)
   eps_low = clip_eps
   eps_high = clip_eps if clip_eps_high is None else clip_eps_high
   logp, old_logp, mask = common.f32(logp, old_logp, mask)
   old_logp = jax.lax.stop_gradient(old_logp)
-  a = jax.lax.stop_gradient(common.f32(adv))[:, None]  # [N, 1]
+  a = jax.lax.stop_gradient(common.f32(adv))
+  a = a if per_token_adv else a[:, None]  # [N, T] or [N, 1]
 
   log_ratio = logp - old_logp
   ratio = jnp.exp(common.clamp_log_ratio(log_ratio))  # [N, T]
@@ -186,6 +194,9 @@ def loss(logp: jax.Array, old_logp: jax.Array, ref_logp: Optional[jax.Array], ad
       "num_clamped": common.num_clamped(jax.lax.stop_gradient(log_ratio), mask),
       "num_tokens": jnp.sum(mask),
   })
+  if per_token_adv:  # statistics over the tokens; constant groups are a notion of per-sequence advantages
+    metrics.update(common.stats("adv", a, mask))
+    return total, metrics
   rows = (jnp.sum(mask, axis=-1) > 0).astype(jnp.float32)
   metrics.update(common.stats("adv", a[:, 0], rows))
   if num_generations is not None:

@@ -129,12 +129,18 @@ def rl_base(arg: mlc.ConfigDict) -> mlc.ConfigDict:
   # after every step becomes beta * (1 + clip(kl / target - 1, -0.2, 0.2) * completions per step / horizon);
   # target 0: off, kl_coef stays fixed. p3o.reward_norm: none | diff_std (divide the rewards by the running std
   # of the pairs' reward differences) | score_std (by the running std of the rewards, the P3O authors' code).
+  # advantage.estimator: grpo | rloo | process (GRPO only: process supervision, DeepSeekMath arXiv:2402.03300
+  # Sec. 4.1.3; rewards/steps.py): each completion is split into steps after every run of process.separator, the
+  # process.rewards (specs as in c.rewards; each function returns one reward per step) score the steps, the step
+  # rewards are normalised over all steps of the group and a token's advantage is the sum of those of the steps
+  # that end at or after it (algorithms/process.py). c.rewards are then logged, not trained on.
   c.algo = dict(name="grpo", kwargs=dict(clip_eps=0.2, kl_coef=0.04, agg="token_mean", kl_estimator="k3_ratio"),
                 advantage=dict(scale="group", eps=1e-4, ddof=1, estimator="grpo", win_rate=False),
                 dno=dict(iteration_steps=1, replay=(), min_chosen_score=1.0, min_margin=1.0, max_pairs=4,
                          win_rate=False),
                 kl_control=dict(target=0.0, horizon=10000.0),
-                p3o=dict(reward_norm="none"))
+                p3o=dict(reward_norm="none"),
+                process=dict(separator="\n", rewards=()))
   # old_logp: auto (one epoch of one minibatch: on-policy, the current log-probs under stop-gradient, no extra
   # pass; otherwise recompute) | recompute (the trainer's pass over the rollout) | sampler (the sampler's own).
   # mismatch_*: the sampler-trainer log-prob gap (algorithms/mismatch.py). Its mismatch/* metrics come with every

@@ -83,8 +83,11 @@ def check_mesh(config, num_devices: int, hosts: int) -> tuple[tuple[str, ...], t
 def example_rollout(config, rows: int, prompt_len: int) -> dict:
   """Zero host arrays shaped like ``Trainer.rollout``'s output (only shapes and dtypes matter)."""
   t = config.sampler.max_new_tokens
-  return {"tokens": np.zeros((rows, prompt_len + t), np.int32), "attn_mask": np.ones((rows, prompt_len + t), np.int32),
-          "mask": np.ones((rows, t), np.float32), "old_logp": np.zeros((rows, t), np.float32)}
+  out = {"tokens": np.zeros((rows, prompt_len + t), np.int32), "attn_mask": np.ones((rows, prompt_len + t), np.int32),
+         "mask": np.ones((rows, t), np.float32), "old_logp": np.zeros((rows, t), np.float32)}
+  if config.algo.advantage.get("estimator") == "process":   # process supervision's steps (rewards.steps)
+    out.update(step_rewards=np.zeros((rows, t), np.float32), step_ends=np.full((rows, t), -1, np.int32))
+  return out
 
 
 def special_ids(config, vocab_size: int) -> dict:

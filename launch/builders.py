@@ -137,13 +137,10 @@ def stop_ids(config, tokenizer) -> tuple[int, ...]:
   for i, token in enumerate(config.sampler.stop_tokens):
     key = f"sampler.stop_tokens[{i}]"
     if isinstance(token, str):
-      tid = tokenizer.token_to_id(token)
+      tid, ids = tokenizer.single_token(token)
       if tid is None:
-        ids = tokenizer.encode(token)
-        if len(ids) != 1:
-          raise SystemExit(f"config key '{key}': {token!r} is {len(ids)} tokens ({ids}), not one; a stop token must "
-                           f"be a single token of the tokenizer (e.g. a turn marker such as '<|eot_id|>'), or its id")
-        tid = ids[0]
+        raise SystemExit(f"config key '{key}': {token!r} is {len(ids)} tokens ({ids}), not one; a stop token must "
+                         f"be a single token of the tokenizer (e.g. a turn marker such as '<|eot_id|>'), or its id")
     elif isinstance(token, int) and not isinstance(token, bool):
       tid = token
     else:
@@ -349,25 +346,11 @@ def eval_fn(config, env: Env):
 # RL pieces
 # ------------------------------------------------------------------------------------------------------------
 
-def reward_specs(config) -> list[dict]:
-  """The config's reward list; ``fn="reward_model"`` serves a trained rlj reward model (kwargs: ``path``,
-  optional ``scalarize`` and ``alpha``) that scores the sampled token rows."""
-  specs = []
-  for r in config.rewards:
-    spec = dict(r)
-    if spec["fn"] == "reward_model":
-      from rlj import rm_reward  # validate() checked kwargs.path
-      kwargs = dict(spec.pop("kwargs", {}))
-      path = kwargs.pop("path")
-      spec["fn"] = rm_reward.reward_model_fn(path, **kwargs)
-    specs.append(spec)
-  return specs
-
-
 def rl_components(config, env: Env, data, writer, *, lora=None, state_shardings=None) -> rl_loop.Components:
   """The trainer's components; ``lora`` (an ``rlj.lora_policy.LoraPolicy``) and the adapters' state shardings for
   a LoRA job."""
-  specs = reward_specs(config)
+  from launch import reward_setup
+  specs = reward_setup.reward_specs(config, env)
   reward_fns = combine.build(specs)
   weights = np.array([float(s.get("weight", 1.0)) for s in specs], np.float32)
   comps = rl_loop.Components(
@@ -379,6 +362,8 @@ def rl_components(config, env: Env, data, writer, *, lora=None, state_shardings=
   if jnp.dtype(config.sampler.dtype) != jnp.dtype(weights_dtype):
     comps.sampler_dtype = jnp.dtype(config.sampler.dtype)
   comps.eval_fn = eval_fn(config, env)
+  comps.step_rewards = reward_setup.step_rewards(config)
+  comps.par = reward_setup.par_references(config, env, reward_fns, comps.sampler)
   return comps
 
 

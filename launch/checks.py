@@ -15,10 +15,9 @@ import jax
 import numpy as np
 
 from algorithms import mismatch
-from launch import builders, lora_setup
+from launch import builders, lora_setup, reward_setup
 from models import presets
 from models.config import ModelConfig
-from rewards import combine
 from rlj import rl_algos, sharding
 
 
@@ -62,10 +61,16 @@ def validate(config) -> list[str]:
   passed.append("the tokenizer against the model's vocabulary" + (
       "; the prompt format and stop tokens on the first training example" if tokenizer_vocab else ""))
   if config.job == "rl":
-    _check_rewards(config.rewards, "rewards", tokenizer_vocab=tokenizer_vocab)
+    reward_setup.check_specs(config.rewards, "rewards", tokenizer_vocab=tokenizer_vocab,
+                   group_size=config.sampler.num_generations)
     passed.append(f"rewards: {', '.join(repr(dict(r)['name']) for r in config.rewards)}")
+    par_line = reward_setup.check_par(config)
+    if par_line:
+      passed.append(par_line)
+    if config.algo.advantage.get("estimator") == "process":
+      passed.append(reward_setup.check_process(config, tokenizer_vocab))
   if config.eval.num_prompts:
-    _check_rewards(config.eval.rewards, "eval.rewards", tokenizer_vocab=tokenizer_vocab, text_only=True)
+    reward_setup.check_specs(config.eval.rewards, "eval.rewards", tokenizer_vocab=tokenizer_vocab, text_only=True)
     passed.append(f"eval.rewards: {', '.join(repr(dict(r)['name']) for r in config.eval.rewards)}")
   return passed
 
@@ -351,63 +356,3 @@ def _check_vocab(config) -> int | None:
            f"{pieces}; set model.vocab_from_tokenizer=True (or a model.overrides.vocab_size >= {vocab}), or "
            f"use the tokenizer that matches the preset")
   return vocab if t.kind != "train_synthetic" else None
-
-
-def _check_rewards(specs, key: str, *, tokenizer_vocab: int | None, text_only: bool = False) -> None:
-  """Every spec: known fields, unique names, a fault policy, a function that resolves (or a reward model)."""
-  if not specs:
-    fail(key, "needs at least one reward spec")
-  fields = [f.name for f in dataclasses.fields(combine.RewardSpec)]
-  seen = set()
-  for i, r in enumerate(specs):
-    k, spec = f"{key}[{i}]", dict(r)
-    unknown = sorted(set(spec) - set(fields))
-    if unknown or "name" not in spec or "fn" not in spec:
-      fail(k, f"a reward spec has the fields {fields} (name and fn required); got {sorted(spec)}")
-    if spec["name"] in seen:
-      fail(f"{k}.name", f"{spec['name']!r} appears twice; reward names must be unique")
-    seen.add(spec["name"])
-    if spec.get("on_error", "raise") not in combine.ON_ERROR:
-      fail(f"{k}.on_error", f"{spec['on_error']!r}; choose one of {combine.ON_ERROR}")
-    if spec["fn"] == "reward_model":
-      if text_only:
-        fail(f"{k}.fn", "'reward_model' scores sampled token rows; held-out evaluation takes text rewards")
-      meta = reward_model_meta(spec, k)
-      rm_vocab = meta["reward_model"]["model_config"]["vocab_size"]
-      if tokenizer_vocab is not None and rm_vocab < tokenizer_vocab:
-        fail(f"{k}.kwargs.path", f"the reward model embeds {rm_vocab} tokens but the policy's tokenizer has "
-             f"{tokenizer_vocab}; the policy and the reward model must share a tokenizer")
-      continue
-    try:
-      combine.resolve(spec["fn"])
-    except (ValueError, ImportError, AttributeError) as e:
-      fail(f"{k}.fn", str(e))
-
-
-def reward_model_meta(spec: dict, key: str) -> dict:
-  """The checkpoint meta of a ``fn="reward_model"`` spec's ``kwargs.path``; SystemExit when it is no RM run."""
-  kwargs, name = dict(spec.get("kwargs", {})), spec.get("name")
-  if "path" not in kwargs:
-    fail(f"{key}.kwargs.path", f"reward {name!r} with fn='reward_model' needs kwargs.path, the reward-model "
-         f"run's workdir")
-  path = kwargs["path"]
-  from rlj import rm_reward
-  if kwargs.get("scalarize", "mean") not in rm_reward.SCALARIZE:
-    fail(f"{key}.kwargs.scalarize", f"{kwargs['scalarize']!r}; choose one of {sorted(rm_reward.SCALARIZE)}")
-  if kwargs.get("method", "preference") not in rm_reward.PAIRWISE_METHODS:
-    fail(f"{key}.kwargs.method", f"{kwargs['method']!r}; choose one of {list(rm_reward.PAIRWISE_METHODS)}")
-  unknown = sorted(set(kwargs) - {"path", "scalarize", "alpha", "pairwise", "method", "temperature"})
-  if unknown:
-    fail(f"{key}.kwargs", f"unknown keys {unknown}; a reward_model reward takes path, scalarize, alpha, pairwise, "
-         f"method, temperature")
-  train_one = "train one with `python -m launch.train --config configs/rm_bt.py` (or rm_iqn.py) and pass its workdir"
-  if not os.path.isdir(path):
-    fail(f"{key}.kwargs.path", f"reward model checkpoint {path!r} of reward {name!r} does not exist; {train_one}")
-  try:
-    meta = rm_reward.read_meta(rm_reward.checkpoint_dir(path))
-  except Exception as e:  # noqa: BLE001 (orbax raises several kinds for a folder that is not a checkpoint)
-    fail(f"{key}.kwargs.path", f"{path!r} of reward {name!r} holds no readable checkpoint ({e}); {train_one}")
-  if "reward_model" not in meta:
-    fail(f"{key}.kwargs.path", f"{path!r} of reward {name!r} is not a reward-model run (its checkpoint has no "
-         f"reward_model record); {train_one}")
-  return meta

@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from rewards import verifiable
+from rewards import par, verifiable
 
 RewardFn = Callable[..., np.ndarray]
 
@@ -81,13 +81,15 @@ class RewardSpec:
   """One reward component: its ``name`` (a metrics key), the function (``fn``: a built-in name or
   ``"module:function"``), keyword arguments bound to it, its ``weight`` in ``weighted_sum``, what a fault
   does (``on_error``: "raise" | "missing") and whether NaN is a legitimate "not applicable" value
-  (``allow_nan``; False makes a NaN a fault like an exception)."""
+  (``allow_nan``; False makes a NaN a fault like an exception). ``par``: score the reward as Preference As Reward
+  against reference completions of each prompt (``rewards.par``; a dict of ``ParSettings``, True for the defaults)."""
   name: str
   fn: str
   kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   weight: float = 1.0
   on_error: str = "raise"
   allow_nan: bool = True
+  par: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,10 +136,11 @@ def resolve(fn: str | RewardFn) -> RewardFn:
 
 
 def build(specs: Sequence[RewardSpec | Mapping[str, Any]]) -> list[tuple[str, BoundReward]]:
-  """Resolves specs (``RewardSpec`` or dicts with the same keys) to ``[(name, BoundReward)]``.
+  """Resolves specs (``RewardSpec`` or dicts with the same keys) to ``[(name, BoundReward)]`` (a spec with ``par``:
+  a ``rewards.par.ParReward`` around it).
 
   Raises:
-    ValueError: repeated names or an unknown ``on_error``; TypeError: unknown spec keys.
+    ValueError: repeated names, an unknown ``on_error`` or a bad ``par`` section; TypeError: unknown spec keys.
   """
   out, seen = [], set()
   for spec in specs:
@@ -148,7 +151,13 @@ def build(specs: Sequence[RewardSpec | Mapping[str, Any]]) -> list[tuple[str, Bo
     seen.add(spec.name)
     if spec.on_error not in ON_ERROR:
       raise ValueError(f"reward {spec.name!r}: on_error={spec.on_error!r}; choose one of {ON_ERROR}")
-    out.append((spec.name, BoundReward(resolve(spec.fn), dict(spec.kwargs), spec.on_error, bool(spec.allow_nan))))
+    fn = BoundReward(resolve(spec.fn), dict(spec.kwargs), spec.on_error, bool(spec.allow_nan))
+    if spec.par is not None:
+      try:
+        fn = par.ParReward(fn, par.parse(spec.par))
+      except par.ParSettingError as e:
+        raise ValueError(f"reward {spec.name!r}: par.{e}" if e.key else f"reward {spec.name!r}: par={e}") from None
+    out.append((spec.name, fn))
   return out
 
 

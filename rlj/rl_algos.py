@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from algorithms import cispo, common, gdpo, grpo, gspo, p3o, running_moments, winrate
+from algorithms import cispo, common, gdpo, grpo, gspo, p3o, process, running_moments, winrate
 from algorithms import kl as kl_lib
 from rewards import combine
 from rlj import dno_replay
@@ -113,6 +113,7 @@ _grpo_adv = jax.jit(grpo.advantages, static_argnames=("scale", "eps", "ddof"))
 _rloo_adv = jax.jit(grpo.rloo_advantages)
 _gdpo_adv = jax.jit(gdpo.advantages, static_argnames=("eps", "ddof"))
 _win_rates = jax.jit(winrate.win_rates_from_scores)
+_process_adv = jax.jit(process.advantages, static_argnames=("num_tokens", "scale", "eps", "ddof"))
 
 
 def group_win_rates(scores: np.ndarray) -> np.ndarray:
@@ -138,12 +139,32 @@ def advantages(name: str, values: np.ndarray, weights: np.ndarray, adv_kwargs: M
   return np.asarray(_grpo_adv(jnp.asarray(r), scale=kw["scale"], eps=kw["eps"], ddof=kw["ddof"]))
 
 
+def process_advantages(rollout: Mapping[str, np.ndarray], num_generations: int,
+                       adv_kwargs: Mapping[str, Any]) -> np.ndarray:
+  """Per-token advantages [N, T] of GRPO with process supervision (``algo.advantage.estimator="process"``,
+  ``algorithms.process.advantages``) from the rollout's ``step_rewards`` / ``step_ends`` [N, S] (S step slots:
+  NaN / -1 past a row's last step; ``rewards.steps``)."""
+  if "step_rewards" not in rollout:
+    raise ValueError("algo.advantage.estimator='process' needs the rollout's step rewards (step_rewards, "
+                     "step_ends from rewards.steps); this rollout has none")
+  r, ends = np.asarray(rollout["step_rewards"], np.float32), np.asarray(rollout["step_ends"], np.int32)
+  n, s = r.shape
+  shape = (n // num_generations, num_generations, s)
+  mask = (ends >= 0).astype(np.float32)
+  kw = adv_kwargs
+  adv = _process_adv(jnp.asarray(r.reshape(shape)), jnp.asarray(mask.reshape(shape)),
+                     jnp.asarray(ends.reshape(shape)), num_tokens=int(rollout["mask"].shape[1]),
+                     scale=kw["scale"], eps=kw["eps"], ddof=kw["ddof"])
+  return np.asarray(adv)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Batchers: rollout rows + rewards -> a train batch (host numpy)
 # ----------------------------------------------------------------------------------------------------------
 
 class GroupBatcher(Batcher):
-  """GRPO / GDPO (and GSPO / CISPO, on GRPO's advantages): every rollout row with its advantage."""
+  """GRPO / GDPO (and GSPO / CISPO, on GRPO's advantages): every rollout row with its advantage; with
+  ``algo.advantage.estimator="process"`` (GRPO) its per-token advantages [N, T] from the step rewards."""
 
   def __init__(self, settings: Settings, name: str):
     super().__init__(settings)
@@ -151,6 +172,17 @@ class GroupBatcher(Batcher):
 
   def build(self, rollout, values, weights, step):
     adv_kwargs = self.settings.options["advantage"]
+    if adv_kwargs["estimator"] == "process":   # per-token advantages [N, T] from step rewards
+      adv = process_advantages(rollout, self.settings.num_generations, adv_kwargs)
+      batch = policy_gradient_batch(rollout, np.zeros(adv.shape[0], np.float32))
+      batch["adv"] = adv.astype(np.float32)
+      ends = np.asarray(rollout["step_ends"])
+      mask = np.asarray(rollout["mask"]) > 0
+      scored = np.asarray(rollout["step_rewards"])[ends >= 0]
+      scored = scored[~np.isnan(scored)]
+      return batch, {"adv/abs_mean": float(np.abs(adv[mask]).mean()) if mask.any() else 0.0,
+                     "process/steps_mean": float((ends >= 0).sum(-1).mean()),
+                     "process/step_reward_mean": float(scored.mean()) if scored.size else 0.0}
     adv = advantages(self.name, values, weights, adv_kwargs)
     m = {"adv/abs_mean": float(np.abs(adv).mean()), "adv/distinct": float(len(np.unique(adv.round(4))))}
     if self.name == "gdpo":  # GDPO's resolution against GRPO on the summed reward, same rollout
@@ -237,7 +269,10 @@ def _check_estimator(s: Settings) -> None:
     raise SettingError("algo.kwargs.kl_estimator", f"unknown estimator {kind!r}; choose one of {kl_lib.KINDS}")
 
 
-def _check_group(s: Settings) -> None:
+ESTIMATORS = ("grpo", "rloo", "process")   # algo.advantage.estimator
+
+
+def _check_group(s: Settings, *, process_ok: bool = False) -> None:
   _check_estimator(s)
   if s.num_generations < 2:
     raise SettingError("sampler.num_generations", f"the algorithm compares completions of a prompt: needs >= 2, "
@@ -245,8 +280,30 @@ def _check_group(s: Settings) -> None:
   adv = s.options["advantage"]
   if adv["scale"] not in grpo.SCALES:
     raise SettingError("algo.advantage.scale", f"{adv['scale']!r}; choose one of {grpo.SCALES}")
-  if adv["estimator"] not in ("grpo", "rloo"):
-    raise SettingError("algo.advantage.estimator", f"{adv['estimator']!r}; choose grpo | rloo")
+  if adv["estimator"] not in ESTIMATORS:
+    raise SettingError("algo.advantage.estimator", f"{adv['estimator']!r}; choose {' | '.join(ESTIMATORS)}")
+  if adv["estimator"] == "process":
+    _check_process(s, process_ok)
+
+
+def _check_process(s: Settings, process_ok: bool) -> None:
+  """``algo.advantage.estimator="process"``: the GRPO row only (its loss takes per-token advantages), step
+  rewards from ``algo.process`` split at a non-empty separator, no win rates."""
+  if not process_ok:
+    raise SettingError("algo.advantage.estimator", "'process' gives per-token advantages, which only "
+                       "algo.name='grpo' takes; use grpo, or estimator grpo | rloo")
+  if s.options["advantage"].get("win_rate"):
+    raise SettingError("algo.advantage.win_rate", "win rates rank whole completions; process supervision "
+                       "normalises step rewards: set it False, or estimator grpo")
+  proc = dict(s.options.get("process", {}))
+  sep = proc.get("separator")
+  if not isinstance(sep, str) or not sep:
+    raise SettingError("algo.process.separator", f"{sep!r}; the text that ends a step, a non-empty string "
+                       f"(e.g. '\\n')")
+  if not proc.get("rewards"):
+    raise SettingError("algo.process.rewards", "estimator 'process' needs at least one step reward spec, "
+                       "fields as in rewards, whose function returns one reward per step (rewards/steps.py), "
+                       "e.g. ({'name': 'steps', 'fn': 'rewards.steps:arithmetic_steps'},)")
 
 
 def _check_p3o(s: Settings) -> None:
@@ -305,7 +362,8 @@ class Algorithm:
 
 ALGORITHMS: dict[str, Algorithm] = {
     "grpo": Algorithm(policy_gradient_objective, lambda s: GroupBatcher(s, "grpo"), unit=1, sum_microbatches=True,
-                      needs_old_logp=True, uses_reference=kl_coef_positive, check=_check_group,
+                      needs_old_logp=True, uses_reference=kl_coef_positive,
+                      check=lambda s: _check_group(s, process_ok=True),
                       loss_defaults=_group_loss_defaults, token_weights=True, dynamic_sampling=True,
                       adaptive_kl=True),
     "gdpo": Algorithm(policy_gradient_objective, lambda s: GroupBatcher(s, "gdpo"), unit=1, sum_microbatches=True,

@@ -120,6 +120,8 @@ class Components:
   sampler_shardings: Any = None
   sampler_dtype: Any = None
   lora: Any = None        # rlj.lora_policy.LoraPolicy: the state holds adapters, the frozen base is the reference
+  step_rewards: Any = None   # rewards.steps.StepRewards: process supervision's step rewards (estimator "process")
+  par: Any = None         # rlj.par_refs.ParReferences: the reference rewards of PAR rewards (rewards.par)
 
 
 def place_batch(batch: Mapping[str, np.ndarray], mesh, rules) -> dict:
@@ -170,6 +172,17 @@ class Trainer:
     """The reference's weights: with LoRA the frozen base itself (adapters off), else the kept copy."""
     return ref_params if self.c.lora is None else self.c.lora.base
 
+  def reference_sampler_params(self, ref_params):
+    """The reference's weights for the sampler (its dtype and shardings): the policy at RL step 0 (with LoRA the
+    base: the adapters start at zero). For PAR's reference completions (``rlj.par_refs``)."""
+    c, params = self.c, self.reference_params(ref_params)
+    if params is None:
+      raise ValueError("PAR source='reference' needs the frozen reference, and this run keeps none")
+    if c.sampler_shardings is None and c.sampler_dtype is None:
+      return params
+    shard = c.sampler_shardings or jax.tree.map(lambda x: x.sharding, params)
+    return sharding.sync_weights(params, shard, dtype=c.sampler_dtype)
+
   # ---------------------------------------------------------------------------------------------- rollout
 
   def host_logp(self, params, tokens: np.ndarray, attn_mask: np.ndarray) -> np.ndarray:
@@ -178,11 +191,13 @@ class Trainer:
     with jax.set_mesh(self.c.mesh):
       return host_data.gather(self.logp_fn(params, placed["tokens"], placed["attn_mask"]))
 
-  def rollout(self, state, prompts: Mapping[str, np.ndarray], rng, step: int = 0) -> tuple[dict, Any, dict]:
+  def rollout(self, state, prompts: Mapping[str, np.ndarray], rng, step: int = 0,
+              ref_params=None) -> tuple[dict, Any, dict]:
     c, cfg, g = self.c, self.cfg, self.cfg.num_generations
     t0 = time.perf_counter()
     # This process's prompts -> the global batch's rollout (multi-process: every process samples its rows).
-    ro = c.sampler.sample(self.sampler_params(state.params), prompts["prompt_tokens"], prompts["prompt_mask"], rng)
+    weights = self.sampler_params(state.params)
+    ro = c.sampler.sample(weights, prompts["prompt_tokens"], prompts["prompt_mask"], rng)
     # Rewards of this process's rows (its own prompts, all G completions of each), then of every row.
     local = {"tokens": host_data.to_local(ro.tokens), "attn_mask": host_data.to_local(ro.attn_mask),
              "mask": host_data.to_local(ro.mask).astype(np.float32)}
@@ -190,15 +205,20 @@ class Trainer:
     texts = evaluation.rollout_texts(c.tokenizer, ro, c.sampler.config.stop_set)
     prompt_texts = combine.repeat_per_prompt([str(p) for p in prompts["prompt"]], g)
     answers = combine.repeat_per_prompt([str(a) for a in prompts["answer"]], g)
+    # PAR: the reference rewards of prompts seen for the first time, before the rewards that read them.
+    par_m = {} if c.par is None else c.par.prepare(
+        prompts, rng=jax.random.split(rng)[0], policy_weights=lambda: weights,
+        reference_weights=lambda: self.reference_sampler_params(ref_params))
     rewards = combine.compute(c.reward_fns, prompt_texts, texts, num_generations=g, answers=answers,
                               lengths=host_data.to_local(ro.lengths), tokens=local["tokens"],
                               attn_mask=local["attn_mask"], completion_mask=local["mask"], group_size=g)
     values = host_data.gather_rows(rewards.values.reshape((-1,) + rewards.values.shape[2:]), c.mesh, c.rules)
     rewards = rewards._replace(values=values.reshape((-1,) + rewards.values.shape[1:]))    # [B, G, K] global
+    steps = {} if c.step_rewards is None else self.step_rewards(ro, prompt_texts, answers, local)
     t2 = time.perf_counter()
     # The whole batch on every process: advantages, pairs and minibatches are then those of one process.
     arrays = {"tokens": host_data.gather(ro.tokens), "attn_mask": host_data.gather(ro.attn_mask),
-              "mask": host_data.gather(ro.mask).astype(np.float32)}
+              "mask": host_data.gather(ro.mask).astype(np.float32), **steps}
     sampler_logp = host_data.gather(ro.logp).astype(np.float32)
     if cfg.old_logp_source != "current":  # on-policy: the objective takes the current log-probs
       arrays["old_logp"] = sampler_logp
@@ -208,9 +228,10 @@ class Trainer:
     t3 = time.perf_counter()
     completion = arrays["tokens"][:, arrays["tokens"].shape[1] - arrays["mask"].shape[1]:]
     sc = c.sampler.config
-    metrics = {**mm, "time/sample": t1 - t0, "time/reward": t2 - t1, "time/reference": t3 - t2,
+    metrics = {**mm, **par_m, "time/sample": t1 - t0, "time/reward": t2 - t1, "time/reference": t3 - t2,
                **rollout_stats.completion_lengths(completion, arrays["mask"], max_new_tokens=sc.max_new_tokens,
                                                   stop_ids=sc.stop_set),
+               **rollout_stats.finished_row_steps(lengths),
                "entropy": rollout_stats.sampler_entropy(sampler_logp, arrays["mask"]),   # of the sampler's q
                "sampled_tokens": float(lengths.sum())}
     summed = combine.weighted_total(rewards.values, c.reward_weights)
@@ -220,6 +241,18 @@ class Trainer:
     metrics["frac_reward_zero_std"] = float(_frac_constant(summed))
     metrics.update({k: host_data.process_sum(v) for k, v in rewards.fault_metrics().items()})  # on_error="missing"
     return arrays, rewards, metrics
+
+  def step_rewards(self, ro, prompt_texts: list, answers: list, local: dict) -> dict:
+    """Process supervision: this process's rows split into steps, their step rewards and end tokens
+    (``rewards.steps.StepRewards``), then every row's: ``step_rewards`` / ``step_ends`` [N, T]."""
+    c, sc = self.c, self.c.sampler.config
+    out = c.step_rewards(lambda ids: c.tokenizer.decode(ids, stop_at_eos=False), prompt_texts,
+                         host_data.to_local(ro.completion), local["mask"],
+                         stop_ids=c.tokenizer.eos_ids if sc.stop_set is None else sc.stop_set, answers=answers,
+                         lengths=host_data.to_local(ro.lengths), tokens=local["tokens"],
+                         attn_mask=local["attn_mask"], completion_mask=local["mask"],
+                         group_size=self.cfg.num_generations)
+    return {k: host_data.gather_rows(v, c.mesh, c.rules) for k, v in out.items()}
 
   def trainer_logp(self, params, arrays: dict, sampler_logp: np.ndarray) -> dict:
     """The trainer's log-probs of the rollout (``rollout_logp``): the old log-probs when recomputed, the mismatch
@@ -269,12 +302,15 @@ class Trainer:
   # ---------------------------------------------------------------------------------------------- host state
   def host_state(self) -> dict[str, np.ndarray]:
     """This process's loop state that is not in the train state (the algorithm batcher's, the KL controller's)."""
-    return {**self.batcher.host_state(), **self.kl_control.host_state()}
+    return {**self.batcher.host_state(), **self.kl_control.host_state(),
+            **({} if self.c.par is None else self.c.par.host_state())}
 
   def load_host_state(self, host: Mapping[str, np.ndarray] | None) -> None:
     if host:
       self.batcher.load_host_state(host)
       self.kl_control.load_host_state(host)
+      if self.c.par is not None:
+        self.c.par.load_host_state(host)
 
   # ---------------------------------------------------------------------------------------------- eval
   def evaluate(self, params, step: int) -> dict:
@@ -311,7 +347,7 @@ class Trainer:
       rng_sample, rng_train = jax.random.split(rng)
       # One rollout of the next prompt batch; with dynamic sampling more until the batch's groups have spread.
       arrays, rewards, metrics = self.dynamic.collect(
-          lambda r: self.rollout(state, next(c.train_iter), r, step), rng_sample, step)
+          lambda r: self.rollout(state, next(c.train_iter), r, step, ref_params), rng_sample, step)
       t1 = time.perf_counter()
       batch, bm = self.build_batch(arrays, rewards, ref_params, step)
       batch.update(self.kl_control.batch_fields())    # beta_t as a traced scalar (none without the controller)

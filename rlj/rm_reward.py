@@ -198,3 +198,51 @@ def make_reward_fn(model: RewardModel, params: Any, meta: dict, *, scalarize: st
 
   fn.model, fn.params, fn.meta = model, params, meta
   return fn
+
+
+def step_reward_model_fn(ckpt_workdir: str, *, scalarize: str = "mean", alpha: float = 0.25,
+                         mesh: Optional[jax.sharding.Mesh] = None, rules=sharding.DEFAULT_RULES):
+  """``make_step_reward_fn`` of the reward model in ``ckpt_workdir`` (loaded once, here)."""
+  return make_step_reward_fn(*load_reward_model(ckpt_workdir, mesh=mesh, rules=rules), scalarize=scalarize,
+                             alpha=alpha)
+
+
+def make_step_reward_fn(model: RewardModel, params: Any, meta: dict, *, scalarize: str = "mean",
+                        alpha: float = 0.25):
+  """A trained reward model as a process reward model: a step reward function of ``rewards.steps``.
+
+  Step j of a completion scores r_j = RM(prompt, o_<=index(j)): the model's reward (a BT scalar, or the IQN
+  quantiles scalarised as in ``reward_model_fn``) of the prompt and the completion's prefix up to and including
+  the token where the step ends (``step_ends``, DeepSeekMath's index(j), arXiv:2402.03300 Sec. 4.1.3). The prefix
+  is the sampled row itself with its attention mask cut after that token: the decoder is causal and the model
+  pools its last real token (``models.reward_model.pool_last``), so nothing is re-tokenised. A model trained on
+  whole responses scores partial ones here, the usual outcome-model-as-PRM proxy; a model trained on prefixes
+  is the better PRM. Prefix rows are scored N at a time (the rollout's own row shape: one compilation).
+
+  Returns:
+    ``fn(prompts, completions, *, steps, step_ends, tokens, attn_mask, completion_mask, **_)`` -> per row a
+    float32 array of its step rewards; ``tokens`` / ``attn_mask`` [N, P + T] are the sampler's rows and
+    ``completion_mask`` [N, T] their completion part (the last T columns).
+  """
+  score_rows = make_reward_fn(model, params, meta, scalarize=scalarize, alpha=alpha)
+
+  def fn(prompts, completions, *, steps, step_ends, tokens, attn_mask, completion_mask, **_) -> list[np.ndarray]:
+    del steps
+    tokens, attn_mask = np.asarray(tokens), np.asarray(attn_mask)
+    n, width = tokens.shape
+    prompt_width = width - np.asarray(completion_mask).shape[1]
+    pairs = [(i, prompt_width + int(e)) for i, ends in enumerate(step_ends) for e in ends]
+    scores = np.zeros(len(pairs), np.float32)
+    for start in range(0, len(pairs), n):
+      chunk = pairs[start:start + n]
+      rows = np.array([i for i, _ in chunk] + [chunk[0][0]] * (n - len(chunk)))
+      last = np.array([c for _, c in chunk] + [width - 1] * (n - len(chunk)))
+      mask = attn_mask[rows] * (np.arange(width)[None] <= last[:, None])
+      got = score_rows([prompts[i] for i in rows], [completions[i] for i in rows], tokens=tokens[rows],
+                       attn_mask=mask)
+      scores[start:start + len(chunk)] = got[:len(chunk)]
+    bounds = np.cumsum([0] + [len(ends) for ends in step_ends])
+    return [scores[bounds[i]:bounds[i + 1]] for i in range(len(step_ends))]
+
+  fn.model, fn.params, fn.meta = model, params, meta
+  return fn

@@ -74,6 +74,15 @@ class TokenizerBase:
   def token_to_id(self, text: str) -> int | None:
     raise NotImplementedError
 
+  def single_token(self, text: str) -> tuple[int | None, list[int]]:
+    """``(id, [id])`` when ``text`` is one token (a named token of the vocabulary, or one encoded piece), else
+    ``(None, its ids)``: stop tokens and judge verdicts must be single tokens."""
+    tid = self.token_to_id(text)
+    if tid is not None:
+      return int(tid), [int(tid)]
+    ids = self.encode(text)
+    return (int(ids[0]) if len(ids) == 1 else None), ids
+
   def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
     """Token ids of ``text``, with BOS / EOS added only when asked (and when the model has them)."""
     ids = self._encode_text(text)

@@ -150,12 +150,12 @@ def test_gdpo_treats_a_missing_reward_as_not_applicable():
 def test_the_config_key_reaches_compute():
   """``rewards[i].on_error`` / ``allow_nan`` in a job config pass validation and set the built function's policy."""
   from configs import grpo_tpu
-  from launch import builders, checks
+  from launch import checks, reward_setup
   c = grpo_tpu.get_config("runlocal")
   c.rewards = ({"name": "correct", "fn": "math_exact_match"},
                {"name": "parse", "fn": "math_exact_match", "on_error": "missing", "allow_nan": False})
   checks.validate(c)
-  fns = dict(combine.build(builders.reward_specs(c)))
+  fns = dict(combine.build(reward_setup.reward_specs(c)))
   assert (fns["correct"].on_error, fns["correct"].allow_nan) == ("raise", True)
   assert (fns["parse"].on_error, fns["parse"].allow_nan) == ("missing", False)
 

@@ -53,3 +53,16 @@ def test_reference_kl_estimates_kl_to_the_reference_and_dno_counts_valid_pairs_o
   _, metrics = rl_algos.dno_objective(jnp.asarray(logp), batch, beta=0.1)
   want = float(rl_algos.reference_kl(jnp.asarray(logp[:2]), jnp.asarray(ref[:2]), jnp.asarray(mask[:2])))
   np.testing.assert_allclose(float(metrics["kl"]), want, rtol=1e-5)
+
+
+def test_finished_row_fraction_counts_decode_steps_on_stopped_rows():
+  """A slow loop over the decode steps: a row is stopped at step s once its length is <= s."""
+  lengths = np.array([64, 7, 30, 64, 1, 0, 45, 12])
+  steps = lengths.max()
+  idle = sum(1 for s in range(steps) for n in lengths if n <= s)
+  got = rollout_stats.finished_row_steps(lengths)["decode/finished_row_frac"]
+  assert got == idle / (len(lengths) * steps)
+  even = np.linspace(0.1, 1.0, 10) * 64       # the issue's spread: lengths evenly from 10% to 100% of T
+  assert abs(rollout_stats.finished_row_steps(even)["decode/finished_row_frac"] - 0.45) < 1e-9
+  assert rollout_stats.finished_row_steps(np.array([5, 5]))["decode/finished_row_frac"] == 0.0
+  assert rollout_stats.finished_row_steps(np.zeros(3))["decode/finished_row_frac"] == 0.0

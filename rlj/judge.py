@@ -1,0 +1,222 @@
+"""A frozen judge language model served as a reward: pairwise win rates and rubric items (``rewards.pairwise_judge``).
+
+The judge is any Hugging Face checkpoint the policy loader reads (``models.hf``), placed on the job's mesh with the
+same sharding rules, with its own tokenizer and chat template. A reward call
+
+1. renders one judge prompt per judged item from a ``str.format`` template (pairwise: ``{question}``, ``{a}``,
+   ``{b}``; rubric: ``{question}``, ``{response}``, ``{item}``), inside the judge's chat template as a user turn
+   when it has one (``chat=True``), else as plain text;
+2. encodes them (BOS as the tokenizer adds it), left-pads them into rows of a length bucket (powers of two up to
+   ``max_len``) and runs the jitted forward in fixed chunks of ``chunk_rows`` rows, projecting only the last
+   position to logits: one compilation per length bucket, no host loop over pairs;
+3. reads P(first verdict) from the two verdict tokens' logits and combines them on device.
+
+A prompt longer than ``max_len`` tokens is not truncated (that would cut the completion being judged): its verdict
+is NaN, so the rows it concerns are missing, and ``Judge.skipped`` counts them (with a warning).
+
+Usage:
+  judge = Judge.load(path, mesh=mesh, rules=rules)
+  fn = pairwise_reward_fn(judge, verdicts=("A", "B"), opponents=0)        # fn(prompts, completions, group_size=G)
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.transformer import Transformer
+from rewards import pairwise_judge
+from rlj import logprobs
+
+_log = logging.getLogger(__name__)
+
+PAIRWISE_TEMPLATE = ("Which response answers the question better?\n\nQuestion: {question}\n\nResponse A: {a}\n\n"
+                     "Response B: {b}\n\nAnswer with one letter, A or B.")
+RUBRIC_TEMPLATE = ("Question: {question}\n\nResponse: {response}\n\n{item}\nAnswer Yes or No.")
+
+
+PAIRWISE_SLOTS = ("question", "a", "b")
+RUBRIC_SLOTS = ("question", "response", "item")
+
+
+class JudgeError(ValueError):
+  """A judge that cannot be used as configured (one line: what and the fix)."""
+
+
+def check_template(template: str, slots: Sequence[str]) -> None:
+  """Raises ``JudgeError`` unless ``template`` formats with exactly the named ``slots`` (each at least once)."""
+  import string
+  try:
+    used = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+  except ValueError as e:
+    raise JudgeError(f"template {template[:60]!r}...: {e} (write a literal brace as {{{{ or }}}})") from None
+  unknown, missing = sorted(used - set(slots)), sorted(set(slots) - used)
+  if unknown or missing:
+    raise JudgeError(f"template slots: it has {sorted(used)}, a judge prompt needs exactly {list(slots)} "
+                     f"({'unknown ' + str(unknown) if unknown else 'missing ' + str(missing)})")
+
+
+@dataclasses.dataclass
+class Judge:
+  """A loaded judge: its model, params (on the mesh), tokenizer and the jitted last-position logits."""
+  model: Any
+  params: Any
+  tokenizer: Any
+  path: str = ""
+  max_len: int = 1024
+  chunk_rows: int = 16
+  chat: bool = True
+  skipped: int = 0
+
+  @classmethod
+  def load(cls, path: str, *, mesh=None, rules=None, **kwargs) -> "Judge":
+    """Reads the checkpoint folder ``path`` (config.json, safetensors, tokenizer files) onto ``mesh``."""
+    from models import hf
+    from rlj import sharding
+    from rlj.data import tokenizer as tok_lib
+    tok = tok_lib.load(path)
+    shard = None
+    if mesh is not None:
+      shard = lambda names, shapes: sharding.tree_shardings(names, shapes, mesh, rules or sharding.DEFAULT_RULES)  # noqa
+    mc, params = hf.load_hf_checkpoint(path, shardings=shard)
+    return cls(Transformer(mc), params, tok, path=str(path), **kwargs)
+
+  def __post_init__(self):
+    model = self.model
+
+    def last_logits(params, tokens, mask, ids):
+      logits, _ = model.apply({"params": params}, tokens, logprobs.positions_from_mask(mask), mask,
+                              logits_at=slice(-1, None))
+      return logits[:, -1][:, ids]                                   # [rows, 2]: the verdict tokens only
+
+    self._logits = jax.jit(last_logits)
+
+  # ------------------------------------------------------------------------------------------------- tokens
+  def verdict_ids(self, verdicts: Sequence[str]) -> tuple[int, int]:
+    """The ids of the two verdict strings; each must be one token of the judge's tokenizer."""
+    return self.verdict_ids_of(self.tokenizer, verdicts, self.path)
+
+  @staticmethod
+  def verdict_ids_of(tokenizer, verdicts: Sequence[str], path: str = "") -> tuple[int, int]:
+    """``verdict_ids`` for a tokenizer alone (the launcher checks verdicts before loading the judge)."""
+    if len(verdicts) != 2 or verdicts[0] == verdicts[1]:
+      raise JudgeError(f"verdicts {list(verdicts)}: give two different strings, e.g. ('A', 'B')")
+    ids = []
+    for v in verdicts:
+      tid, enc = tokenizer.single_token(v)
+      if tid is None:
+        raise JudgeError(f"verdict {v!r} is {len(enc)} tokens {enc} of the judge's tokenizer ({path}), not one; "
+                         f"pick verdict strings that are single tokens (e.g. 'A' / 'B', or ' A' / ' B')")
+      ids.append(tid)
+    return ids[0], ids[1]
+
+  def render(self, text: str) -> str:
+    """``text`` as a user turn of the judge's chat template (with the generation prompt), or as it is."""
+    if self.chat and self.tokenizer.chat_template is not None:
+      return self.tokenizer.chat_template.render([{"role": "user", "content": text}], add_generation_prompt=True)
+    return text
+
+  def encode(self, texts: Sequence[str]) -> list[list[int]]:
+    add_bos = bool(getattr(self.tokenizer, "add_bos_default", False)) and self.tokenizer.bos_id is not None
+    if self.chat and self.tokenizer.chat_template is not None:
+      add_bos = False     # chat templates write their own BOS
+    return [self.tokenizer.encode(self.render(t), add_bos=add_bos) for t in texts]
+
+  # ------------------------------------------------------------------------------------------------- scores
+  def first_verdict_probs(self, texts: Sequence[str], verdicts: Sequence[str]) -> np.ndarray:
+    """P(first verdict) [M] float32 for M judge prompts; NaN for a prompt longer than ``max_len`` tokens."""
+    ids = jnp.asarray(self.verdict_ids(verdicts), jnp.int32)
+    encoded = self.encode(texts)
+    out = np.full(len(encoded), np.nan, np.float32)
+    fits = [i for i, e in enumerate(encoded) if len(e) <= self.max_len]
+    if len(fits) < len(encoded):
+      self.skipped += len(encoded) - len(fits)
+      _log.warning("judge %s: %d of %d prompts exceed max_len=%d tokens; their verdicts are missing (NaN)",
+                   self.path, len(encoded) - len(fits), len(encoded), self.max_len)
+    if not fits:
+      return out
+    length = _bucket(max(len(encoded[i]) for i in fits), self.max_len)
+    pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
+    n = self.chunk_rows
+    rows = -(-len(fits) // n) * n
+    tokens = np.full((rows, length), pad, np.int32)
+    mask = np.zeros((rows, length), np.int32)
+    for r, i in enumerate(fits):      # left padding: the last position is every row's last prompt token
+      tokens[r, length - len(encoded[i]):] = encoded[i]
+      mask[r, length - len(encoded[i]):] = 1
+    mask[len(fits):, -1] = 1          # filler rows: one real token, results dropped
+    two = [self._logits(self.params, tokens[s:s + n], mask[s:s + n], ids) for s in range(0, rows, n)]
+    z = np.concatenate(jax.device_get(two))[:len(fits)]
+    out[fits] = np.asarray(jax.nn.sigmoid(z[:, 0] - z[:, 1]), np.float32)
+    return out
+
+
+def _bucket(length: int, max_len: int) -> int:
+  """The smallest power of two >= ``length`` (at least 64), capped at ``max_len``."""
+  b = 64
+  while b < length:
+    b *= 2
+  return min(b, max_len) if length <= max_len else length
+
+
+def pairwise_reward_fn(judge: Judge, *, template: str = PAIRWISE_TEMPLATE, verdicts: Sequence[str] = ("A", "B"),
+                       opponents: int = 0, hard: bool = False):
+  """Pref-GRPO win rates from the judge: ``fn(prompts, completions, *, group_size, **_) -> [N]`` (module docstring
+  of ``rewards.pairwise_judge``). Every judged pair is scored in both orders; ``opponents`` k > 0 judges each
+  completion against k others on the circular schedule."""
+  verdict_ids = judge.verdict_ids(verdicts)     # a multi-token verdict fails here, when the reward is built
+  del verdict_ids
+  compiled = {}   # group size -> (its pairs, the jitted win rates over them)
+
+  def programs(g: int):
+    if g not in compiled:
+      pairs = pairwise_judge.circular_pairs(g, opponents)
+      compiled[g] = pairs, jax.jit(functools.partial(pairwise_judge.win_rates, pairs=pairs, group_size=g, hard=hard))
+    return compiled[g]
+
+  def fn(prompts, completions, *, group_size: int | None = None, **_) -> np.ndarray:
+    n = len(completions)
+    if not group_size or group_size < 2 or n % group_size:
+      raise ValueError(f"a pairwise judge compares the completions of a prompt: {n} rows do not split into groups "
+                       f"of group_size={group_size} >= 2")
+    g = int(group_size)
+    pairs, win_rates = programs(g)
+    texts = []
+    for b in range(n // g):
+      question = prompts[b * g]
+      for i, j in pairs:
+        ci, cj = completions[b * g + i], completions[b * g + j]
+        texts.append(template.format(question=question, a=ci, b=cj))
+        texts.append(template.format(question=question, a=cj, b=ci))
+    p = judge.first_verdict_probs(texts, verdicts).reshape(n // g, len(pairs), 2)
+    prefs = pairwise_judge.debiased(p[..., 0], p[..., 1])
+    return np.asarray(win_rates(prefs), np.float32).reshape(-1)
+
+  fn.judge = judge
+  return fn
+
+
+def rubric_reward_fn(judge: Judge, *, items: Sequence[str], weights: Sequence[float] | None = None,
+                     template: str = RUBRIC_TEMPLATE, verdicts: Sequence[str] = ("Yes", "No")):
+  """A rubric's score per completion: the judge's P(first verdict) for each item, weighted
+  (``rewards.pairwise_judge.rubric_score``): ``fn(prompts, completions, **_) -> [N]``."""
+  items = [str(i) for i in items]
+  if not items:
+    raise JudgeError("a rubric judge needs at least one item (kwargs.items)")
+  weights = [1.0] * len(items) if weights is None else [float(w) for w in weights]
+  if len(weights) != len(items) or min(weights) < 0 or sum(weights) <= 0:
+    raise JudgeError(f"weights {weights}: give one non-negative weight per item ({len(items)}), not all 0")
+  judge.verdict_ids(verdicts)
+
+  def fn(prompts, completions, **_) -> np.ndarray:
+    texts = [template.format(question=q, response=c, item=item) for q, c in zip(prompts, completions) for item in items]
+    p = judge.first_verdict_probs(texts, verdicts).reshape(len(completions), len(items))
+    return np.asarray(pairwise_judge.rubric_score(jnp.asarray(p), jnp.asarray(weights)), np.float32)
+
+  fn.judge = judge
+  return fn
