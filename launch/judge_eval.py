@@ -90,6 +90,9 @@ def define_flags() -> None:
   flags.DEFINE_string("template", judge_lib.PAIRWISE_TEMPLATE, "the judge prompt, with {question}, {a}, {b}")
   flags.DEFINE_list("verdicts", ["A", "B"], "the two verdict strings (single tokens), the first meaning 'A is better'")
   flags.DEFINE_integer("max_len", 1024, "judge prompts longer than this many tokens are skipped")
+  flags.DEFINE_enum("add_bos", "default", ["default", "true", "false"],
+                    "BOS before each judge prompt: the tokenizer's default, or always / never (true for a judge an "
+                    "rlj SFT job trained with data.add_bos)")
 
 
 def main(argv) -> None:
@@ -101,19 +104,22 @@ def main(argv) -> None:
     fail("judge", f"{f.judge!r} is not a Hugging Face checkpoint folder (no config.json)")
   if not f.data or not os.path.isdir(f.data):
     fail("data", f"{f.data!r} is not a folder")
+  from rlj.data import prompts
+  template = prompts.decode_escapes(f.template)     # \n typed on a command line is a newline
   try:
-    judge_lib.check_template(f.template, judge_lib.PAIRWISE_SLOTS)
+    judge_lib.check_template(template, judge_lib.PAIRWISE_SLOTS)
   except judge_lib.JudgeError as e:
     fail("template", str(e))
   pairs = read_pairs(f.data, f.split, f.num_pairs)
   try:
-    judge = judge_lib.Judge.load(f.judge, max_len=f.max_len)
+    judge = judge_lib.Judge.load(f.judge, max_len=f.max_len,
+                                 add_bos=None if f.add_bos == "default" else f.add_bos == "true")
     judge.verdict_ids(f.verdicts)
   except judge_lib.JudgeError as e:
     fail("verdicts", str(e))
   except (ValueError, FileNotFoundError, KeyError) as e:
     fail("judge", f"{f.judge!r}: {e}")
-  m = evaluate(judge, pairs, template=f.template, verdicts=tuple(f.verdicts))
+  m = evaluate(judge, pairs, template=template, verdicts=tuple(f.verdicts))
   print(f"judge {f.judge} on {m['pairs']} pairs of {f.data} ({f.split}; {m['skipped']} skipped, over "
         f"{f.max_len} tokens): pair accuracy {m['pair_accuracy']:.3f}, position-bias rate "
         f"{m['position_bias_rate']:.3f}, first-position rate {m['first_position_rate']:.3f}", flush=True)

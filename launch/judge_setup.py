@@ -8,7 +8,8 @@ is built (``check``) and built on the job's mesh (``build``), one loaded judge p
 Keys (``kwargs``): ``path`` (required), ``template`` (``rlj.judge.PAIRWISE_TEMPLATE`` / ``RUBRIC_TEMPLATE``),
 ``verdicts`` (("A", "B") / ("Yes", "No"), single tokens of the judge's tokenizer), ``max_len`` (1024 tokens; longer
 judge prompts are missing rewards), ``chunk_rows`` (16: judge prompts per forward), ``chat`` (True: the judge's chat
-template when it has one); pairwise: ``opponents`` (0: all others; k: the circular schedule), ``hard`` (False);
+template when it has one), ``add_bos`` (None: the tokenizer's default; True for a judge an rlj SFT job trained with
+``data.add_bos``); ``\n`` in a template typed on a command line is a newline; pairwise: ``opponents`` (0: all others; k: the circular schedule), ``hard`` (False);
 rubric: ``items`` (required, questions answered Yes/No), ``weights`` (1 each).
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 import os
 
 FNS = ("pairwise_judge", "rubric_judge")
-COMMON = {"path", "template", "verdicts", "max_len", "chunk_rows", "chat"}
+COMMON = {"path", "template", "verdicts", "max_len", "chunk_rows", "chat", "add_bos"}
 KEYS = {"pairwise_judge": COMMON | {"opponents", "hard"}, "rubric_judge": COMMON | {"items", "weights"}}
 
 _JUDGES: dict = {}   # (path, max_len, chunk_rows, chat) -> a loaded rlj.judge.Judge, shared by every spec
@@ -31,8 +32,10 @@ def _options(spec: dict) -> dict:
   from rlj import judge as judge_lib
   kw = dict(spec.get("kwargs", {}))
   pairwise = spec["fn"] == "pairwise_judge"
-  return {"path": kw.get("path", ""),
-          "template": kw.get("template", judge_lib.PAIRWISE_TEMPLATE if pairwise else judge_lib.RUBRIC_TEMPLATE),
+  from rlj.data import prompts
+  template = kw.get("template", judge_lib.PAIRWISE_TEMPLATE if pairwise else judge_lib.RUBRIC_TEMPLATE)
+  return {"path": kw.get("path", ""), "template": prompts.decode_escapes(str(template)),
+          "add_bos": None if kw.get("add_bos") is None else bool(kw["add_bos"]),
           "verdicts": tuple(kw.get("verdicts", ("A", "B") if pairwise else ("Yes", "No"))),
           "max_len": int(kw.get("max_len", 1024)), "chunk_rows": int(kw.get("chunk_rows", 16)),
           "chat": bool(kw.get("chat", True)), "opponents": int(kw.get("opponents", 0)),
@@ -106,10 +109,10 @@ def build(spec: dict, *, mesh=None, rules=None):
   """The reward function of one judge spec (the judge loaded once per folder and option set)."""
   from rlj import judge as judge_lib
   o = _options(spec)
-  cache_key = (os.path.abspath(o["path"]), o["max_len"], o["chunk_rows"], o["chat"])
+  cache_key = (os.path.abspath(o["path"]), o["max_len"], o["chunk_rows"], o["chat"], o["add_bos"])
   if cache_key not in _JUDGES:
     _JUDGES[cache_key] = judge_lib.Judge.load(o["path"], mesh=mesh, rules=rules, max_len=o["max_len"],
-                                              chunk_rows=o["chunk_rows"], chat=o["chat"])
+                                              chunk_rows=o["chunk_rows"], chat=o["chat"], add_bos=o["add_bos"])
   judge = _JUDGES[cache_key]
   if spec["fn"] == "pairwise_judge":
     return judge_lib.pairwise_reward_fn(judge, template=o["template"], verdicts=o["verdicts"],

@@ -71,6 +71,7 @@ class Judge:
   max_len: int = 1024
   chunk_rows: int = 16
   chat: bool = True
+  add_bos: bool | None = None     # None: what the tokenizer adds to a plain text (chat templates write their own)
   skipped: int = 0
 
   @classmethod
@@ -122,9 +123,15 @@ class Judge:
     return text
 
   def encode(self, texts: Sequence[str]) -> list[list[int]]:
-    add_bos = bool(getattr(self.tokenizer, "add_bos_default", False)) and self.tokenizer.bos_id is not None
-    if self.chat and self.tokenizer.chat_template is not None:
-      add_bos = False     # chat templates write their own BOS
+    """Token ids of the rendered prompts; BOS as ``add_bos`` says (None: the tokenizer's default for plain text,
+    none inside a chat template, which writes its own). A judge trained by an rlj SFT job saw BOS + prompt when
+    its ``data.add_bos`` was on: pass ``add_bos=True`` for it."""
+    if self.add_bos is not None:
+      add_bos = self.add_bos and self.tokenizer.bos_id is not None
+    else:
+      add_bos = bool(getattr(self.tokenizer, "add_bos_default", False)) and self.tokenizer.bos_id is not None
+      if self.chat and self.tokenizer.chat_template is not None:
+        add_bos = False
     return [self.tokenizer.encode(self.render(t), add_bos=add_bos) for t in texts]
 
   # ------------------------------------------------------------------------------------------------- scores

@@ -191,3 +191,22 @@ def test_judge_eval_figures(tiny_judge, tmp_path):
   (tmp_path / "test.jsonl").write_text('{"chosen": 1}\n')
   with pytest.raises(SystemExit, match=r"^launch.judge_eval --data: .*test.jsonl:1: a row needs string"):
     judge_eval.read_pairs(str(tmp_path), "test", 3)
+
+
+def test_judge_training_pairs_and_bos(tiny_judge):
+  """launch.make_judge_data: the target names the correct answer's position, the wrong answer differs; a judge's
+  BOS follows add_bos (an rlj SFT job's judge saw BOS + prompt)."""
+  from launch import make_judge_data
+  from rlj.data import synthetic
+  task = synthetic.ArithmeticTask(num_records=40, seed=0, levels=(1,))
+  sft, pairs = make_judge_data.records(task, np.random.default_rng(0))
+  for row, pair in zip(sft, pairs):
+    a, b = (pair["chosen"], pair["rejected"]) if row["answer"] == "1" else (pair["rejected"], pair["chosen"])
+    assert row["prompt"] == make_judge_data.TEMPLATE.format(question=pair["prompt"], a=a, b=b)
+    assert pair["chosen"] != pair["rejected"] and pair["chosen"].endswith("#### " + pair["chosen"].split()[-1])
+  assert {r["answer"] for r in sft} == {"1", "2"}
+  judge = judge_lib.Judge.load(tiny_judge, add_bos=True, chat=False)
+  bos = judge.tokenizer.bos_id
+  assert judge.encode(["x"])[0][0] == bos
+  judge.add_bos = False
+  assert judge.encode(["x"])[0][0] != bos

@@ -1,0 +1,78 @@
+r"""Pairwise-judge training data from the synthetic arithmetic task, whose scorer is known.
+
+  python -m launch.make_judge_data --out runs/judge-data
+
+Each record pairs a question's correct worked answer with a wrong one (``wrong_answer``: the result moved, the
+answer cut short, or its working repeated without a final line), in random order, inside the judge template (``TEMPLATE``, the ``template`` of a ``pairwise_judge`` reward
+with the verdicts "1" / "2"); the target is the position of the correct answer. Writes
+
+  <out>/train.jsonl, <out>/test.jsonl   {"prompt": judge prompt, "answer": "1" | "2"}  (an SFT job's generic data)
+  <out>/pairs/test.jsonl                {"prompt": question, "chosen": correct, "rejected": wrong}  (launch.judge_eval)
+
+The test questions come from the task's held-out records (another seed), as the RL job's evaluation does.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app, flags
+
+TEMPLATE = "{question}\n1 = {a}\n2 = {b}\nWhat is the result?"
+VERDICTS = ("1", "2")
+
+
+def wrong_answer(answer: str, rng) -> str:
+  """A wrong version of ``answer`` ("... = R\n#### R"): half the time the result moved by 1 to 9 in both places,
+  else the answer cut off before its end, or its working repeated without a final line (what a policy that
+  runs out of tokens writes), so that the judge has seen the failures a policy drifts into."""
+  work, final = answer.rsplit("\n#### ", 1)
+  kind = rng.random()
+  if kind < 0.5:
+    wrong = int(final) + int(rng.choice([-1, 1])) * int(rng.integers(1, 10))
+    head, _, _ = work.rpartition("= ")
+    return f"{head}= {wrong}\n#### {wrong}"
+  if kind < 0.75:
+    return answer[:int(rng.integers(1, len(answer) - 1))]
+  return (work + " ") * 3
+def records(task, rng) -> tuple[list[dict], list[dict]]:
+  """(SFT records, preference pairs) of every question of ``task``."""
+  sft, pairs = [], []
+  for i in range(len(task)):
+    r = task[i]
+    good, bad = r["answer"], wrong_answer(r["answer"], rng)
+    first_good = bool(rng.integers(0, 2))
+    a, b = (good, bad) if first_good else (bad, good)
+    sft.append({"prompt": TEMPLATE.format(question=r["prompt"], a=a, b=b), "answer": VERDICTS[0 if first_good else 1]})
+    pairs.append({"prompt": r["prompt"], "chosen": good, "rejected": bad})
+  return sft, pairs
+
+
+def write(out: str, *, train_records: int, test_records: int, seed: int = 0) -> None:
+  import numpy as np
+  from rlj.data import synthetic
+  rng = np.random.default_rng(seed)
+  train, _ = records(synthetic.ArithmeticTask(num_records=train_records, seed=seed, levels=(1,)), rng)
+  test, pairs = records(synthetic.ArithmeticTask(num_records=test_records, seed=seed + 1000003, levels=(1,)), rng)
+  os.makedirs(os.path.join(out, "pairs"), exist_ok=True)
+  for path, rows in ((os.path.join(out, "train.jsonl"), train), (os.path.join(out, "test.jsonl"), test),
+                     (os.path.join(out, "pairs", "test.jsonl"), pairs)):
+    with open(path, "w") as f:
+      f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def main(argv) -> None:
+  del argv
+  f = flags.FLAGS
+  if not f.out:
+    raise SystemExit("launch.make_judge_data --out: required, the folder to write")
+  write(f.out, train_records=f.train_records, test_records=f.test_records, seed=f.seed)
+  print(f"wrote {f.out}/train.jsonl, test.jsonl and pairs/test.jsonl", flush=True)
+
+
+if __name__ == "__main__":
+  flags.DEFINE_string("out", None, "output folder")
+  flags.DEFINE_integer("train_records", 8000, "training questions")
+  flags.DEFINE_integer("test_records", 256, "held-out questions")
+  flags.DEFINE_integer("seed", 0, "seed of the questions and of the wrong answers")
+  app.run(main)
