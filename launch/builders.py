@@ -1,4 +1,5 @@
-"""Config -> objects: mesh, tokenizer, data, model, params, samplers, rewards (checks: ``launch/checks.py``).
+"""Config -> objects: mesh, tokenizer, model, params, samplers, rewards (checks: ``launch/checks.py``; data:
+``launch/data_setup.py``, whose names are re-exported here).
 
 Everything that reads an ml_collections config for the RL / SFT jobs lives here or in ``launch/train.py``.
 """
@@ -21,6 +22,8 @@ from rlj.batches import Settings
 from rlj.dynamic_sampling import DynamicSampling
 from rlj.kl_controller import KLControl
 from rlj.sampler import SamplerConfig
+from launch.data_setup import (GENERATED, generated_source, prompt_format, prompt_iterator,  # noqa: F401
+                               prompt_source, user_text)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -78,21 +81,24 @@ def load_tokenizer(config):
 
 
 def build_tokenizer(config, workdir: str):
-  """The checkpoint's tokenizer, or (``tokenizer.kind=train_synthetic``) one trained on the synthetic task and
-  kept in ``<workdir>/tokenizer.model``; process 0 saves it to ``<workdir>/tokenizer/`` for export."""
-  from rlj.data import synthetic, tokenizer as tok_lib  # data extras (sentencepiece)
+  """The checkpoint's tokenizer, or (``tokenizer.kind=train_synthetic``) one trained on the generated task
+  (``data.source`` synthetic or calculator; an agent job's markers as single tokens) and kept in ``<workdir>/tokenizer.model``; process 0 saves it to ``<workdir>/tokenizer/`` for export."""
+  from rlj.data import tokenizer as tok_lib  # data extras (sentencepiece)
   t = config.tokenizer
   if t.kind != "train_synthetic":
     return save_tokenizer(load_tokenizer(config), workdir)
   path = os.path.join(workdir, "tokenizer.model")
   if os.path.exists(path):
     return save_tokenizer(tok_lib.Tokenizer.from_file(path), workdir)
-  task = synthetic.ArithmeticTask(num_records=t.train_records, seed=config.data.seed, levels=tuple(config.data.levels))
+  from launch import agent_setup
+  task = generated_source(config, "train", num_records=t.train_records)
   corpus = []
   for i in range(len(task)):
     r = task[i]
     corpus += [user_text(config, r["prompt"]), r["answer"]]
-  tok = tok_lib.train(corpus, vocab_size=t.vocab_size, byte_fallback=False)
+  symbols = ["\n"] + agent_setup.marker_symbols(config)   # tool-call and observation markers: one token each
+  tok = tok_lib.train(corpus, vocab_size=t.vocab_size, byte_fallback=False,
+                      extra_options={"user_defined_symbols": symbols})
   if jax.process_index() == 0:
     tok.save(path)
   return save_tokenizer(tok, workdir)
@@ -111,23 +117,6 @@ def checkpoint_meta(model_config: ModelConfig) -> dict:
   """What every checkpoint of a job records for ``launch.export``: the model config and the tokenizer folder
   (relative to the run's workdir)."""
   return {"model_config": dataclasses.asdict(model_config), "tokenizer_dir": TOKENIZER_DIR}
-
-
-def user_text(config, question: str) -> str:
-  """``data.user_template`` applied to ``question`` (escapes decoded, as the prompt pipeline does)."""
-  from rlj.data import prompts
-  return prompts.PromptFormat(user_template=config.data.user_template).user_text(question)
-
-
-def prompt_format(config, tokenizer):
-  """The config's ``data.format`` / ``user_template`` / ``system_prompt`` as a ``prompts.PromptFormat``."""
-  from rlj.data import prompts
-  d = config.data
-  try:
-    return prompts.from_tokenizer(tokenizer, format=d.format, user_template=d.user_template,
-                                  system_prompt=d.system_prompt)
-  except prompts.PromptError as e:
-    raise SystemExit(f"config key 'data.format': {e}") from None
 
 
 def stop_ids(config, tokenizer) -> tuple[int, ...]:
@@ -257,45 +246,8 @@ def checkpoint_policy(config) -> lifecycle.CheckpointPolicy:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Data
+# Samplers and evaluation (the data pipelines: launch/data_setup.py)
 # ------------------------------------------------------------------------------------------------------------
-
-def prompt_source(config, split: str, workdir: str = ""):
-  """The split's random-access records: the synthetic task, or the tfds build of ``data.source_dir`` in
-  ``data.data_dir`` (default ``<workdir>/tfds``)."""
-  from rlj.data import synthetic, tfds_builders
-  d = config.data
-  if d.source == "synthetic":
-    n = d.train_records if split == "train" else d.eval_records
-    seed = d.seed if split == "train" else d.seed + 1000003
-    return synthetic.ArithmeticTask(num_records=n, seed=seed, levels=tuple(d.levels))
-  if d.source in ("gsm8k", "generic", "messages"):
-    data_dir = d.data_dir or os.path.join(workdir, "tfds")
-    name = d.train_split if split == "train" else d.eval_split
-    if d.source_dir:  # the entry built from the files as they are now (keyed by their fingerprint)
-      return tfds_builders.build("prompt_answer", d.source, source_dir=d.source_dir,
-                                 data_dir=data_dir).as_data_source(split=name)
-    try:
-      return tfds_builders.data_source("prompt_answer", d.source, data_dir=data_dir, split=name)
-    except FileNotFoundError as e:
-      raise SystemExit(f"config key 'data.data_dir': {e}") from None
-  raise SystemExit(f"config key 'data.source': {d.source!r}; choose synthetic | gsm8k | generic | messages")
-
-
-def prompt_iterator(config, env: Env, *, split: str, batch_prompts: int, seed: int, num_epochs=None,
-                    shuffle: bool = True, drop_remainder: bool = True, source=None):
-  """Batches of encoded prompts of ``split``; ``source``: its records when the caller holds them already
-  (``prompt_source``), so that a split read again (every evaluation) is not fingerprinted and opened again."""
-  from rlj.data import pipeline
-  fmt = prompt_format(config, env.tokenizer)
-  pc = pipeline.PipelineConfig(batch_size=batch_prompts, buckets=tuple(config.data.buckets), prompt_format=fmt,
-                               add_bos=config.data.add_bos and fmt.add_bos(env.tokenizer),
-                               overflow=config.data.overflow, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
-                               drop_remainder=drop_remainder, num_workers=config.data.num_workers)
-  if source is None:
-    source = prompt_source(config, split, env.workdir)
-  return pipeline.prompt_pipeline(source, env.tokenizer, pc)
-
 
 def sampler_config(config, *, eos_id: int, pad_id: int, stop_ids: tuple[int, ...] = (), greedy: bool = False,
                    num_samples: int | None = None) -> SamplerConfig:
@@ -319,10 +271,8 @@ def eval_fn(config, env: Env):
   """``(params, step) -> metrics`` on the held-out split, or None when evaluation is off."""
   if not config.eval.num_prompts:
     return None
+  from launch import agent_setup
   from rlj import evaluation
-  greedy = make_sampler(config, env, greedy=True, num_samples=1)
-  sampled = make_sampler(config, env) if config.eval.sampled else None
-  reward_fn = dict(combine.build([dict(r) for r in config.eval.rewards]))[config.eval.rewards[0]["name"]]
   batch = config.eval.batch_prompts
   source = prompt_source(config, "eval", env.workdir)   # built (or found) once, read at every evaluation
 
@@ -333,6 +283,12 @@ def eval_fn(config, env: Env):
       if i * batch >= config.eval.num_prompts:
         break
       yield b
+
+  if agent_setup.enabled(config):
+    return agent_setup.eval_fn(config, env, batches)
+  greedy = make_sampler(config, env, greedy=True, num_samples=1)
+  sampled = make_sampler(config, env) if config.eval.sampled else None
+  reward_fn = dict(combine.build([dict(r) for r in config.eval.rewards]))[config.eval.rewards[0]["name"]]
 
   def fn(params, step):
     return evaluation.evaluate(params, batches(), tokenizer=env.tokenizer, reward_fn=reward_fn,
@@ -362,6 +318,9 @@ def rl_components(config, env: Env, data, writer, *, lora=None, state_shardings=
   if jnp.dtype(config.sampler.dtype) != jnp.dtype(weights_dtype):
     comps.sampler_dtype = jnp.dtype(config.sampler.dtype)
   comps.eval_fn = eval_fn(config, env)
+  from launch import agent_setup
+  if agent_setup.enabled(config):
+    comps.agent = agent_setup.multi_turn_sampler(config, env)
   comps.step_rewards = reward_setup.step_rewards(config)
   comps.par = reward_setup.par_references(config, env, reward_fns, comps.sampler)
   return comps
@@ -369,10 +328,11 @@ def rl_components(config, env: Env, data, writer, *, lora=None, state_shardings=
 
 def algo_settings(config, pad_id: int = 0) -> Settings:
   """The config's ``algo`` section (and the sizes it depends on) as the algorithm row's plain settings."""
+  from launch import agent_setup
   a, t, s = config.algo, config.train, config.sampler
   options = {k: dict(v) for k, v in a.items() if k not in ("name", "kwargs")}
   return Settings(loss_kwargs=dict(a.kwargs), options=options, num_generations=s.num_generations,
-                  max_new_tokens=s.max_new_tokens, num_minibatches=t.num_minibatches, seed=config.seed,
+                  max_new_tokens=agent_setup.completion_len(config), num_minibatches=t.num_minibatches, seed=config.seed,
                   pad_id=pad_id)
 
 

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from algorithms import mismatch
-from launch import builders, lora_setup, reward_setup
+from launch import agent_setup, builders, lora_setup, reward_setup
 from models import presets
 from models.config import ModelConfig
 from rlj import rl_algos, sharding
@@ -54,9 +54,9 @@ def validate(config) -> list[str]:
                 f"data.source={config.data.source!r}: their files and folders, prompt keys")
   _check_model(config)
   passed.append("model preset and overrides")
-  lora_line = lora_setup.check(config)
-  if lora_line:
-    passed.append(lora_line)
+  for line in (lora_setup.check(config), agent_setup.check(config)):
+    if line:
+      passed.append(line)
   tokenizer_vocab = _check_vocab(config)
   passed.append("the tokenizer against the model's vocabulary" + (
       "; the prompt format and stop tokens on the first training example" if tokenizer_vocab else ""))
@@ -246,15 +246,15 @@ def _check_sources(config) -> None:
   if t.kind == "train_synthetic" and t.vocab_size < 8:
     fail("tokenizer.vocab_size", f"train_synthetic needs the vocabulary size to train, got {t.vocab_size}")
   d = config.data
-  if d.source not in ("synthetic", "gsm8k", "generic", "messages"):
-    fail("data.source", f"{d.source!r}; choose synthetic | gsm8k | generic | messages")
-  if d.source != "synthetic" and not (d.source_dir or d.data_dir):
+  if d.source not in builders.GENERATED + ("gsm8k", "generic", "messages"):
+    fail("data.source", f"{d.source!r}; choose synthetic | calculator | gsm8k | generic | messages")
+  if d.source not in builders.GENERATED and not (d.source_dir or d.data_dir):
     fail("data.source_dir", f"data.source={d.source!r} needs the folder with its train.jsonl / test.jsonl files "
          f"(or data.data_dir holding the built dataset)")
   if d.source_dir and not os.path.isdir(d.source_dir):
     fail("data.source_dir", f"{d.source_dir!r} is not a directory; pass the folder with <split>.jsonl files")
   _check_prompt_keys(config)
-  if d.source != "synthetic":
+  if d.source not in builders.GENERATED:
     first_record(config)   # a malformed first line stops here whatever the tokenizer (later lines: launch.train)
   if config.init.policy != "hf":
     try:
@@ -285,10 +285,10 @@ def _check_prompt_keys(config) -> None:
 def first_record(config) -> dict | None:
   """The first training record, read cheaply (the synthetic task's, or the first line of
   ``data.source_dir``'s train split); None when only a built tfds dataset holds the data."""
-  from rlj.data import jsonl, synthetic
+  from rlj.data import jsonl
   d = config.data
-  if d.source == "synthetic":
-    return synthetic.ArithmeticTask(num_records=1, seed=d.seed, levels=tuple(d.levels))[0]
+  if d.source in builders.GENERATED:
+    return builders.generated_source(config, "train", num_records=1)[0]
   split = d.get("train_split", d.get("split"))
   files = [os.path.join(d.source_dir, split + ext) for ext in (".jsonl", ".jsonl.gz")] if d.source_dir else []
   for path in (f for f in files if os.path.isfile(f)):
@@ -307,8 +307,11 @@ def _check_prompts(config, tok) -> None:
   and ``sampler.stop_tokens`` resolved to ids."""
   from rlj.data import chat, prompts
   fmt = builders.prompt_format(config, tok)
-  builders.stop_ids(config, tok)
-  record = first_record(config) if config.data.source in ("synthetic", "gsm8k", "generic", "messages") else None
+  ids = builders.stop_ids(config, tok)
+  if agent_setup.enabled(config):
+    agent_setup.observation_format(config, tok, ids)   # the chat template can wrap an observation turn
+  record = (first_record(config) if config.data.source in builders.GENERATED + ("gsm8k", "generic", "messages")
+            else None)
   if record is None:
     return
   try:

@@ -26,7 +26,7 @@ from ml_collections import config_flags
 
 import jax
 
-from launch import builders, checks, cli_help, distributed, relaunch
+from launch import agent_setup, builders, checks, cli_help, distributed, relaunch
 from rewards import combine
 from rlj import checkpoint, lifecycle, lora_policy, metrics_writer, preemption, rl_loop, sft, train_state
 
@@ -98,9 +98,10 @@ def run_sft_stage(config, env, state, workdir: str, stop):
       state, history = sft.run_sft(
           state, model=env.model, tx=env.sft_tx, mesh=env.mesh, rules=env.rules,
           state_shardings=env.state_shardings, tokenizer=env.tokenizer, train_iter=data,
-          completion_len=config.sampler.max_new_tokens, steps=config.sft.steps, writer=writer, start_step=start,
+          completion_len=agent_setup.completion_len(config), steps=config.sft.steps, writer=writer, start_step=start,
           eval_fn=builders.eval_fn(config, env), eval_every=config.sft.eval_every, job=job,
-          max_consecutive_skips=config.train.max_consecutive_skips, seed=config.seed)
+          max_consecutive_skips=config.train.max_consecutive_skips, seed=config.seed,
+          skip_spans=agent_setup.skip_spans(config, env.tokenizer))
     finally:
       writer.close()
   metrics_writer.plot_curves(workdir)

@@ -40,6 +40,7 @@ BUILTINS: dict[str, RewardFn] = {
     "math_exact_match": verifiable.math_exact_match,
     "format": verifiable.format_reward,
     "length_penalty": verifiable.length_penalty,
+    "turn_rewards": verifiable.turn_rewards,
 }
 
 ON_ERROR = ("raise", "missing")

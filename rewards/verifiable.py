@@ -187,3 +187,15 @@ def length_penalty(prompts: Sequence[str], completions: Sequence[str], *, length
   free = max_len - cache_len
   out = np.where(n <= free, 0.0, np.where(n <= max_len, (free - n) / cache_len, -1.0))
   return out.astype(np.float32)
+
+
+def turn_rewards(prompts: Sequence[str], completions: Sequence[str], *, turn_rewards: Sequence[float] = None,
+                 **_) -> np.ndarray:
+  """The environment's per-turn rewards of a multi-turn trajectory, summed over its turns; [N] float32
+  (``rlj.agents.rollout``: an agent job passes them; give the spec a weight to train on them)."""
+  if turn_rewards is None:
+    raise ValueError("reward 'turn_rewards' needs a multi-turn rollout (an agent job, agent.enabled=True)")
+  out = np.asarray(turn_rewards, np.float32)
+  if out.shape != (len(completions),):
+    raise ValueError(f"turn_rewards holds {out.shape} values for {len(completions)} completions")
+  return out

@@ -35,6 +35,8 @@ import numpy as np
 # clip_frac: GSPO / P3O; clip_frac_low / clip_frac_high: GRPO / GDPO (PPO clip), CISPO (weight clip).
 # entropy: the sampling distribution's per-token entropy, estimated from the rollout (rlj.rollout_stats).
 # len / len_max / cut: completion length mean and max, fraction of rows cut at sampler.max_new_tokens.
+# turns / tool_rate / tool_err (agent jobs): model turns, the fraction of trajectories that called a tool, tool
+# errors per trajectory (rlj.agents.rollout.summary).
 CONSOLE_COLUMNS = (
     ("reward/mean", "reward", "{:.3f}"),
     ("kl", "kl", "{:.4f}"),
@@ -45,6 +47,9 @@ CONSOLE_COLUMNS = (
     ("response_len/mean", "len", "{:.1f}"),
     ("response_len/max", "len_max", "{:.0f}"),
     ("response_len/truncated_frac", "cut", "{:.2f}"),
+    ("agent/turns", "turns", "{:.2f}"),
+    ("agent/tool_call_rate", "tool_rate", "{:.2f}"),
+    ("agent/tool_errors", "tool_err", "{:.2f}"),
     ("loss", "loss", "{:.4f}"),
     ("accuracy", "pair_acc", "{:.3f}"),       # pairs ranked right: the reward model's, DNO's implicit reward
     ("tokens_per_s", "tok/s", "{:.0f}"),

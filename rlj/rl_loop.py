@@ -22,6 +22,7 @@ import numpy as np
 from algorithms import common, mismatch
 from rewards import combine
 from rlj import evaluation, host_data, programs, rl_algos, rollout_stats, sharding, train_state
+from rlj.agents import rollout as rollout_agent
 from rlj.batches import Settings, minibatches
 from rlj.dynamic_sampling import DynamicSampler, DynamicSampling
 from rlj.kl_controller import AdaptiveKL, KLControl
@@ -122,6 +123,7 @@ class Components:
   lora: Any = None        # rlj.lora_policy.LoraPolicy: the state holds adapters, the frozen base is the reference
   step_rewards: Any = None   # rewards.steps.StepRewards: process supervision's step rewards (estimator "process")
   par: Any = None         # rlj.par_refs.ParReferences: the reference rewards of PAR rewards (rewards.par)
+  agent: Any = None       # rlj.agents.rollout.MultiTurnSampler: multi-turn trajectories instead of completions
 
 
 def place_batch(batch: Mapping[str, np.ndarray], mesh, rules) -> dict:
@@ -197,12 +199,20 @@ class Trainer:
     t0 = time.perf_counter()
     # This process's prompts -> the global batch's rollout (multi-process: every process samples its rows).
     weights = self.sampler_params(state.params)
-    ro = c.sampler.sample(weights, prompts["prompt_tokens"], prompts["prompt_mask"], rng)
+    agent_m, extra = {}, {}
+    if c.agent is None:
+      ro = c.sampler.sample(weights, prompts["prompt_tokens"], prompts["prompt_mask"], rng)
+      texts = None
+    else:   # multi-turn trajectories: the rewards read each one's last model turn
+      ar = c.agent.sample(weights, prompts, rng)
+      ro, texts, extra = ar.rollout, ar.texts, {"turn_rewards": ar.turn_rewards}
+      agent_m = rollout_agent.summary(ar)
     # Rewards of this process's rows (its own prompts, all G completions of each), then of every row.
     local = {"tokens": host_data.to_local(ro.tokens), "attn_mask": host_data.to_local(ro.attn_mask),
              "mask": host_data.to_local(ro.mask).astype(np.float32)}
     t1 = time.perf_counter()
-    texts = evaluation.rollout_texts(c.tokenizer, ro, c.sampler.config.stop_set)
+    if texts is None:
+      texts = evaluation.rollout_texts(c.tokenizer, ro, c.sampler.config.stop_set)
     prompt_texts = combine.repeat_per_prompt([str(p) for p in prompts["prompt"]], g)
     answers = combine.repeat_per_prompt([str(a) for a in prompts["answer"]], g)
     # PAR: the reference rewards of prompts seen for the first time, before the rewards that read them.
@@ -211,7 +221,7 @@ class Trainer:
         reference_weights=lambda: self.reference_sampler_params(ref_params))
     rewards = combine.compute(c.reward_fns, prompt_texts, texts, num_generations=g, answers=answers,
                               lengths=host_data.to_local(ro.lengths), tokens=local["tokens"],
-                              attn_mask=local["attn_mask"], completion_mask=local["mask"], group_size=g)
+                              attn_mask=local["attn_mask"], completion_mask=local["mask"], group_size=g, **extra)
     values = host_data.gather_rows(rewards.values.reshape((-1,) + rewards.values.shape[2:]), c.mesh, c.rules)
     rewards = rewards._replace(values=values.reshape((-1,) + rewards.values.shape[1:]))    # [B, G, K] global
     steps = {} if c.step_rewards is None else self.step_rewards(ro, prompt_texts, answers, local)
@@ -228,8 +238,8 @@ class Trainer:
     t3 = time.perf_counter()
     completion = arrays["tokens"][:, arrays["tokens"].shape[1] - arrays["mask"].shape[1]:]
     sc = c.sampler.config
-    metrics = {**mm, **par_m, "time/sample": t1 - t0, "time/reward": t2 - t1, "time/reference": t3 - t2,
-               **rollout_stats.completion_lengths(completion, arrays["mask"], max_new_tokens=sc.max_new_tokens,
+    metrics = {**mm, **par_m, **agent_m, "time/sample": t1 - t0, "time/reward": t2 - t1, "time/reference": t3 - t2,
+               **rollout_stats.completion_lengths(completion, arrays["mask"], max_new_tokens=completion.shape[1],
                                                   stop_ids=sc.stop_set),
                **rollout_stats.finished_row_steps(lengths),
                "entropy": rollout_stats.sampler_entropy(sampler_logp, arrays["mask"]),   # of the sampler's q

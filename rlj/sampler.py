@@ -39,7 +39,7 @@ from rlj.buckets import pick_bucket
 from rlj.sampler_config import PHASE_STEPS, Rollout, SamplerConfig, finish_rollout
 
 
-class _LoopState(NamedTuple):
+class LoopState(NamedTuple):
   step: jax.Array          # int32 scalar
   cache: Any               # KVCache
   logits: jax.Array        # [N, V] logits of the next token
@@ -170,6 +170,34 @@ class Sampler:
       return cache
     return jax.lax.with_sharding_constraint(cache, self.cache_shardings(cache))
 
+  def step_fns(self, model, params, n: int, rng):
+    """``(emit, body)`` of the decode loop over n rows: ``emit`` samples token ``s.step`` from ``s.logits`` with
+    ``fold_in(rng, s.step)`` and writes it (finished rows get padding); ``body`` is ``emit`` then the forward pass
+    of the new token over the cache."""
+    c = self.config
+    stop = jnp.asarray(c.stop_set or (-1,), jnp.int32)
+
+    def emit(s: LoopState) -> tuple[LoopState, jax.Array]:
+      """Samples token ``s.step`` from ``s.logits`` and writes it; finished rows get padding."""
+      key = jax.random.fold_in(rng, s.step)
+      tok, lp = sampling_filters.sample_token(key, s.logits, temperature=c.temperature, top_k=c.top_k,
+                                              top_p=c.top_p, greedy=c.greedy)
+      live = ~s.done
+      tok = jnp.where(live, tok, c.pad_id)
+      lp = jnp.where(live, lp, 0.0)
+      write = lambda buf, x: jax.lax.dynamic_update_slice(buf, x[:, None].astype(buf.dtype), (0, s.step))
+      done = s.done | (live & jnp.any(tok[:, None] == stop[None, :], axis=-1))
+      return s._replace(step=s.step + 1, done=done, tokens=write(s.tokens, tok), logp=write(s.logp, lp),
+                        mask=write(s.mask, live)), tok
+
+    def body(s: LoopState):
+      out, tok = emit(s)
+      next_logits, cache = self.apply_model(model, params, tok[:, None], s.positions[:, None],
+                                            jnp.ones((n, 1), jnp.int32), s.cache)
+      return out._replace(cache=cache, logits=next_logits[:, 0], positions=s.positions + 1)
+
+    return emit, body
+
   def _generate(self, params, prompt, prompt_mask, rng, cache):
     """prompt [Bb, Pb] -> completion arrays for N = Bb * G rows (traced once per bucket).
 
@@ -192,28 +220,8 @@ class Sampler:
     if self.mesh is not None:
       prompt, prompt_mask, logits = (jax.lax.with_sharding_constraint(x, self._row_sharding(2, n))
                                      for x in (prompt, prompt_mask, logits))
-    stop = jnp.asarray(c.stop_set or (-1,), jnp.int32)
-
-    def emit(s: _LoopState) -> tuple[_LoopState, jax.Array]:
-      """Samples token ``s.step`` from ``s.logits`` and writes it; finished rows get padding."""
-      key = jax.random.fold_in(rng, s.step)
-      tok, lp = sampling_filters.sample_token(key, s.logits, temperature=c.temperature, top_k=c.top_k,
-                                              top_p=c.top_p, greedy=c.greedy)
-      live = ~s.done
-      tok = jnp.where(live, tok, c.pad_id)
-      lp = jnp.where(live, lp, 0.0)
-      write = lambda buf, x: jax.lax.dynamic_update_slice(buf, x[:, None].astype(buf.dtype), (0, s.step))
-      done = s.done | (live & jnp.any(tok[:, None] == stop[None, :], axis=-1))
-      return s._replace(step=s.step + 1, done=done, tokens=write(s.tokens, tok), logp=write(s.logp, lp),
-                        mask=write(s.mask, live)), tok
-
-    def body(s: _LoopState):
-      out, tok = emit(s)
-      next_logits, cache = self.apply_model(model, params, tok[:, None], s.positions[:, None],
-                                            jnp.ones((n, 1), jnp.int32), s.cache)
-      return out._replace(cache=cache, logits=next_logits[:, 0], positions=s.positions + 1)
-
-    s = _LoopState(step=jnp.zeros((), jnp.int32), cache=None, logits=logits,
+    emit, body = self.step_fns(model, params, n, rng)
+    s = LoopState(step=jnp.zeros((), jnp.int32), cache=None, logits=logits,
                    positions=jnp.sum(prompt_mask, axis=-1), done=jnp.zeros((n,), jnp.bool_),
                    tokens=jnp.full((n, t_max), c.pad_id, jnp.int32), logp=jnp.zeros((n, t_max), jnp.float32),
                    mask=jnp.zeros((n, t_max), jnp.bool_))
@@ -264,7 +272,8 @@ class Sampler:
       self._programs[key] = jax.jit(self._generate, donate_argnums=(4,), **kwargs)
     return self._programs[key]
 
-  def sample(self, params: Any, prompt_tokens, prompt_mask, rng: jax.Array) -> Rollout:
+  def sample(self, params: Any, prompt_tokens, prompt_mask, rng: jax.Array, *,
+             return_cache: bool = False) -> Rollout | tuple[Rollout, Any]:
     """Samples G completions for each of B left-padded prompts.
 
     Args:
@@ -275,7 +284,9 @@ class Sampler:
       rng: PRNG key; step t draws with ``fold_in(rng, t)``.
 
     Returns:
-      A ``Rollout`` with N = B * G rows and P + T columns.
+      A ``Rollout`` with N = B * G rows and P + T columns; with ``return_cache`` also the KV cache the call left
+      (``rlj.turn_sampler.TurnCache``: its row r is the rollout's row r; not kept for the next call), from which
+      ``rlj.turn_sampler.TurnSampler`` continues the rows.
 
     Multi-process jobs: each process passes its own B_local prompts; the rollout holds the global batch of
     B = B_local * process_count prompts (process p's prompts are those on its devices; read them with
@@ -311,12 +322,14 @@ class Sampler:
       with jax.set_mesh(self.mesh):
         out = fn(params, tok, msk, rng, cache)
     completion, logp, mask, prompt_rep, mask_rep, steps, cache = out
-    if self.config.keep_cache:
+    if self.config.keep_cache and not return_cache:
       self._caches[key] = cache
-    del cache
-
-    return finish_rollout(completion, logp, mask, prompt_rep, mask_rep, steps, rows=b * self.config.num_samples,
-                   pad_cols=pb - p)
+    ro = finish_rollout(completion, logp, mask, prompt_rep, mask_rep, steps, rows=b * self.config.num_samples,
+                        pad_cols=pb - p)
+    if not return_cache:
+      return ro
+    from rlj.turn_sampler import TurnCache
+    return ro, TurnCache(cache, start=pb, index=int(jax.device_get(cache.index)))
 
   def _global_shape(self, b_local: int, p_local: int) -> tuple[int, int]:
     """(prompts, prompt width) of the global batch: with several processes, each holds ``b_local`` of the

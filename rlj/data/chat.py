@@ -15,7 +15,8 @@ add_generation_prompt=...)`` byte for byte:
 - filter ``tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False)``: ``json.dumps``
   without jinja's HTML escaping;
 - variables: ``messages`` (plain copies; keys whose value is None dropped; a message's reasoning given as
-  ``reasoning_content``, ``thinking`` or ``reasoning`` is visible under the first two names), ``tools=None``,
+  ``reasoning_content``, ``thinking`` or ``reasoning`` is visible under the first two names), ``tools`` (None, or
+  the tools' JSON schemas given as a keyword),
   ``documents=None``, ``add_generation_prompt``, the checkpoint's named tokens (``bos_token``, ``eos_token``, ...)
   and any extra keyword (``enable_thinking``, ``date_string``), which overrides a token of the same name.
 
@@ -248,8 +249,10 @@ class ChatTemplate:
       raise ChatTemplateError(f"{self.where}: chat template error: {one_line(e) or type(e).__name__}{at}") from e
 
   def _render(self, messages, add_generation_prompt, variables) -> str:
-    return self._template.render(messages=messages, tools=None, documents=None,
-                                 add_generation_prompt=add_generation_prompt, **variables)
+    variables = {"tools": None, "documents": None, **variables}
+    if variables["tools"] is not None:
+      variables["tools"] = _plain(variables["tools"])   # the tools' JSON schemas, as plain lists and dicts
+    return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
 
   @property
   def adds_bos(self) -> bool:

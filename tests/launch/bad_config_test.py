@@ -30,10 +30,8 @@ def compiles():
   jax.monitoring.unregister_event_duration_listener(listener)
 
 
-def _config(module=grpo_tpu, **changes):
-  c = module.get_config("runlocal")
-  c.tokenizer.train_records = 200   # small enough that a check that failed to fire costs seconds, not minutes
-  c.sft.steps, c.train.total_steps, c.eval.num_prompts = 2, 2, 8
+def apply_changes(c, changes: dict):
+  """Sets each dotted key of ``changes`` in the config ``c``, then locks it; returns ``c``."""
   for key, value in changes.items():
     node, parts = c, key.split(".")
     for part in parts[:-1]:
@@ -41,6 +39,13 @@ def _config(module=grpo_tpu, **changes):
     node[parts[-1]] = value
   c.lock()
   return c
+
+
+def _config(module=grpo_tpu, **changes):
+  c = module.get_config("runlocal")
+  c.tokenizer.train_records = 200   # small enough that a check that failed to fire costs seconds, not minutes
+  c.sft.steps, c.train.total_steps, c.eval.num_prompts = 2, 2, 8
+  return apply_changes(c, changes)
 
 
 def _expect_stop(config, workdir, match, compiles):
@@ -76,7 +81,7 @@ CASES = {
     "minibatches": (dict(**{"train.num_minibatches": 3}), r"'train\.batch_prompts'.*num_minibatches=3"),
     "microbatches": (dict(**{"train.num_microbatches": 5}), r"'train\.num_microbatches'.*5 micro-batches"),
     "sft_batch": (dict(**{"sft.batch_prompts": 12}), r"'sft\.batch_prompts'.*data-parallel size 8"),
-    "data_source": (dict(**{"data.source": "gsm9k"}), r"'data\.source'.*synthetic \| gsm8k"),
+    "data_source": (dict(**{"data.source": "gsm9k"}), r"'data\.source'.*synthetic \| calculator \| gsm8k"),
     "tokenizer_kind": (dict(**{"tokenizer.kind": "bpe"}), r"'tokenizer\.kind'"),
     "model_preset": (dict(**{"model.preset": "llama-9"}), r"'model\.preset'.*unknown model preset"),
     "model_override_field": (dict(**{"model.overrides": {"remat": False, "num_layer": 4}}),
