@@ -122,7 +122,9 @@ def rl_base(arg: mlc.ConfigDict) -> mlc.ConfigDict:
                 buckets=(256,), add_bos=True, overflow="truncate", num_workers=0, seed=0, levels=(1,),
                 train_records=0, eval_records=0, **prompt_section("Question: {prompt}\nAnswer:"))
   c.sampler = dict(num_generations=8, max_new_tokens=512, temperature=1.0, top_p=1.0, top_k=0, batch_buckets=(),
-                   dtype="bfloat16", keep_cache=True, cache_phases=None, stop_tokens=())
+                   dtype="bfloat16", keep_cache=True, cache_phases=None, stop_tokens=(), rounds=1)
+  # sampler.rounds: decode the rollout in this many rounds; rows that stopped leave the batch between rounds
+  # (rlj/sampler_rounds.py; one process; 1: one decode loop until the longest row stops).
   c.rewards = MATH_REWARDS + ({"name": "format", "fn": "format", "weight": 0.1},)
   # kl_control: the adaptive KL coefficient of Ziegler et al. (arXiv:1909.08593, Sec. 2.2; rlj/kl_controller.py):
   # with target > 0 (KL in nats per token, the objective's `kl` metric) beta starts at kwargs.kl_coef (> 0) and

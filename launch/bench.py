@@ -8,6 +8,7 @@ BENCHMARKS.md next to the one command that reproduces it.
   python -m launch.bench --case logprobs                              # dense vs vocab-parallel log-probs
   python -m launch.bench --case rl_step                               # one runlocal GRPO step broken down
   python -m launch.bench --case lora_sampling --model small-32m       # LoRA decode: merged vs unmerged
+  python -m launch.bench --case sampler_rounds --model small-32m      # decode on stopped rows: one-shot vs rounds
   python -m launch.bench --case agent_turns --model small-32m         # multi-turn: re-prefill vs KV-cache reuse
   python -m launch.bench --case all                                   # train_step, sampler, logprobs, rl_step
   python -m launch.bench --case train_step --model small-50m --dtype bfloat16   # GPU / TPU: bf16 peak
@@ -220,6 +221,8 @@ CASES = {
     "rl_step": Case("launch.benchmarks.rl_step", "run", "one runlocal GRPO step broken down"),
     "lora_sampling": Case("launch.benchmarks.lora_sampling", "run",
                           "LoRA decode on merged weights vs base + unmerged adapters"),
+    "sampler_rounds": Case("launch.benchmarks.sampler_rounds", "run",
+                           "length-skewed rollouts: one-shot decode against rounds that drop stopped rows"),
     "agent_turns": Case("launch.benchmarks.agent_turns", "run",
                         "multi-turn rollouts: a continuing turn re-prefilled vs continued from its KV cache"),
 }

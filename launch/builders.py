@@ -262,9 +262,24 @@ def sampler_config(config, *, eos_id: int, pad_id: int, stop_ids: tuple[int, ...
 
 
 def make_sampler(config, env: Env, *, greedy: bool = False, num_samples: int | None = None):
+  """The compiled sampler of the config; with ``sampler.rounds`` > 1 (not in agent jobs, whose turns are rounds
+  already) a ``rlj.sampler_rounds.RoundSampler`` over rounds of ``ceil(max_new_tokens / rounds)`` tokens."""
   sc = sampler_config(config, eos_id=env.tokenizer.eos_id, pad_id=env.tokenizer.pad_id,
                       stop_ids=stop_ids(config, env.tokenizer), greedy=greedy, num_samples=num_samples)
-  return programs.sampler(env.model, sc, mesh=env.mesh, param_shardings=env.param_shardings, rules=env.rules)
+  rounds = int(config.sampler.get("rounds", 1))
+  if rounds <= 1 or ("agent" in config and config.agent.enabled):
+    return programs.sampler(env.model, sc, mesh=env.mesh, param_shardings=env.param_shardings, rules=env.rules)
+  from rlj.sampler_rounds import RoundSampler
+  from rlj.turn_sampler import TurnSampler
+  r_len = -(-sc.max_new_tokens // rounds)
+  rows = sc.num_samples * (config.eval.batch_prompts if greedy else config.train.batch_prompts)
+  first = programs.sampler(env.model, dataclasses.replace(sc, max_new_tokens=r_len), mesh=env.mesh,
+                           param_shardings=env.param_shardings, rules=env.rules)
+  cont = programs.sampler(env.model, dataclasses.replace(sc, max_new_tokens=r_len, num_samples=1, batch_buckets=tuple(
+      sorted({max(1, rows // d) for d in (8, 4, 2, 1)}))), mesh=env.mesh, param_shardings=env.param_shardings,
+      rules=env.rules)
+  slots = -(-(max(config.data.buckets) + rounds * (r_len + 1)) // 64) * 64
+  return RoundSampler(first, TurnSampler(cont, max_slots=slots, chunk_buckets=(1,)), max_new_tokens=sc.max_new_tokens)
 
 
 def eval_fn(config, env: Env):

@@ -105,6 +105,11 @@ def _check_algo(config) -> None:
   phases = s.get("cache_phases")
   if phases is not None and (not isinstance(phases, int) or phases < 1):
     fail("sampler.cache_phases", f"{phases!r}; a positive int, or None for the platform default")
+  rounds = s.get("rounds", 1)
+  if not isinstance(rounds, int) or not 1 <= rounds <= s.max_new_tokens:
+    fail("sampler.rounds", f"{rounds!r}; an int from 1 (one decode loop) to sampler.max_new_tokens")
+  if rounds > 1 and jax.process_count() > 1:
+    fail("sampler.rounds", "sampling in rounds runs in one process; use sampler.rounds=1 on several hosts")
 
 
 def _check_old_logp(config) -> None:

@@ -91,6 +91,7 @@ CASES = {
     "advantage_scale": (dict(**{"algo.advantage.scale": "grop"}), r"'algo\.advantage\.scale'"),
     "sampler_top_p": (dict(**{"sampler.top_p": 0.0}), r"'sampler'.*top_p"),
     "sampler_cache_phases": (dict(**{"sampler.cache_phases": 0}), r"'sampler\.cache_phases'.*positive int"),
+    "sampler_rounds": (dict(**{"sampler.rounds": 0}), r"'sampler\.rounds'.*from 1"),
     "hf_without_config": (dict(**{"init.policy": "hf", "init.path": "{tmp}"}), r"'init\.path'.*no config\.json"),
     "tokenizer_missing": (dict(**{"tokenizer.kind": "hf", "tokenizer.path": "{tmp}/nowhere"}),
                           r"'tokenizer\.path': no such file or folder '.*nowhere'"),

@@ -71,7 +71,7 @@ def test_an_unknown_preset_stops_every_variant_of_every_config(path):
     ("configs/sft.py:runlocal=maybe", r"runlocal='maybe' is not a boolean; write runlocal"),
     ("configs/rm_bt.py:model", r"'model' needs a value: model=<str>"),
     ("configs/grpo_tpu.pyy:runlocal", r"no such file 'configs/grpo_tpu\.pyy'; pass a config file, one of "
-     r"configs/dno_tpu\.py, .*configs/sft\.py"),
+     r"configs/agent_tpu\.py, configs/dno_tpu\.py, .*configs/sft\.py"),
     ("configs:runlocal", r"is a folder 'configs'"),
 ])
 def test_bad_config_file_or_variant_is_one_line(spec, expected):

@@ -133,6 +133,7 @@ def _assert_same_run(workdir, uninterrupted):
   assert _comparable(got) == _comparable(records)
 
 
+@pytest.mark.slow   # ~55 s with its fixture on 2 cores: outside the CI budget (pytest -m slow runs it)
 def test_sigkill_midway_then_relaunch_equals_an_uninterrupted_run(uninterrupted, tmp_path):
   config_path = uninterrupted[0]
   workdir = str(tmp_path / "killed")

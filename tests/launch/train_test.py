@@ -32,9 +32,10 @@ def _shrink(c):
   return c
 
 
-# GRPO and DNO end to end by default (a fixed-row and a pair-selecting row); the others are the same loop with
-# another row, whose batches tests/rlj/batches_test.py builds: slow-marked to keep the suite in its budget.
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("gdpo", "p3o") else n
+# GRPO end to end by default; the others are the same loop with another row, whose batches tests/rlj/batches_test.py
+# builds (DNO's pairs and replay: tests/rlj/batches_test.py, tests/algorithms/dno_winrate_test.py): slow-marked to
+# keep the suite in its budget.
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("gdpo", "p3o", "dno") else n
                                   for n in sorted(CONFIGS)])
 def test_runlocal_two_steps(name, tmp_path):
   c = _shrink(CONFIGS[name].get_config("runlocal"))
@@ -142,6 +143,7 @@ def test_locked_config_rejects_typos():
     c.algo.kwargs.kl_cof = 0.0  # noqa: the point of the test
 
 
+@pytest.mark.slow   # ~26 s: a trained RM serving rewards is covered by tests/launch/rm_job_test.py
 def test_rl_with_a_trained_reward_model_as_reward(tmp_path):
   """A reward-model run's workdir serves as an RL reward (``fn="reward_model"``) on the sampled token rows."""
   from configs import rm_bt
