@@ -6,17 +6,15 @@ functions: a built-in name (``TOOLS``; environment "tools") or an import string 
 """
 from __future__ import annotations
 
-import importlib
-import re
-
 from absl import logging
+
+from rewards import combine
 
 from rlj.agents import calculator
 
 TOOLS = {"calculator": calculator.calculator}
 ENVS = ("tools", "single_turn")
 KV_CACHE = ("reuse", "reprefill")   # how turns after the first get their context (rlj/turn_sampler.py)
-_IMPORT_RE = re.compile(r"[A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*")
 
 
 def fail(key: str, msg: str):
@@ -32,21 +30,18 @@ def completion_len(config) -> int:
   return int(config.agent.max_total_tokens) if enabled(config) else int(config.sampler.max_new_tokens)
 
 
-def _resolve(name: str, key: str, builtins: dict):
+def _resolve(name: str, key: str, builtins: dict, what: str):
+  """A built-in by name, or the function or class an import string names (``rewards.combine.import_callable``)."""
   if name in builtins:
     return builtins[name]
-  if not _IMPORT_RE.fullmatch(name):
+  if ":" not in name:
     fail(key, f"{name!r} is neither a built-in ({sorted(builtins) or 'none'}) nor 'package.module:name'")
-  module, attr = name.split(":")
   try:
-    obj = getattr(importlib.import_module(module), attr)
+    return combine.import_callable(name, what)
   except ImportError as e:
-    fail(key, f"cannot import {module!r} ({e}); put the module on PYTHONPATH or fix the name")
-  except AttributeError:
-    fail(key, f"module {module!r} has no {attr!r}")
-  if not callable(obj):
-    fail(key, f"{name!r} is a {type(obj).__name__}, not a function or class")
-  return obj
+    fail(key, f"{e}; put the module on PYTHONPATH or fix the name")
+  except (ValueError, AttributeError) as e:
+    fail(key, str(e))
 
 
 def tools(config) -> list:
@@ -55,7 +50,7 @@ def tools(config) -> list:
   out = []
   for i, name in enumerate(config.agent.tools):
     key = f"agent.tools[{i}]"
-    fn = _resolve(str(name), key, TOOLS)
+    fn = _resolve(str(name), key, TOOLS, "tool")
     try:
       out.append(Tool.from_function(fn, name=str(name).split(":")[-1]))
     except ValueError as e:
@@ -78,7 +73,7 @@ def env_factory(config):
                                              max_calls_per_turn=int(a.max_calls_per_turn))
   if a.env == "single_turn":
     return env_lib.SingleTurn
-  cls = _resolve(str(a.env), "agent.env", {})
+  cls = _resolve(str(a.env), "agent.env", {}, "environment")
   kwargs = dict(a.get("env_kwargs", {}))
   try:
     probe = cls(**kwargs)
@@ -165,22 +160,22 @@ def multi_turn_sampler(config, env, *, greedy: bool = False, num_samples: int | 
   from launch import builders
   from rlj import programs
   from rlj.agents.rollout import MultiTurnSampler
+  from rlj.buckets import round_up, shrinking_buckets
   from rlj.turn_sampler import TurnSampler
   a = config.agent
   first = builders.make_sampler(config, env, greedy=greedy, num_samples=num_samples)
   g = first.config.num_samples
   rows = (config.eval.batch_prompts if greedy else config.train.batch_prompts) * g
   longest = max(config.data.buckets) + int(a.max_total_tokens)
-  ctx = sorted({min(longest, -(-(longest * k // 4) // 16) * 16) for k in (2, 3, 4)})
-  batch = sorted({max(1, rows // d) for d in (8, 4, 2, 1)})
+  ctx = sorted({min(longest, round_up(longest * k // 4, 16)) for k in (2, 3, 4)})
   cont = programs.sampler(env.model, dataclasses.replace(first.config, num_samples=1, prompt_buckets=tuple(ctx),
-                                                         batch_buckets=tuple(batch)),
+                                                         batch_buckets=shrinking_buckets(rows)),
                           mesh=env.mesh, param_shardings=env.param_shardings, rules=env.rules)
   obs = observation_format(config, env.tokenizer, first.config.stop_set)
   turns = None
   if a.kv_cache == "reuse" and TurnSampler.supported(env.model):
     t = first.config.max_new_tokens
-    slots = -(-(max(config.data.buckets) + int(a.max_total_tokens) + int(a.max_turns) * t) // 64) * 64
+    slots = round_up(max(config.data.buckets) + int(a.max_total_tokens) + int(a.max_turns) * t, 64)
     chunks = tuple(sorted({min(w, int(a.max_total_tokens)) for w in (16, 32, 64, 128, 256, 512, 1024)}
                           | {int(a.max_total_tokens)}))
     turns = TurnSampler(cont, max_slots=slots, chunk_buckets=chunks)
@@ -190,33 +185,3 @@ def multi_turn_sampler(config, env, *, greedy: bool = False, num_samples: int | 
   return MultiTurnSampler(first=first, cont=cont, tokenizer=env.tokenizer, make_env=env_factory(config),
                           observations=obs, max_turns=int(a.max_turns), max_total_tokens=int(a.max_total_tokens),
                           turns=turns)
-
-
-def eval_fn(config, env, batches):
-  """``(params, step) -> metrics``: greedy multi-turn trajectories on the held-out prompts; the first eval reward's
-  accuracy (``eval/accuracy``) and the agent's means (``eval/tool_call_rate``, ``eval/turns``, ...)."""
-  import jax
-  import numpy as np
-  from rewards import combine
-  greedy = multi_turn_sampler(config, env, greedy=True, num_samples=1)
-  spec = dict(config.eval.rewards[0])
-  reward_fn = dict(combine.build([spec]))[spec["name"]]
-
-  def fn(params, step):
-    correct, stats = [], []
-    for batch in batches():
-      valid = np.asarray(batch["valid"], bool)
-      ar = greedy.sample(params, batch, jax.random.key(0))
-      r = np.asarray(reward_fn([str(p) for p in batch["prompt"]], ar.texts,
-                               answers=[str(x) for x in batch["answer"]], lengths=ar.rollout.lengths))
-      correct.append((r >= 1.0)[valid])
-      stats.append({k: v[valid] for k, v in ar.stats.items()})
-    out = {"eval/examples": float(sum(len(c) for c in correct)),
-           "eval/accuracy": float(np.concatenate(correct).mean())}
-    joined = {k: np.concatenate([s[k] for s in stats]) for k in stats[0]}
-    out["eval/tool_call_rate"] = float(np.mean(joined["tool_calls"] > 0))
-    out.update({f"eval/{k}": float(np.mean(joined[k])) for k in ("turns", "tool_calls", "tool_errors",
-                                                                 "malformed_calls", "hit_budget")})
-    del step
-    return out
-  return fn

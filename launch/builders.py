@@ -82,7 +82,8 @@ def load_tokenizer(config):
 
 def build_tokenizer(config, workdir: str):
   """The checkpoint's tokenizer, or (``tokenizer.kind=train_synthetic``) one trained on the generated task
-  (``data.source`` synthetic or calculator; an agent job's markers as single tokens) and kept in ``<workdir>/tokenizer.model``; process 0 saves it to ``<workdir>/tokenizer/`` for export."""
+  (``data.source`` synthetic or calculator; an agent job's markers as single tokens) and kept in
+  ``<workdir>/tokenizer.model``; process 0 saves it to ``<workdir>/tokenizer/`` for export."""
   from rlj.data import tokenizer as tok_lib  # data extras (sentencepiece)
   t = config.tokenizer
   if t.kind != "train_synthetic":
@@ -266,20 +267,15 @@ def make_sampler(config, env: Env, *, greedy: bool = False, num_samples: int | N
   already) a ``rlj.sampler_rounds.RoundSampler`` over rounds of ``ceil(max_new_tokens / rounds)`` tokens."""
   sc = sampler_config(config, eos_id=env.tokenizer.eos_id, pad_id=env.tokenizer.pad_id,
                       stop_ids=stop_ids(config, env.tokenizer), greedy=greedy, num_samples=num_samples)
+  from launch import agent_setup
   rounds = int(config.sampler.get("rounds", 1))
-  if rounds <= 1 or ("agent" in config and config.agent.enabled):
+  if rounds <= 1 or agent_setup.enabled(config):
     return programs.sampler(env.model, sc, mesh=env.mesh, param_shardings=env.param_shardings, rules=env.rules)
-  from rlj.sampler_rounds import RoundSampler
-  from rlj.turn_sampler import TurnSampler
-  r_len = -(-sc.max_new_tokens // rounds)
+  from rlj.sampler_rounds import round_sampler
+  make = lambda c: programs.sampler(env.model, c, mesh=env.mesh, param_shardings=env.param_shardings,  # noqa: E731
+                                    rules=env.rules)
   rows = sc.num_samples * (config.eval.batch_prompts if greedy else config.train.batch_prompts)
-  first = programs.sampler(env.model, dataclasses.replace(sc, max_new_tokens=r_len), mesh=env.mesh,
-                           param_shardings=env.param_shardings, rules=env.rules)
-  cont = programs.sampler(env.model, dataclasses.replace(sc, max_new_tokens=r_len, num_samples=1, batch_buckets=tuple(
-      sorted({max(1, rows // d) for d in (8, 4, 2, 1)}))), mesh=env.mesh, param_shardings=env.param_shardings,
-      rules=env.rules)
-  slots = -(-(max(config.data.buckets) + rounds * (r_len + 1)) // 64) * 64
-  return RoundSampler(first, TurnSampler(cont, max_slots=slots, chunk_buckets=(1,)), max_new_tokens=sc.max_new_tokens)
+  return round_sampler(make, sc, rounds=rounds, max_prompt_len=max(config.data.buckets), rows=rows)
 
 
 def eval_fn(config, env: Env):
@@ -299,11 +295,13 @@ def eval_fn(config, env: Env):
         break
       yield b
 
-  if agent_setup.enabled(config):
-    return agent_setup.eval_fn(config, env, batches)
+  reward_fn = dict(combine.build([dict(r) for r in config.eval.rewards]))[config.eval.rewards[0]["name"]]
+  if agent_setup.enabled(config):   # greedy multi-turn trajectories
+    trajectories = agent_setup.multi_turn_sampler(config, env, greedy=True, num_samples=1)
+    return lambda params, step: evaluation.evaluate_trajectories(params, batches(), sampler=trajectories,
+                                                                 reward_fn=reward_fn)
   greedy = make_sampler(config, env, greedy=True, num_samples=1)
   sampled = make_sampler(config, env) if config.eval.sampled else None
-  reward_fn = dict(combine.build([dict(r) for r in config.eval.rewards]))[config.eval.rewards[0]["name"]]
 
   def fn(params, step):
     return evaluation.evaluate(params, batches(), tokenizer=env.tokenizer, reward_fn=reward_fn,
@@ -347,8 +345,8 @@ def algo_settings(config, pad_id: int = 0) -> Settings:
   a, t, s = config.algo, config.train, config.sampler
   options = {k: dict(v) for k, v in a.items() if k not in ("name", "kwargs")}
   return Settings(loss_kwargs=dict(a.kwargs), options=options, num_generations=s.num_generations,
-                  max_new_tokens=agent_setup.completion_len(config), num_minibatches=t.num_minibatches, seed=config.seed,
-                  pad_id=pad_id)
+                  max_new_tokens=agent_setup.completion_len(config), num_minibatches=t.num_minibatches,
+                  seed=config.seed, pad_id=pad_id)
 
 
 def loop_config(config, pad_id: int = 0) -> rl_loop.LoopConfig:

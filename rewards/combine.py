@@ -120,19 +120,30 @@ def resolve(fn: str | RewardFn) -> RewardFn:
     return BUILTINS[fn]
   if ":" not in fn:
     raise ValueError(f"unknown reward {fn!r}; choose one of {sorted(BUILTINS)} or give 'module:function'")
-  if not _IMPORT_RE.fullmatch(fn):
-    raise ValueError(f"malformed import string {fn!r}; expected 'package.module:function'")
-  module_name, attr_path = fn.split(":")
+  return import_callable(fn, "reward")
+
+
+def import_callable(spec: str, what: str) -> Callable:
+  """The callable an import string ``"package.module:attr[.attr]"`` names (imported, never evaluated); ``what``
+  ("reward", "tool", ...) names it in the errors.
+
+  Raises:
+    ValueError: a malformed string, or a target that is not callable.
+    ImportError / AttributeError: the module or attribute does not exist (message names the string).
+  """
+  if not _IMPORT_RE.fullmatch(spec):
+    raise ValueError(f"malformed import string {spec!r}; expected 'package.module:function'")
+  module_name, attr_path = spec.split(":")
   try:
     obj: Any = importlib.import_module(module_name)
   except ImportError as e:
-    raise ImportError(f"reward {fn!r}: cannot import module {module_name!r}: {e}") from e
+    raise ImportError(f"{what} {spec!r}: cannot import {module_name!r}: {e}") from e
   for attr in attr_path.split("."):
     if not hasattr(obj, attr):
-      raise AttributeError(f"reward {fn!r}: {module_name!r} has no attribute {attr_path!r}")
+      raise AttributeError(f"{what} {spec!r}: {module_name!r} has no attribute {attr_path!r}")
     obj = getattr(obj, attr)
   if not callable(obj):
-    raise ValueError(f"reward {fn!r} resolves to a non-callable {type(obj).__name__}")
+    raise ValueError(f"{what} {spec!r} resolves to a non-callable {type(obj).__name__}")
   return obj
 
 

@@ -14,3 +14,13 @@ def pick_bucket(size: int, buckets: Sequence[int], what: str = "length") -> int:
     if b >= size:
       return b
   raise ValueError(f"{what} {size} exceeds the largest bucket {max(buckets)}; add a larger bucket")
+
+
+def round_up(size: int, multiple: int) -> int:
+  """``size`` rounded up to a multiple of ``multiple``."""
+  return -(-size // multiple) * multiple
+
+
+def shrinking_buckets(rows: int) -> tuple[int, ...]:
+  """Batch buckets for calls whose rows shrink as rows finish: ``rows`` / 8, / 4, / 2 and ``rows`` (at least 1)."""
+  return tuple(sorted({max(1, rows // d) for d in (8, 4, 2, 1)}))

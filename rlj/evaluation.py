@@ -4,6 +4,7 @@ A completion is correct when ``reward_fn`` gives it a reward >= ``threshold`` (e
 Greedy: one argmax completion per prompt. Sampled: G completions per prompt at the training temperature;
 ``sampled_accuracy`` is the mean over all samples and ``pass@G`` the fraction of prompts with at least one
 correct sample. In a multi-process job each process scores its own prompts and the metrics cover all of them.
+Agent jobs evaluate greedy multi-turn trajectories instead (``evaluate_trajectories``).
 """
 from __future__ import annotations
 
@@ -70,4 +71,28 @@ def evaluate(params: Any, batches: Iterable[Mapping[str, np.ndarray]], *, tokeni
   if correct_sampled:
     out["eval/sampled_accuracy"] = float(np.concatenate(correct_sampled).mean())
     out[f"eval/pass@{sampled_sampler.config.num_samples}"] = float(np.concatenate(pass_k).mean())
+  return out
+
+
+AGENT_MEANS = ("turns", "tool_calls", "tool_errors", "malformed_calls", "hit_budget")
+
+
+def evaluate_trajectories(params: Any, batches: Iterable[Mapping[str, np.ndarray]], *, sampler, reward_fn: Callable,
+                          threshold: float = 1.0) -> dict[str, float]:
+  """Greedy multi-turn trajectories (``sampler``: an ``rlj.agents.rollout.MultiTurnSampler``, one process) over
+  ``batches``: under ``eval/``, the accuracy of their last turns, the fraction that called a tool
+  (``tool_call_rate``) and the means of ``AGENT_MEANS`` per trajectory."""
+  import jax  # local: keeps the module importable for pure-numpy use
+  correct, stats = [], []
+  for batch in batches:
+    valid = np.asarray(batch.get("valid", np.ones(len(batch["prompt"]), bool)), bool)
+    ar = sampler.sample(params, batch, jax.random.key(0))
+    r = score(reward_fn, [str(p) for p in batch["prompt"]], ar.texts, [str(a) for a in batch["answer"]],
+              ar.rollout.lengths)
+    correct.append((r >= threshold)[valid])
+    stats.append({k: v[valid] for k, v in ar.stats.items()})
+  joined = {k: np.concatenate([s[k] for s in stats]) for k in AGENT_MEANS}
+  out = {"eval/examples": float(sum(len(c) for c in correct)), "eval/accuracy": float(np.concatenate(correct).mean()),
+         "eval/tool_call_rate": float(np.mean(joined["tool_calls"] > 0))}
+  out.update({f"eval/{k}": float(np.mean(joined[k])) for k in AGENT_MEANS})
   return out

@@ -36,7 +36,7 @@ from models.config import ModelConfig
 from models import decode as decode_lib
 from rlj import host_data, logprobs, sampling_filters, sharding
 from rlj.buckets import pick_bucket
-from rlj.sampler_config import PHASE_STEPS, Rollout, SamplerConfig, finish_rollout
+from rlj.sampler_config import PHASE_STEPS, Rollout, SamplerConfig, TurnCache, finish_rollout
 
 
 class LoopState(NamedTuple):
@@ -273,7 +273,7 @@ class Sampler:
     return self._programs[key]
 
   def sample(self, params: Any, prompt_tokens, prompt_mask, rng: jax.Array, *,
-             return_cache: bool = False) -> Rollout | tuple[Rollout, Any]:
+             return_cache: bool = False) -> Rollout | tuple[Rollout, TurnCache]:
     """Samples G completions for each of B left-padded prompts.
 
     Args:
@@ -285,7 +285,7 @@ class Sampler:
 
     Returns:
       A ``Rollout`` with N = B * G rows and P + T columns; with ``return_cache`` also the KV cache the call left
-      (``rlj.turn_sampler.TurnCache``: its row r is the rollout's row r; not kept for the next call), from which
+      (``rlj.sampler_config.TurnCache``: its row r is the rollout's row r; not kept for the next call), from which
       ``rlj.turn_sampler.TurnSampler`` continues the rows.
 
     Multi-process jobs: each process passes its own B_local prompts; the rollout holds the global batch of
@@ -328,7 +328,6 @@ class Sampler:
                         pad_cols=pb - p)
     if not return_cache:
       return ro
-    from rlj.turn_sampler import TurnCache
     return ro, TurnCache(cache, start=pb, index=int(jax.device_get(cache.index)))
 
   def _global_shape(self, b_local: int, p_local: int) -> tuple[int, int]:

@@ -1,9 +1,9 @@
-"""The sampler's configuration, its result (``Rollout``) and shape buckets (see ``rlj.sampler``)."""
+"""The sampler's configuration, its results (``Rollout``, ``TurnCache``) and shape buckets (see ``rlj.sampler``)."""
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -100,6 +100,15 @@ class Rollout(NamedTuple):
   prompt_mask: jax.Array
   attn_mask: jax.Array
   num_steps: jax.Array
+
+
+class TurnCache(NamedTuple):
+  """The KV cache a sampling call left (``Sampler.sample(return_cache=True)``), where its decode began
+  (``start``) and ended (``index``: the slot after the last token that went through a forward pass); row r of the
+  cache is row r of that call. ``rlj.turn_sampler.TurnSampler`` continues rows from it."""
+  cache: Any
+  start: int
+  index: int
 
 
 @functools.partial(jax.jit, static_argnames=("rows", "pad_cols"))

@@ -15,12 +15,13 @@ sampler, whose draws depend on the row's place in the batch.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
 
-from rlj.sampler_config import Rollout
+from rlj.buckets import round_up, shrinking_buckets
+from rlj.sampler_config import Rollout, SamplerConfig
 from rlj.turn_sampler import TurnSampler, row_keep
 
 
@@ -85,3 +86,21 @@ class RoundSampler:
                    lengths=out_mask.sum(1).astype(np.int32), prompt_mask=pmask,
                    attn_mask=np.concatenate([pmask, out_mask.astype(np.int32)], 1),
                    num_steps=np.int32(lens.max(initial=0)))
+
+
+def round_sampler(make: Callable[[SamplerConfig], Any], config: SamplerConfig, *, rounds: int, max_prompt_len: int,
+                  rows: int) -> RoundSampler:
+  """A ``RoundSampler`` for ``config``'s rollouts in ``rounds`` rounds of ``ceil(max_new_tokens / rounds)`` tokens.
+
+  ``make(sampler_config)`` builds each compiled sampler: the first round's with ``config``'s G, the later rounds'
+  with one sample per row and batch buckets that shrink from ``rows`` (the rollout's rows). The continued cache
+  holds ``max_prompt_len + rounds x (round + 1)`` slots (each round: its one-token chunk and its decode), rounded
+  up to 64.
+  """
+  r_len = -(-config.max_new_tokens // rounds)
+  first = make(dataclasses.replace(config, max_new_tokens=r_len))
+  cont = make(dataclasses.replace(config, max_new_tokens=r_len, num_samples=1,
+                                  batch_buckets=shrinking_buckets(rows)))
+  slots = round_up(max_prompt_len + rounds * (r_len + 1), 64)
+  return RoundSampler(first, TurnSampler(cont, max_slots=slots, chunk_buckets=(1,)),
+                      max_new_tokens=config.max_new_tokens)

@@ -19,8 +19,8 @@ this way (``supported``). A turn that would not fit in ``max_slots`` is for the 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,14 +29,7 @@ import numpy as np
 from models import kv_cache
 from rlj import logprobs, sampler as sampler_lib
 from rlj.buckets import pick_bucket
-
-
-class TurnCache(NamedTuple):
-  """The KV cache a sampling call left, and where its decode began (``start``) and ended (``index``: the slot
-  after the last token that went through a forward pass); row r of the cache is row r of that call."""
-  cache: Any
-  start: int
-  index: int
+from rlj.sampler_config import TurnCache
 
 
 def row_keep(cache: TurnCache, lengths: np.ndarray) -> np.ndarray:
@@ -147,16 +140,9 @@ class TurnSampler:
             pad(chunk_mask, 0), pad(np.asarray(positions, np.int32), 0))
     rows_in, slots_in = cache.cache.key_mask.shape
     fn = self._program(rows_in, slots_in, nb, width)
-    with jax.set_mesh(self.sampler.mesh) if self.sampler.mesh is not None else _nullcontext():
+    with jax.set_mesh(self.sampler.mesh) if self.sampler.mesh is not None else contextlib.nullcontext():
       tokens, logp, mask, new = fn(params, cache.cache, *args, rng)
     start = cache.index + width
     out = jax.device_get((tokens, logp, mask, new.index))
     return (out[0][:n], out[1][:n], out[2][:n].astype(np.float32), TurnCache(new, start=start, index=int(out[3])))
 
-
-class _nullcontext:
-  def __enter__(self):
-    return None
-
-  def __exit__(self, *exc):
-    return False

@@ -26,6 +26,7 @@ import numpy as np
 from launch import bench
 from models import presets
 from models.transformer import Transformer
+from rlj.buckets import round_up
 from rlj.sampler import Sampler, SamplerConfig
 from rlj.turn_sampler import TurnSampler
 
@@ -52,7 +53,7 @@ def measure(*, model: str, rows: int, contexts: tuple[int, ...], observation: in
     pre = Sampler(m, SamplerConfig(max_new_tokens=1, **cfg))
     t_pre = median(lambda: pre.sample(params, context, np.ones_like(context), jax.random.key(1)).tokens)
     _, cache = pre.sample(params, context, np.ones_like(context), jax.random.key(1), return_cache=True)
-    slots = -(-(c + observation + new_tokens) // 64) * 64
+    slots = round_up(c + observation + new_tokens, 64)
     turns = TurnSampler(Sampler(m, SamplerConfig(max_new_tokens=new_tokens, **cfg)), max_slots=slots,
                         chunk_buckets=(observation,))
     rows_ = np.arange(rows)

@@ -27,8 +27,7 @@ from models import presets
 from models.transformer import Transformer
 from rlj import rollout_stats
 from rlj.sampler import Sampler, SamplerConfig
-from rlj.sampler_rounds import RoundSampler
-from rlj.turn_sampler import TurnSampler
+from rlj.sampler_rounds import round_sampler
 
 
 def measure(*, model: str, prompts: int, prompt_len: int, new_tokens: int, rounds: tuple[int, ...], dtype: str,
@@ -58,11 +57,8 @@ def measure(*, model: str, prompts: int, prompt_len: int, new_tokens: int, round
           "mean length": f"{lengths.mean():.1f}", "decode on stopped rows": f"{frac:.0%}"}]
   for r in rounds:
     r_len = -(-new_tokens // r)
-    first = Sampler(m, SamplerConfig(max_new_tokens=r_len, num_samples=g, **base))
-    cont = Sampler(m, SamplerConfig(max_new_tokens=r_len, num_samples=1,
-                                    batch_buckets=tuple(sorted({max(1, n // d) for d in (8, 4, 2, 1)})), **base))
-    slots = -(-(prompt_len + r * (r_len + 1)) // 64) * 64
-    rs = RoundSampler(first, TurnSampler(cont, max_slots=slots, chunk_buckets=(1,)), max_new_tokens=new_tokens)
+    rs = round_sampler(lambda c: Sampler(m, c), SamplerConfig(max_new_tokens=new_tokens, num_samples=g, **base),
+                       rounds=r, max_prompt_len=prompt_len, rows=n)
     t_r, lengths_r = timed(rs)
     out.append({"sampler": f"{r} rounds of {r_len}", "ms": f"{t_r * 1e3:.0f}", "vs one-shot": f"{t_r / t_one:.2f}",
                 "mean length": f"{lengths_r.mean():.1f}", "decode on stopped rows": "-"})

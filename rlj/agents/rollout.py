@@ -36,6 +36,7 @@ import numpy as np
 from rlj.agents.env import COUNTERS, Environment, Turn
 from rlj.data import encoding, stops
 from rlj.sampler_config import Rollout
+from rlj.turn_sampler import row_keep
 
 STATS = ("turns",) + COUNTERS + ("hit_budget", "hit_max_turns", "turn_cut")
 
@@ -231,7 +232,6 @@ class _CacheBook:
 
   def update(self, rows, before, lengths, cache) -> None:
     """After a call on ``rows`` whose caches held ``before`` tokens each and that sampled ``lengths`` tokens."""
-    from rlj.turn_sampler import row_keep
     self.cache = cache
     keep = row_keep(cache, lengths)
     for k, r in enumerate(rows):
