@@ -115,16 +115,18 @@ def rl_base(arg: mlc.ConfigDict) -> mlc.ConfigDict:
   # trains only adapters W0 + (alpha / rank) B A on the targeted projections (q k v o gate up down) of the frozen
   # base, which is also the reference; base_dtype "" keeps the model's param dtype, "bfloat16" halves the base.
   c.model = dict(preset=arg.model, vocab_from_tokenizer=False,
-                 overrides=dict(param_dtype="float32", dtype="bfloat16", remat=True), lora=lora_section())
+                 overrides=dict(param_dtype="float32", dtype="bfloat16", remat=True, attention="auto"), lora=lora_section())
   c.init = dict(policy="hf", path="")                       # scratch | hf | rlj | sft
   c.tokenizer = tokenizer_section()
   c.data = dict(source="gsm8k", source_dir="", data_dir="", train_split="train", eval_split="test",
                 buckets=(256,), add_bos=True, overflow="truncate", num_workers=0, seed=0, levels=(1,),
                 train_records=0, eval_records=0, **prompt_section("Question: {prompt}\nAnswer:"))
   c.sampler = dict(num_generations=8, max_new_tokens=512, temperature=1.0, top_p=1.0, top_k=0, batch_buckets=(),
-                   dtype="bfloat16", keep_cache=True, cache_phases=None, stop_tokens=(), rounds=1)
+                   dtype="bfloat16", keep_cache=True, cache_phases=None, stop_tokens=(), rounds=1, chunks=1)
   # sampler.rounds: decode the rollout in this many rounds; rows that stopped leave the batch between rounds
   # (rlj/sampler_rounds.py; one process; 1: one decode loop until the longest row stops).
+  # sampler.chunks: sample a step's prompts in this many sequential calls of batch_prompts / chunks prompts (one
+  # compiled program; the KV cache and sampler temporaries are one call's; rlj/sampler_chunks.py). launch.aot sizes it.
   c.rewards = MATH_REWARDS + ({"name": "format", "fn": "format", "weight": 0.1},)
   # kl_control: the adaptive KL coefficient of Ziegler et al. (arXiv:1909.08593, Sec. 2.2; rlj/kl_controller.py):
   # with target > 0 (KL in nats per token, the objective's `kl` metric) beta starts at kwargs.kl_coef (> 0) and
@@ -153,8 +155,10 @@ def rl_base(arg: mlc.ConfigDict) -> mlc.ConfigDict:
   # algorithms only): groups whose rewards are all equal are dropped and the next prompt batches are rolled out
   # until batch_prompts groups have distinct rewards, at most max_extra_rollouts more rollouts per step; short of
   # that, the step trains on the groups it has and masks the rest (metric dynamic_sampling/bound_hit, a warning).
+  # logp_microbatches: row chunks of the rollout log-prob pass (0: one per optimizer micro-batch); logits_chunk:
+  # completion tokens projected to logits at a time in the log-prob passes and the loss (0: all; rlj/logprobs.py).
   c.train = dict(total_steps=1000, batch_prompts=64, num_epochs=1, num_minibatches=4, num_microbatches=1,
-                 old_logp="auto", mismatch_check_every=0, mismatch_correction="none", mismatch_low=0.5,
+                 logp_microbatches=0, logits_chunk=0, old_logp="auto", mismatch_check_every=0, mismatch_correction="none", mismatch_low=0.5,
                  mismatch_high=2.0, eval_every=100, ckpt_every=50, ckpt_every_minutes=30.0,
                  keep_checkpoints=3, max_consecutive_skips=10,
                  dynamic_sampling=dict(enabled=False, max_extra_rollouts=4))
@@ -170,7 +174,7 @@ def local_machine(c: mlc.ConfigDict) -> None:
   c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
   c.model.preset = "tiny"
   c.model.vocab_from_tokenizer = True
-  c.model.overrides = dict(LOCAL_MODEL, param_dtype="float32", dtype="float32", remat=False)
+  c.model.overrides = dict(LOCAL_MODEL, param_dtype="float32", dtype="float32", remat=False, attention="auto")
 
 
 def apply_local_hf(c: mlc.ConfigDict, path: str) -> mlc.ConfigDict:
@@ -180,7 +184,7 @@ def apply_local_hf(c: mlc.ConfigDict, path: str) -> mlc.ConfigDict:
   c.init.policy = "hf"
   c.init.path = path
   c.tokenizer.kind = "auto"
-  c.model.overrides = dict(param_dtype="float32", dtype="float32", remat=False)
+  c.model.overrides = dict(param_dtype="float32", dtype="float32", remat=False, attention="auto")
   c.data.source = "gsm8k"
   c.data.format = "chat"
   c.data.user_template = "{prompt}\nEnd with the final answer after ####."

@@ -25,7 +25,9 @@ Variants (``VARIANTS``; ``python -m launch.train --help`` lists them and the mod
 (DAPO clip-higher), ``--config.algo.advantage.scale=none --config.algo.kwargs.agg=dr_grpo`` (Dr. GRPO),
 ``--config.train.dynamic_sampling.enabled=True`` (DAPO dynamic sampling; ``max_extra_rollouts`` bounds the extra
 rollouts per step), ``--config.algo.kwargs.kl_coef=0.04 --config.algo.kl_control.target=0.06`` (adaptive KL
-coefficient; ``algo.kl_control.horizon``); see ``configs/common.py:rl_base``.
+coefficient; ``algo.kl_control.horizon``); see ``configs/common.py:rl_base``. Long rollouts (README "Long
+rollouts"): ``--config.train.logits_chunk=512``, ``--config.train.num_microbatches``, ``--config.sampler.chunks``;
+``python -m launch.aot ... --suggest`` finds the settings that fit a slice.
 ``--show`` prints every key of the resolved config.
 """
 from configs import common

@@ -50,7 +50,7 @@ def rm_base(arg: mlc.ConfigDict, *, kind: str) -> mlc.ConfigDict:
   c.mesh = [("data", 1), ("fsdp", -1), ("tensor", 1)]
   c.sharding_rules = common.rules_list()
   c.model = dict(preset=arg.model, vocab_from_tokenizer=False,
-                 overrides=dict(param_dtype="float32", dtype="bfloat16", remat=True))
+                 overrides=dict(param_dtype="float32", dtype="bfloat16", remat=True, attention="auto"))
   c.init = dict(backbone="hf", path="")                      # scratch | hf | rlj
   c.head = dict(kind=kind, num_cosines=64, hidden_dim=0, monotone="none")   # hidden_dim 0: the backbone's D
   c.tokenizer = common.tokenizer_section()    # kind: auto | hf | sentencepiece | train_synthetic | train_data

@@ -44,6 +44,8 @@ import numpy as np
 
 from launch import builders, checks
 from launch.aot_tools import flops, hbm, lora_weights, tpu_topology
+from launch.aot_tools import suggest as suggest_lib
+from models import attention_kernels
 from models.transformer import Transformer
 from rlj import programs, rl_algos, sharding, train_state
 from rlj.batches import minibatches
@@ -58,21 +60,13 @@ def define_flags() -> None:
   config_flags.DEFINE_config_file("config", None, "RL job config (configs/*.py[:args])", lock_config=True)
   flags.DEFINE_string("topology", None, "TPU slice, e.g. v5p-64, v5litepod-16, v4:2x2x4; default: the config's slice")
   flags.DEFINE_float("hbm_gib", None, "HBM per chip in GiB instead of the chip's (v4 32, v5e 16, v5p 95, v6e 32)")
+  flags.DEFINE_bool("suggest", False, "when the config does not fit, search the micro-batch, remat, logits-chunk and "
+                    "sampling-chunk settings that make it fit (recompiles the phases over HBM) and report them")
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Shapes the config implies on the slice
 # ------------------------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Shapes:
-  hosts: int
-  prompts: int          # global prompts per RL step (batch_prompts x hosts)
-  rows: int             # rollout rows (prompts x G)
-  prompt_len: int       # P, the largest prompt bucket
-  new_tokens: int       # T
-  dp: int               # ways the batch is split
-
 
 def check_mesh(config, num_devices: int, hosts: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
   """The config's mesh on ``num_devices`` chips of ``hosts`` hosts, with the launcher's layout checks."""
@@ -133,8 +127,11 @@ def _with_shardings(tree, shardings):
 # Compilation
 # ------------------------------------------------------------------------------------------------------------
 
-def compile_all(config, devices, *, log=print) -> tuple[dict, list, dict]:
+def compile_all(config, devices, *, log=print, only=None) -> tuple[dict, list, dict]:
   """Compiles every program of one RL step for ``devices``; returns (phases, cost programs, summary).
+
+  ``only``: compile just these phases ("sampling", "rollout log-probs", "train step") and skip the FLOP counts
+  (``launch/aot_tools/suggest.py`` recompiles the phases that do not fit under other settings).
 
   With ``model.lora.rank > 0`` the train state holds the adapters and their moments, the frozen base (also the
   reference) is the step's separate argument, and the sampler reads a merged copy (``aot_tools/lora_weights.py``).
@@ -145,6 +142,9 @@ def compile_all(config, devices, *, log=print) -> tuple[dict, list, dict]:
   mesh = sharding.make_mesh(list(zip(names, sizes)), devices=devices)
   rules = [tuple(r) for r in config.sharding_rules]
   mc = builders.model_config(config, config.tokenizer.vocab_size)
+  # "auto" attention is the target's kernel (this process traces on CPU, for TPU devices).
+  mc = dataclasses.replace(mc, attention=attention_kernels.resolve(
+      mc.attention, devices[0].platform, dtype=mc.jnp_dtype, logit_cap=mc.attn_logit_softcap, head_dim=mc.head_dim))
   model = Transformer(mc)
   p_len, t_len, g = max(config.data.buckets), config.sampler.max_new_tokens, config.sampler.num_generations
   prompts = config.train.batch_prompts * hosts
@@ -207,7 +207,8 @@ def compile_all(config, devices, *, log=print) -> tuple[dict, list, dict]:
     sampler_params_bytes = hbm.shard_bytes(sampler_params)
   sc = builders.sampler_config(config, **special_ids(config, mc.vocab_size))
   sampler = programs.sampler(model, sc, mesh=mesh, param_shardings=param_sh, rules=rules)
-  bb = pick_bucket(prompts, sc.batch_buckets, "batch")
+  chunks = int(s.get("chunks", 1))   # the rollout is sampled in this many sequential calls (rlj/sampler_chunks.py)
+  bb = pick_bucket(prompts // chunks, sc.batch_buckets, "batch")
   cache_abs = jax.eval_shape(functools.partial(sampler.empty_cache, bb * g, p_len))   # p_len + t_len slots
   cache = _with_shardings(cache_abs, sampler.cache_shardings(cache_abs))
   prompt = jax.ShapeDtypeStruct((bb, p_len), jnp.int32)    # placed by the program's own in_shardings
@@ -240,7 +241,8 @@ def compile_all(config, devices, *, log=print) -> tuple[dict, list, dict]:
   chips = len(devices)
   with jax.set_mesh(mesh):
     merge_costs, merge_phases = [], {}
-    for phase, dtype in merges:
+    want = lambda phase: only is None or phase in only   # noqa: E731
+    for phase, dtype in merges if only is None else ():
       log(f"compiling the {phase} ...")
       merge_fn, merge_args = lw.merge_call(dtype)
       merge_p = _compile("lora_merge", merge_fn, merge_args, per_step=1,
@@ -248,22 +250,27 @@ def compile_all(config, devices, *, log=print) -> tuple[dict, list, dict]:
       merge_phases[phase] = hbm.Phase(merge_p, {"optimizer state": sizes_b["optimizer state"], **kept_cache})
       merge_costs.append((f"lora_merge ({dtype.name})", flops.traced_flops(merge_fn, *merge_args) / chips, 1,
                           merge_p))
-    log("compiling the optimizer step ...")
-    train_p = _compile("train_step", step_fn, (state, batch, rng, *frozen), per_step=updates,
-                       args={**sizes_b, "batch": hbm.shard_bytes(batch)})
-    log("compiling the rollout log-prob pass ...")
+    train_p = logp_p = sample_p = None
     logp_fn_jit = progs.logp   # the Trainer's rollout pass
-    logp_p = _compile("completion_logprobs", logp_fn_jit, (logp_params, tokens, tokens), per_step=passes,
-                      args={**logp_args, "rollout tokens": 2 * hbm.shard_bytes(tokens)})
-    log("compiling the sampler (prefill + decode loop) ...")
-    sample_p = _compile("sampler program", sampler.program(bb, p_len), (s_params, prompt, prompt, rng_free, cache),
-                        per_step=1, args=sampler_args)
-    costs = [  # (name, matmul FLOPs per chip of one run, runs per RL step, compiled program or None)
+    if want("train step"):
+      log("compiling the optimizer step ...")
+      train_p = _compile("train_step", step_fn, (state, batch, rng, *frozen), per_step=updates,
+                         args={**sizes_b, "batch": hbm.shard_bytes(batch)})
+    if want("rollout log-probs") and passes:
+      log("compiling the rollout log-prob pass ...")
+      logp_p = _compile("completion_logprobs", logp_fn_jit, (logp_params, tokens, tokens), per_step=passes,
+                        args={**logp_args, "rollout tokens": 2 * hbm.shard_bytes(tokens)})
+    if want("sampling"):
+      log("compiling the sampler (prefill + decode loop) ...")
+      sample_p = _compile("sampler program", sampler.program(bb, p_len), (s_params, prompt, prompt, rng_free,
+                                                                          cache), per_step=chunks, args=sampler_args)
+    costs = [] if only is not None else [  # (name, matmul FLOPs per chip of one run, runs per RL step, compiled program or None)
         *merge_costs,
-        ("sampler prefill", flops.traced_flops(prefill_fn, *prefill_args) / chips, 1, None),
+        ("sampler prefill", flops.traced_flops(prefill_fn, *prefill_args) / chips, chunks, None),
         # T tokens take T - 1 forward passes after the prefill (the last one is drawn without one).
-        ("sampler decode step", flops.traced_flops(prefill_fn, *decode_args) / chips, max(t_len - 1, 0), None),
-        ("sampler program", None, 1, sample_p),
+        ("sampler decode step", flops.traced_flops(prefill_fn, *decode_args) / chips, max(t_len - 1, 0) * chunks,
+         None),
+        ("sampler program", None, chunks, sample_p),
         ("completion_logprobs", flops.traced_flops(logp_fn_jit, logp_params, tokens, tokens) / chips, passes, logp_p),
         ("train_step", flops.traced_flops(step_fn, state, batch, rng, *frozen) / chips, updates, train_p),
     ]
@@ -286,8 +293,7 @@ def compile_all(config, devices, *, log=print) -> tuple[dict, list, dict]:
                                                    else {}), **train_state_b, **kept_cache}),
         "train step": hbm.Phase(train_p, dict(kept_cache)),
     }
-  if not passes:
-    del phases["rollout log-probs"]
+  phases = {k: v for k, v in phases.items() if v.program is not None}   # not compiled: no passes, or not asked
   summary = dict(sizes_b, mesh=dict(zip(names, sizes)), hosts=hosts, prompts=prompts, rows=rows,
                  minibatch_rows=batch["tokens"].shape[0], kv_cache=cache_bytes, reference=ref_bytes,
                  sampler_params=sampler_params_bytes, lora=what)
@@ -328,8 +334,11 @@ def _prefill_and_decode(sampler: Sampler, params, cache, prompt, mesh, rules):
 # Entry point
 # ------------------------------------------------------------------------------------------------------------
 
-def run(config, topology: str | None = None, *, hbm_gib: float | None = None, log=print) -> tuple[bool, str]:
-  """Compiles the config for ``topology`` (default: ``config.slice``); returns (fits, report text)."""
+def run(config, topology: str | None = None, *, hbm_gib: float | None = None, log=print,
+        suggest: bool = False) -> tuple[bool, str]:
+  """Compiles the config for ``topology`` (default: ``config.slice``); returns (fits, report text). With
+  ``suggest``, a config that does not fit is followed by the settings that make it fit
+  (``launch/aot_tools/suggest.py``) and their report."""
   if config.job != "rl":
     raise SystemExit(f"launch.aot checks RL jobs; config key 'job' is {config.job!r}")
   try:
@@ -341,22 +350,40 @@ def run(config, topology: str | None = None, *, hbm_gib: float | None = None, lo
   except ValueError as e:
     raise SystemExit(str(e)) from None
   devices = tpu_topology.compile_only_devices(sl)
+  fits, text, phases, hosts = _report(config, sl, devices, log)
+  if fits or not suggest:
+    return fits, text
+  log(text)
+  log("searching for settings that fit (--suggest) ...")
+  found = suggest_lib.search(config, devices, phases, sl.hbm_bytes, compile_all, hosts=hosts, log=log)
+  if found is None:
+    return fits, ("no micro-batch, remat, logits-chunk or sampling-chunk setting makes it fit: fewer prompts per "
+                  "RL step (--config.train.batch_prompts), fewer new tokens or a larger slice")
+  _, text2, _, _ = _report(suggest_lib.apply(config, found), sl, devices, log)
+  return fits, f"suggested: {suggest_lib.flags(found)}\nwith them:\n{text2}"
+
+
+def _report(config, sl, devices, log):
+  """(fits, report text, phases, hosts) of ``config`` on slice ``sl``."""
   phases, costs, summary = compile_all(config, devices, log=log)
   header = (f"{sl.name} ({sl.topology_name}, {sl.num_chips} chips, {summary['hosts']} hosts, "
             f"{hbm.gib(sl.hbm_bytes).strip()} HBM per chip), mesh {summary['mesh']}; rollout {summary['prompts']} "
             f"prompts x {config.sampler.num_generations} = {summary['rows']} rows, "
             f"{config.train.num_minibatches} minibatches of {summary['minibatch_rows']} rows in "
             f"{config.train.num_microbatches} micro-batches"
+            + (f"; sampled in {config.sampler.chunks} chunks of {summary['prompts'] // config.sampler.chunks} "
+               f"prompts" if config.sampler.get("chunks", 1) > 1 else "")
             + (f"; {summary['lora']}" if summary["lora"] else "") + "\nper-chip HBM by phase:")
   fits, text = hbm.report(phases, sl.hbm_bytes, header=header)
   text += "\n" + "\n".join(hbm.cost_lines(costs))
-  return fits, text
+  return fits, text, phases, summary["hosts"]
 
 
-def check(config, topology: str | None = None, *, hbm_gib: float | None = None, log=print) -> int:
-  """Prints the report; returns the exit status (0 fits, 1 does not fit)."""
+def check(config, topology: str | None = None, *, hbm_gib: float | None = None, log=print,
+          suggest: bool = False) -> int:
+  """Prints the report; returns the exit status (0 fits, 1 does not fit as given)."""
   try:
-    fits, text = run(config, topology, hbm_gib=hbm_gib, log=log)
+    fits, text = run(config, topology, hbm_gib=hbm_gib, log=log, suggest=suggest)
   except ImportError as e:
     raise SystemExit(str(e)) from None
   log(text)
@@ -369,7 +396,8 @@ def main(argv) -> None:
   if config is None:
     raise app.UsageError("--config is required, e.g. --config configs/grpo_tpu.py")
   jax.config.update("jax_platforms", "cpu")  # this process runs nothing: TPU devices are compile-only
-  sys.exit(check(config, flags.FLAGS.topology, hbm_gib=flags.FLAGS.hbm_gib, log=functools.partial(print, flush=True)))
+  sys.exit(check(config, flags.FLAGS.topology, hbm_gib=flags.FLAGS.hbm_gib, log=functools.partial(print, flush=True),
+                 suggest=flags.FLAGS.suggest))
 
 
 if __name__ == "__main__":

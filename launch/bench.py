@@ -10,6 +10,7 @@ BENCHMARKS.md next to the one command that reproduces it.
   python -m launch.bench --case lora_sampling --model small-32m       # LoRA decode: merged vs unmerged
   python -m launch.bench --case sampler_rounds --model small-32m      # decode on stopped rows: one-shot vs rounds
   python -m launch.bench --case agent_turns --model small-32m         # multi-turn: re-prefill vs KV-cache reuse
+  python -m launch.bench --case attention --model llama-3.2-1b --seq 4096 --dtype bfloat16   # kernel vs einsum
   python -m launch.bench --case all                                   # train_step, sampler, logprobs, rl_step
   python -m launch.bench --case train_step --model small-50m --dtype bfloat16   # GPU / TPU: bf16 peak
 
@@ -223,6 +224,8 @@ CASES = {
                           "LoRA decode on merged weights vs base + unmerged adapters"),
     "sampler_rounds": Case("launch.benchmarks.sampler_rounds", "run",
                            "length-skewed rollouts: one-shot decode against rounds that drop stopped rows"),
+    "attention": Case("launch.benchmarks.attention", "run",
+                      "teacher-forced causal attention, fwd + bwd: einsum path vs the platform's kernel"),
     "agent_turns": Case("launch.benchmarks.agent_turns", "run",
                         "multi-turn rollouts: a continuing turn re-prefilled vs continued from its KV cache"),
 }

@@ -264,18 +264,26 @@ def sampler_config(config, *, eos_id: int, pad_id: int, stop_ids: tuple[int, ...
 
 def make_sampler(config, env: Env, *, greedy: bool = False, num_samples: int | None = None):
   """The compiled sampler of the config; with ``sampler.rounds`` > 1 (not in agent jobs, whose turns are rounds
-  already) a ``rlj.sampler_rounds.RoundSampler`` over rounds of ``ceil(max_new_tokens / rounds)`` tokens."""
+  already) a ``rlj.sampler_rounds.RoundSampler`` over rounds of ``ceil(max_new_tokens / rounds)`` tokens; the
+  training rollout's sampler (not ``greedy``) samples its prompts in ``sampler.chunks`` sequential calls
+  (``rlj.sampler_chunks.ChunkedSampler``)."""
   sc = sampler_config(config, eos_id=env.tokenizer.eos_id, pad_id=env.tokenizer.pad_id,
                       stop_ids=stop_ids(config, env.tokenizer), greedy=greedy, num_samples=num_samples)
   from launch import agent_setup
   rounds = int(config.sampler.get("rounds", 1))
-  if rounds <= 1 or agent_setup.enabled(config):
-    return programs.sampler(env.model, sc, mesh=env.mesh, param_shardings=env.param_shardings, rules=env.rules)
-  from rlj.sampler_rounds import round_sampler
+  chunks = 1 if greedy else int(config.sampler.get("chunks", 1))
   make = lambda c: programs.sampler(env.model, c, mesh=env.mesh, param_shardings=env.param_shardings,  # noqa: E731
                                     rules=env.rules)
-  rows = sc.num_samples * (config.eval.batch_prompts if greedy else config.train.batch_prompts)
-  return round_sampler(make, sc, rounds=rounds, max_prompt_len=max(config.data.buckets), rows=rows)
+  if rounds <= 1 or agent_setup.enabled(config):
+    sampler = make(sc)
+  else:
+    from rlj.sampler_rounds import round_sampler
+    rows = sc.num_samples * (config.eval.batch_prompts if greedy else config.train.batch_prompts) // chunks
+    sampler = round_sampler(make, sc, rounds=rounds, max_prompt_len=max(config.data.buckets), rows=rows)
+  if chunks > 1:
+    from rlj.sampler_chunks import ChunkedSampler
+    sampler = ChunkedSampler(sampler, chunks)
+  return sampler
 
 
 def eval_fn(config, env: Env):
@@ -354,6 +362,7 @@ def loop_config(config, pad_id: int = 0) -> rl_loop.LoopConfig:
   return rl_loop.LoopConfig(
       algo=config.algo.name, algo_settings=algo_settings(config, pad_id), total_steps=t.total_steps,
       temperature=config.sampler.temperature, num_epochs=t.num_epochs, num_microbatches=t.num_microbatches,
+      logp_microbatches=int(t.get("logp_microbatches", 0)), logits_chunk=int(t.get("logits_chunk", 0)),
       old_logp=t.old_logp, mismatch_check_every=t.mismatch_check_every, mismatch_correction=t.mismatch_correction,
       mismatch_low=t.mismatch_low, mismatch_high=t.mismatch_high, eval_every=t.eval_every,
       max_consecutive_skips=t.max_consecutive_skips,

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import kv_cache
+from models import attention_kernels, kv_cache
 from models.layers import RMSNorm, apply_rope, dense, param, softcap, with_lora
 
 # Finite "minus infinity": a query with no valid key (a padding row) gets a uniform softmax, not NaN.
@@ -158,6 +158,8 @@ class Attention(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   cache_keys_slots_last: bool = False   # the cache's keys are [.., KVH, Dh, S_max] (``ModelConfig``)
+  impl: str = "xla"                     # without a cache: "xla", or a kernel (``models.attention_kernels``)
+  window: Optional[int] = None          # sliding layers' window W (kernels apply it themselves)
 
   def _project(self, x, name, heads, heads_axis):
     d = x.shape[-1]
@@ -172,18 +174,21 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, sin: jax.Array, cos: jax.Array, mask: jax.Array,
                cache: Optional[tuple[jax.Array, jax.Array]] = None,
-               index: Optional[jax.Array] = None, layer: Optional[jax.Array] = None):
+               index: Optional[jax.Array] = None, layer: Optional[jax.Array] = None, sliding=False):
     """Self-attention over the new tokens, or over the cache after writing them into it.
 
     Args:
       x: [B, S, D] normed hidden states.
       sin, cos: [B, S, Dh/2] RoPE angles of the S tokens.
-      mask: [B, S, T] bool from ``attention_mask`` (T = S, or S_max with a cache).
+      mask: [B, S, T] bool from ``attention_mask`` (T = S, or S_max with a cache); with a kernel ``impl`` (no
+        cache) the [B, S] int32 segment ids instead (0 on padding).
       cache: the stacked (k, v) of all layers, each [L, B, KVH, S_max, Dh] (keys [L, B, KVH, Dh, S_max] with
         ``cache_keys_slots_last``; ``kv_cache.KVCache``); with ``layer`` None this layer's own (k, v) without
         the L axis; or None.
       index: int32 scalar slot of the first new token (with a cache).
       layer: int32 scalar, this block's layer in a stacked cache.
+      sliding: whether this layer slides over ``window`` (a Python or traced bool; kernels only: the einsum
+        path gets the window in ``mask``).
     Returns:
       ([B, S, D] output, the cache as given with this layer's new slots written in place, or None).
     """
@@ -206,10 +211,19 @@ class Attention(nn.Module):
                kv_cache.write_layer(cache[1], v, layer, index, slot_axis=2))
       k, v = (kv_cache.read_layer(buf, layer).astype(self.dtype) for buf in cache)
       attend = functools.partial(dot_product_attention, keys_transposed=slots_last, **options)
+    elif self.impl != "xla":
+      out = attention_kernels.self_attention(q, k, v, mask, impl=self.impl, window=self.window, sliding=sliding,
+                                             scale=self.head_dim ** -0.5 if self.scale is None else self.scale,
+                                             logit_cap=self.logit_cap)
+      return self._out(x, out), cache
     # Rematerialised: the backward pass recomputes the [B, H, S, T] scores from q and k instead of keeping
     # them for every layer (a buffer L times that size written, and on CPU page-faulted, every step).
     out = jax.checkpoint(attend)(q, k, v, mask)
+    return self._out(x, out), cache
+
+  def _out(self, x, out):
+    """The output projection of the heads' outputs [B, S, H, Dh] -> [B, S, D]."""
     d = x.shape[-1]
     wo = param(self, "o", ("heads", "head_dim", "embed"), (self.num_heads, self.head_dim, d), self.param_dtype,
                nn.initializers.normal(stddev=(self.num_heads * self.head_dim) ** -0.5))
-    return with_lora(self, "o", out, dense(out, wo, contract=2, dtype=self.dtype), 2, dtype=self.dtype), cache
+    return with_lora(self, "o", out, dense(out, wo, contract=2, dtype=self.dtype), 2, dtype=self.dtype)

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 ACTIVATIONS = ("silu", "gelu_tanh")
 LAYER_TYPES = ("full", "sliding")
+ATTENTION_IMPLS = ("auto", "xla", "splash", "cudnn")   # models.attention_kernels.IMPLS
 
 
 def sliding_pattern(num_layers: int, every: int) -> tuple[str, ...]:
@@ -87,6 +88,9 @@ class ModelConfig:
       TPU a one-slot write then touches a column of (8, 128) tiles per KV head instead of a row; with it the
       compiler's estimate of the Gemma-2B v5p-32 sampler program rose 4.28 -> 4.36 ms and its temporaries
       1.40 -> 1.43 GiB (``launch.aot``), so it is off elsewhere.
+    attention: the teacher-forced passes' attention (``models.attention_kernels``): "xla" (einsum, the
+      reference), "splash" (TPU Pallas kernel), "cudnn" (GPU), or "auto" (the platform's: splash on TPU, cuDNN
+      on GPU for bf16/fp16 without a logit soft-cap, else xla). The sampler's KV-cache path is always einsum.
   """
   vocab_size: int
   num_layers: int
@@ -116,6 +120,7 @@ class ModelConfig:
   remat: bool = False
   scan_layers: bool = True
   cache_keys_slots_last: bool = False
+  attention: str = "auto"
 
   def __post_init__(self):
     for name in ("rope_scaling", "layer_types"):   # JSON round trips turn tuples into lists (unhashable)
@@ -129,6 +134,8 @@ class ModelConfig:
       raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
     for name in ("param_dtype", "dtype"):
       jnp.dtype(getattr(self, name))  # raises on an unknown dtype name
+    if self.attention not in ATTENTION_IMPLS:
+      raise ValueError(f"attention {self.attention!r}: choose one of {ATTENTION_IMPLS}")
     if self.rope_scaling is not None and len(self.rope_scaling) != 4:
       raise ValueError("rope_scaling must be (factor, low_freq_factor, high_freq_factor, original_max_len)")
     if self.layer_types is not None:

@@ -31,7 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import kv_cache
+from models import attention_kernels, kv_cache
 from models.attention import Attention, attention_mask, sliding_window_mask
 from models.config import ModelConfig
 from models.kv_cache import KVCache
@@ -65,9 +65,11 @@ class Block(nn.Module):
     x, cache = carry
     c = self.config
     dtype, pdtype = c.jnp_dtype, c.jnp_param_dtype
+    impl = "xla" if cache is not None else kernel_impl(c)   # a kernel's ``mask`` is the [B, S] segment ids
+    sliding = False
     if c.has_sliding:
       sliding = self._sliding(layer)
-      if sliding is not False:
+      if sliding is not False and impl == "xla":
         mask = sliding_window_mask(mask, c.sliding_window, index, sliding)
       if local_rope is not None and sliding is not False:
         sin, cos = (local_rope if sliding is True else
@@ -78,8 +80,8 @@ class Block(nn.Module):
     h, cache = Attention(c.num_heads, c.num_kv_heads, c.head_dim, qkv_bias=c.qkv_bias, qk_norm=c.qk_norm,
                          norm_eps=c.norm_eps, norm_plus_one=c.norm_plus_one, scale=scale,
                          logit_cap=c.attn_logit_softcap, dtype=dtype,
-                         cache_keys_slots_last=c.cache_keys_slots_last,
-                         param_dtype=pdtype, name="attn")(h, sin, cos, mask, cache, index, layer)
+                         cache_keys_slots_last=c.cache_keys_slots_last, impl=impl, window=c.sliding_window,
+                         param_dtype=pdtype, name="attn")(h, sin, cos, mask, cache, index, layer, sliding)
     if c.post_norms:
       h = RMSNorm(name="attn_post_norm", **norm)(h)
     x = x + h
@@ -90,6 +92,13 @@ class Block(nn.Module):
     x = x + h
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     return (x, cache), None
+
+
+def kernel_impl(config: ModelConfig) -> str:
+  """The attention implementation of the teacher-forced (no-cache) passes: ``config.attention``, with "auto"
+  resolved for the platform tracing it (``models.attention_kernels.resolve``)."""
+  return attention_kernels.resolve(config.attention, jax.default_backend(), dtype=config.jnp_dtype,
+                                   logit_cap=config.attn_logit_softcap, head_dim=config.head_dim)
 
 
 def _stacked_blocks(config: ModelConfig):
@@ -143,7 +152,8 @@ class Transformer(nn.Module):
     sin, cos = rope_angles(positions, rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling))
     local_rope = rope_angles(positions, rope_inv_freq(c.head_dim, c.rope_local_theta)) if c.local_rope else None
     if cache is None:
-      x, _ = self._blocks(x, None, sin, cos, attention_mask(attn_mask), None, local_rope)
+      mask = attention_mask(attn_mask) if kernel_impl(c) == "xla" else attn_mask.astype(jnp.int32)
+      x, _ = self._blocks(x, None, sin, cos, mask, None, local_rope)
     else:
       key_mask = kv_cache.update_key_mask(cache.key_mask, attn_mask, cache.index)
       mask = attention_mask(attn_mask, key_mask, cache.index)

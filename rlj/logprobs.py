@@ -232,7 +232,7 @@ def as_variables(params: Any) -> dict:
 
 def completion_logprobs(apply_fn: Callable, params: Any, tokens: jax.Array, attn_mask: jax.Array,
                         prompt_len: int, *, temperature, chunk_size: int | None = None,
-                        logits_window: bool = False) -> jax.Array:
+                        logits_window: bool = False, logits_chunk: int = 0) -> jax.Array:
   """Runs the model on prompt + completion and returns the completion tokens' log-probs.
 
   logp[:, t] = log_softmax(logits[:, P - 1 + t] / temperature)[tokens[:, P + t]]   (ALGORITHMS.md §1.1),
@@ -252,6 +252,10 @@ def completion_logprobs(apply_fn: Callable, params: Any, tokens: jax.Array, attn
       as ``models.transformer.Transformer`` does: then only the T predicting positions [P - 1, P + T - 1) are
       projected, and the prompt's [N, P - 1, V] logits (and their share of the output matmul, forward and
       backward) are never computed. Same values as without it.
+    logits_chunk: C > 0 (with ``logits_window``): the model's final hidden states [N, T, D] are projected to
+      logits C positions at a time inside a rematerialised scan (``token_logprobs`` with a callable), so the
+      forward and the backward pass hold [N, C, V] logits, never [N, T, V]; ``apply_fn`` is then a
+      ``Transformer``'s apply (its ``features`` and ``logits`` methods). Same values.
 
   Returns:
     logp: [N, T] float32 (values on completion padding are meaningless; weight them with ``mask``).
@@ -261,6 +265,11 @@ def completion_logprobs(apply_fn: Callable, params: Any, tokens: jax.Array, attn
   if not 1 <= p < s:
     raise ValueError(f"prompt_len {p} must be in [1, {s})")
   window = slice(p - 1, s - 1)
+  if logits_chunk and logits_window:
+    variables = as_variables(params)
+    hidden = apply_fn(variables, tokens, positions_from_mask(attn_mask), attn_mask, method="features")[:, window]
+    return token_logprobs(lambda h: apply_fn(variables, h, method="logits"), tokens[:, p:], temperature=temperature,
+                          chunk_size=min(int(logits_chunk), s - p), inputs=hidden)
   extra = {"logits_at": window} if logits_window else {}
   out = apply_fn(as_variables(params), tokens, positions_from_mask(attn_mask), attn_mask, **extra)
   logits = out[0] if isinstance(out, tuple) else out                  # [N, P + T, V], or [N, T, V] if windowed
@@ -270,7 +279,7 @@ def completion_logprobs(apply_fn: Callable, params: Any, tokens: jax.Array, attn
 
 
 def make_logp_fn(apply_fn, *, completion_len: int, temperature: float, mesh=None, rules=None,
-                 num_chunks: int = 1):
+                 num_chunks: int = 1, logits_chunk: int = 0):
   """``(params, tokens [N, P+T], attn_mask) -> logp [N, T]`` with P taken from the tokens' width.
 
   ``apply_fn`` is a ``Transformer``'s apply: only the T positions that predict the completion are projected
@@ -282,13 +291,14 @@ def make_logp_fn(apply_fn, *, completion_len: int, temperature: float, mesh=None
   ``num_chunks`` > 1 runs the rows in that many chunks one after another (``lax.map``; gcd(N, num_chunks) when
   it does not divide N), so the activations and [rows, T, V] logits alive at once are a chunk's: the trainer's
   rollout pass uses chunks of one optimizer micro-batch, whose forward and backward fit by construction.
+  ``logits_chunk`` > 0 bounds the logits of those rows to [rows, logits_chunk, V] (``completion_logprobs``).
   """
   def fn(params, tokens, attn_mask):
     with contextlib.ExitStack() as stack:
       if mesh is not None:
         stack.enter_context(sharding.activation_rules(mesh, sharding.DEFAULT_RULES if rules is None else rules))
       return completion_logprobs(apply_fn, params, tokens, attn_mask, tokens.shape[1] - completion_len,
-                                          temperature=temperature, logits_window=True)
+                                 temperature=temperature, logits_window=True, logits_chunk=logits_chunk)
 
   if num_chunks < 1:
     raise ValueError(f"num_chunks must be >= 1, got {num_chunks}")

@@ -24,21 +24,23 @@ from rlj.sampler import Sampler, SamplerConfig
 
 def train_step(model, tx, *, objective: Callable, mesh, rules, state_shardings, completion_len: int,
                temperature: float = 1.0, num_microbatches: int = 1, sum_microbatches: bool = True,
-               combine: Callable | None = None):
+               combine: Callable | None = None, logits_chunk: int = 0):
   """``jit(train_step)``: ``(state, batch, rng[, frozen]) -> (state, metrics)``, the state donated (``frozen``,
   the LoRA base read through ``combine``, is not)."""
   logp_fn = logprobs.make_logp_fn(model.apply, completion_len=completion_len, temperature=temperature, mesh=mesh,
-                                  rules=rules)
+                                  rules=rules, logits_chunk=logits_chunk)
   step = functools.partial(train_step_lib.train_step, logp_fn=logp_fn, objective=objective, tx=tx,
                            num_microbatches=num_microbatches, sum_microbatches=sum_microbatches, combine=combine)
   replicated = jax.sharding.NamedSharding(mesh, jax.P())
   return jax.jit(step, donate_argnums=0, out_shardings=(state_shardings, replicated))
 
 
-def rollout_logp(model, *, mesh, rules, completion_len: int, temperature: float, num_chunks: int = 1):
-  """``jit``: ``(params, tokens [N, P+T], attn_mask) -> logp [N, T]`` in ``num_chunks`` row chunks."""
+def rollout_logp(model, *, mesh, rules, completion_len: int, temperature: float, num_chunks: int = 1,
+                 logits_chunk: int = 0):
+  """``jit``: ``(params, tokens [N, P+T], attn_mask) -> logp [N, T]`` in ``num_chunks`` row chunks, with logits
+  ``logits_chunk`` tokens at a time (0: all T)."""
   return jax.jit(logprobs.make_logp_fn(model.apply, completion_len=completion_len, temperature=temperature,
-                                       mesh=mesh, rules=rules, num_chunks=num_chunks))
+                                       mesh=mesh, rules=rules, num_chunks=num_chunks, logits_chunk=logits_chunk))
 
 
 def sampler(model, config: SamplerConfig, *, mesh=None, param_shardings=None, rules=None) -> Sampler:
@@ -56,10 +58,14 @@ class RLSettings:
   temperature: float
   num_minibatches: int = 1
   num_microbatches: int = 1
+  logp_microbatches: int = 0    # row chunks of the rollout log-prob pass; 0: one per optimizer micro-batch
+  logits_chunk: int = 0         # completion tokens projected to logits at a time (log-prob passes, loss); 0: all
 
   @property
   def logp_chunks(self) -> int:
-    """Chunks of the rollout's log-prob pass: one per optimizer micro-batch of the rollout."""
+    """Chunks of the rollout's log-prob pass: ``logp_microbatches``, or one per optimizer micro-batch."""
+    if self.logp_microbatches > 0:
+      return self.logp_microbatches
     return max(self.num_minibatches, 1) * max(self.num_microbatches, 1)
 
 
@@ -76,9 +82,10 @@ def rl_programs(model, tx, s: RLSettings, *, mesh, rules, state_shardings, combi
   row = rl_algos.get(s.algo)
   step = train_step(model, tx, objective=functools.partial(row.objective, **s.loss_kwargs), mesh=mesh, rules=rules,
                     state_shardings=state_shardings, completion_len=s.completion_len, temperature=s.temperature,
-                    num_microbatches=s.num_microbatches, sum_microbatches=row.sum_microbatches, combine=combine)
+                    num_microbatches=s.num_microbatches, sum_microbatches=row.sum_microbatches, combine=combine,
+                    logits_chunk=s.logits_chunk)
   logp = rollout_logp(model, mesh=mesh, rules=rules, completion_len=s.completion_len, temperature=s.temperature,
-                      num_chunks=s.logp_chunks)
+                      num_chunks=s.logp_chunks, logits_chunk=s.logits_chunk)
   return RLPrograms(step=step, logp=logp)
 
 

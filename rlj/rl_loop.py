@@ -37,6 +37,8 @@ class LoopConfig:
   temperature: float
   num_epochs: int = 1
   num_microbatches: int = 1
+  logp_microbatches: int = 0           # row chunks of the rollout log-prob pass (0: one per optimizer micro-batch)
+  logits_chunk: int = 0                # completion tokens projected to logits at a time (0: all)
   old_logp: str = "sampler"            # auto | recompute | sampler: where old log-probs come from (old_logp_source)
   mismatch_check_every: int = 0        # sampler / on-policy old log-probs: the trainer's pass every N steps (0: never)
   mismatch_correction: str = "none"    # algorithms.mismatch.MODES
@@ -100,7 +102,8 @@ class LoopConfig:
   def program_settings(self) -> programs.RLSettings:
     return programs.RLSettings(algo=self.algo, loss_kwargs=self.loss_kwargs, completion_len=self.max_new_tokens,
                                temperature=self.temperature, num_minibatches=self.num_minibatches,
-                               num_microbatches=self.num_microbatches)
+                               num_microbatches=self.num_microbatches, logp_microbatches=self.logp_microbatches,
+                               logits_chunk=self.logits_chunk)
 
 
 @dataclasses.dataclass

@@ -135,8 +135,9 @@ FIXES = {
                        "follow the params' sharding and dtype",
     "reference params": "turn the KL term off (--config.algo.kwargs.kl_coef=0) or shard over more chips",
     "sampler params": "shard over more chips (mesh 'fsdp' axis)",
-    "KV cache": "fewer rollout rows per chip (--config.train.batch_prompts or --config.sampler.num_generations), "
-                "shorter --config.sampler.max_new_tokens, or --config.sampler.keep_cache=False",
+    "KV cache": "sample the rollout in sequential chunks (--config.sampler.chunks), fewer rollout rows per chip "
+                "(--config.train.batch_prompts or --config.sampler.num_generations), shorter "
+                "--config.sampler.max_new_tokens, or --config.sampler.keep_cache=False",
     "batch": "fewer rows per optimizer step (--config.train.num_minibatches up)",
     "rollout tokens": "fewer prompts per RL step (--config.train.batch_prompts)",
     "activations / temporaries": None,      # depends on the phase, see ``fix_for``
@@ -157,16 +158,19 @@ def fix_for(component: str, phase: str) -> str:
   if component != "activations / temporaries":
     return FIXES[component]
   if phase == "train step":
-    return ("more micro-batches (--config.train.num_microbatches), fewer rows per optimizer step "
-            "(--config.train.num_minibatches up), remat (--config.model.overrides.remat=True), "
-            "or more chips on the batch axes")
+    return ("remat (--config.model.overrides.remat=True), logits a chunk of tokens at a time "
+            "(--config.train.logits_chunk=512), more micro-batches (--config.train.num_microbatches), "
+            "or more chips on the batch axes; --suggest finds the smallest that fit")
   if phase.startswith("LoRA merge"):
     return ("shard the weights over more chips (a larger mesh 'fsdp' axis): the merge sums each kernel's "
             "W0 + (alpha / r) a b in float32")
   if phase == "rollout log-probs":
-    return "fewer prompts per RL step (--config.train.batch_prompts) or more chips on the batch axes"
-  return ("fewer rollout rows per chip (--config.train.batch_prompts, --config.sampler.num_generations) "
-          "or a shorter prompt bucket (--config.data.buckets)")
+    return ("logits a chunk of tokens at a time (--config.train.logits_chunk=512), more row chunks of the pass "
+            "(--config.train.logp_microbatches), or more chips on the batch axes; --suggest finds the smallest "
+            "that fit")
+  return ("sample the rollout in sequential chunks (--config.sampler.chunks; --suggest finds how many), fewer "
+          "rollout rows per chip (--config.train.batch_prompts, --config.sampler.num_generations) or a shorter "
+          "prompt bucket (--config.data.buckets)")
 
 
 def gib(n: float) -> str:

@@ -187,3 +187,27 @@ def test_lora_run_reports_base_adapters_and_no_reference(compiled):
   assert not fits and "fix:" in text
   for label in (lw.BASE, lw.ADAPTERS, lw.SAMPLER, lw.MERGED, "optimizer state", "KV cache"):
     assert label in text, label
+
+
+def test_suggest_ladders_and_search_fit_the_train_step(compiled):
+  """launch.aot --suggest: each phase's ladder (cheapest first), and a search that recompiles only the train step
+  until it fits a capacity just under its peak."""
+  from launch import aot
+  from launch.aot_tools import suggest
+  c, (phases, _, _) = compiled
+  long = aot_config = _config()
+  long.sampler.max_new_tokens = 4096
+  assert suggest._ladder("train step", long, {}, kv_cache_heavy=True)[:4] == [
+      {"model.overrides.remat": True}, {"train.logits_chunk": 512}, {"sampler.keep_cache": False},
+      {"train.num_microbatches": 2}]
+  logp_rungs = suggest._ladder("rollout log-probs", long, {"train.logits_chunk": 512})
+  assert logp_rungs[0] == {"train.logp_microbatches": 2 * long.train.num_minibatches}
+  assert suggest._ladder("sampling", aot_config, {})[0] == {"sampler.chunks": 2}
+  cap = (phases["train step"].total - 1) / suggest.HEADROOM
+  devices = _devices("v5e-8")
+  found = suggest.search(c, devices, {"train step": phases["train step"]}, cap, aot.compile_all, hosts=1,
+                         log=lambda *_: None)
+  assert found is not None and found
+  again = aot.compile_all(suggest.apply(c, found), devices, log=lambda *_: None, only={"train step"})[0]
+  assert set(again) == {"train step"} and again["train step"].total <= suggest.HEADROOM * cap
+  assert suggest.flags(found).startswith("--config.")

@@ -13,6 +13,8 @@ from models import hf, presets
 
 import hf_parity  # noqa: E402  (tests/models)
 
+pytestmark = pytest.mark.usefixtures("fast_compile")   # tiny models: compile time dominates
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 

@@ -12,6 +12,8 @@ import pytest
 from models import kv_cache, presets
 from models.transformer import Transformer
 
+pytestmark = pytest.mark.usefixtures("fast_compile")   # tiny models: compile time dominates
+
 # Tiny Gemma-flavoured variant: q/k/v bias, (1 + w) norm, embedding scale and GeGLU all on the cached path.
 CONFIG = dataclasses.replace(presets.get("tiny"), qkv_bias=True, norm_plus_one=True, scale_embeddings=True,
                              activation="gelu_tanh", rope_theta=100.0)

@@ -3,10 +3,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from models import presets
 from models.transformer import Transformer
 from rlj import sharding
+
+pytestmark = pytest.mark.usefixtures("fast_compile")   # tiny models: compile time dominates
 
 CONFIG = presets.get("tiny")
 B, S = 4, 8

@@ -5,9 +5,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from models import layers, presets
 from models.transformer import Transformer
+
+pytestmark = pytest.mark.usefixtures("fast_compile")   # tiny models: compile time dominates
 
 CONFIG = presets.get("tiny")
 
@@ -105,11 +108,11 @@ def test_causal_blocks_match_full_attention_on_real_tokens():
 
   def loss(fn):
     return lambda q, k, v: jnp.sum(fn(q, k, v, mask) * weights)
-  blocked = lambda q, k, v, m: attention.causal_self_attention(q, k, v, m, block=8)  # noqa: E731
-  full_out = attention.dot_product_attention(q, k, v, mask)
+  blocked = jax.jit(lambda q, k, v, m: attention.causal_self_attention(q, k, v, m, block=8))
+  full_out = jax.jit(attention.dot_product_attention)(q, k, v, mask)
   np.testing.assert_allclose(blocked(q, k, v, mask) * real, full_out * real, rtol=1e-6, atol=1e-6)
-  g_blocked = jax.grad(loss(blocked), argnums=(0, 1, 2))(q, k, v)
-  g_full = jax.grad(loss(attention.dot_product_attention), argnums=(0, 1, 2))(q, k, v)
+  g_blocked = jax.jit(jax.grad(loss(blocked), argnums=(0, 1, 2)))(q, k, v)
+  g_full = jax.jit(jax.grad(loss(attention.dot_product_attention), argnums=(0, 1, 2)))(q, k, v)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g_blocked, g_full)
   # A slow reference for one real query: softmax over the keys it may see.
   bi, si, hi = 1, 13, 3

@@ -9,6 +9,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rlj import logprobs, sharding
 
+pytestmark = pytest.mark.usefixtures("fast_compile")   # tiny models: compile time dominates
+
 N, T, V = 4, 8, 40
 
 
@@ -182,19 +184,20 @@ def test_completion_logprobs_invariant_to_left_padding():
   from models.transformer import Transformer  # pylint: disable=g-import-not-at-top
   model = Transformer(presets.get("tiny"))
   d = jnp.zeros((1, 4), jnp.int32)
-  params = nn.unbox(model.init(jax.random.key(0), d, d, d + 1)["params"])
+  params = jax.jit(lambda r: nn.unbox(model.init(r, d, d, d + 1)["params"]))(jax.random.key(0))
   rng = np.random.default_rng(6)
   prompt, completion = rng.integers(1, 128, size=(2, 3)), rng.integers(1, 128, size=(2, 5))
+  score = jax.jit(functools.partial(logprobs.completion_logprobs, model.apply, temperature=0.7),
+                  static_argnums=(3,), static_argnames=("logits_window",))
   out = []
   for pad in (0, 7):
     tokens = np.concatenate([np.zeros((2, pad), np.int64), prompt, completion], axis=1).astype(np.int32)
     mask = (np.arange(tokens.shape[1]) >= pad).astype(np.int32)[None].repeat(2, 0)
-    out.append(logprobs.completion_logprobs(model.apply, params, tokens, mask, pad + 3, temperature=0.7))
+    out.append(score(params, tokens, mask, pad + 3))
   np.testing.assert_allclose(out[0], out[1], rtol=1e-5, atol=1e-5)
   assert out[0].shape == (2, 5)
   # The model projecting only the completion's predicting positions gives the same log-probs.
-  windowed = logprobs.completion_logprobs(model.apply, params, tokens, mask, pad + 3, temperature=0.7,
-                                          logits_window=True)
+  windowed = score(params, tokens, mask, pad + 3, logits_window=True)
   np.testing.assert_allclose(windowed, out[1], rtol=1e-5, atol=1e-5)
 
 
@@ -229,3 +232,53 @@ def test_rollout_logp_in_row_chunks_equals_one_pass(rows, num_chunks):
     np.testing.assert_allclose(out, one, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="num_chunks"):
     make(num_chunks=0)
+
+
+@pytest.mark.parametrize("logits_chunk", [3, 8])
+def test_logits_chunk_equals_one_projection_values_and_grads(logits_chunk):
+  """make_logp_fn(logits_chunk=C): the completion's logits projected C tokens at a time in a rematerialised scan
+  (C need not divide T) give the log-probs and parameter gradients of the one-projection pass; the program
+  holds no [N, T, V] logits (the widest logits value in its jaxpr is [N, C, V]); also over 8 devices."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from models import presets  # pylint: disable=g-import-not-at-top
+  from models.transformer import Transformer  # pylint: disable=g-import-not-at-top
+  config = presets.get("tiny")
+  model = Transformer(config)
+  rng = np.random.default_rng(5)
+  tokens = rng.integers(1, 128, size=(8, 12)).astype(np.int32)
+  mask = np.ones_like(tokens)
+  mask[2, :4] = 0
+  params = nn.unbox(model.init(jax.random.key(0), tokens[:1], tokens[:1], mask[:1])["params"])
+  make = functools.partial(logprobs.make_logp_fn, model.apply, completion_len=7, temperature=0.8)
+
+  def loss_and_grads(fn):
+    return jax.jit(jax.value_and_grad(lambda p: jnp.sum(fn(p, tokens, mask) * mask[:, 5:]), has_aux=False))(params)
+
+  l0, g0 = loss_and_grads(make())
+  l1, g1 = loss_and_grads(make(logits_chunk=logits_chunk))
+  np.testing.assert_allclose(l1, l0, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g1, g0)   # summation order
+  np.testing.assert_allclose(jax.jit(make(logits_chunk=logits_chunk))(params, tokens, mask),
+                             jax.jit(make())(params, tokens, mask), rtol=1e-6, atol=1e-6)
+
+  def widest_logits(fn):
+    jaxpr = jax.make_jaxpr(jax.grad(lambda p: jnp.sum(fn(p, tokens, mask))))(params)
+    seen = []
+    def walk(j):
+      for e in j.eqns:
+        seen.extend(v.aval.shape for v in e.outvars if getattr(v.aval, "shape", ())[-1:] == (config.vocab_size,))
+        for p in e.params.values():
+          if hasattr(p, "jaxpr"):
+            walk(p.jaxpr)
+          elif hasattr(p, "eqns"):
+            walk(p)
+    walk(jaxpr.jaxpr)
+    return max(int(np.prod(s[:-1])) for s in seen if len(s) == 3)
+  c = min(logits_chunk, 7)
+  assert widest_logits(make(logits_chunk=logits_chunk)) == 8 * c
+  assert widest_logits(make()) == 8 * 7
+  mesh = sharding.make_mesh([("data", 2), ("fsdp", 2), ("tensor", 2)])
+  sharded = jax.jit(make(mesh=mesh, rules=sharding.DEFAULT_RULES, logits_chunk=logits_chunk))
+  placed = jax.device_put((tokens, mask), NamedSharding(mesh, P(("data", "fsdp"))))
+  with jax.set_mesh(mesh):
+    np.testing.assert_allclose(sharded(params, *placed), jax.jit(make())(params, tokens, mask), rtol=1e-5, atol=1e-6)

@@ -7,6 +7,8 @@ from rlj import logprobs, sampler, sharding
 # The tiny model and the two left-padded prompts of the sampler's main tests.
 from sampler_test import BUCKET, MODEL, PROMPT_MASK, PROMPTS, _full_logits, tiny_params
 
+pytestmark = pytest.mark.usefixtures("fast_compile")   # tiny models: compile time dominates
+
 T_NEW = 40
 
 

@@ -9,6 +9,8 @@ from models import presets
 from models.transformer import Transformer
 from rlj import logprobs, sampler, sharding
 
+pytestmark = pytest.mark.usefixtures("fast_compile")   # tiny models: compile time dominates
+
 T_NEW = 6
 BUCKET = 8
 CFG = presets.get("tiny")
