@@ -18,7 +18,10 @@ Implementations (``ModelConfig.attention``):
   "auto"    "splash" on TPU, "cudnn" on GPU for a bf16/fp16 model without a logit soft-cap and with heads of at
             most 128, else "xla".
 
-The KV-cache path (prefill and decode in the sampler) always runs the einsum path.
+The KV-cache path (prefill and decode in the sampler) always runs the einsum path. A Pallas call is not
+partitioned by the compiler, so splash runs per shard of the context mesh (``jax.set_mesh``, as the trainer's
+programs are called); traced without one on a host with several devices, the model keeps the einsum path
+(``available``).
 """
 from __future__ import annotations
 
@@ -63,6 +66,14 @@ def resolve(impl: str, platform: str, *, dtype=jnp.float32, logit_cap: Optional[
       and head_dim <= 128 and head_dim % 8 == 0):
     return "cudnn"
   return "xla"
+
+
+def available(impl: str) -> bool:
+  """Whether the kernel ``impl`` can run where it is being traced: splash needs a context mesh on a host with
+  several devices (it runs per shard); cuDNN's call carries its own partitioning rules."""
+  if impl != "splash":
+    return True
+  return not jax.sharding.get_abstract_mesh().empty or jax.device_count() == 1
 
 
 def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *, impl: str,
@@ -159,6 +170,8 @@ def _sharded_splash(q, k, v, segment_ids, **kw):
   """``_splash_local`` per shard of the context mesh (``jax.set_mesh``): a Pallas call is not partitioned by
   the compiler, so each device runs the kernel on its rows and heads; without a mesh, directly."""
   mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty and jax.device_count() > 1:
+    raise ValueError("attention 'splash' on several devices runs per shard: call it under jax.set_mesh(mesh)")
   if mesh.empty or mesh.size == 1:
     return _splash_local(q, k, v, segment_ids, **kw)
   batch = _axes("batch", q.shape[0], mesh)

@@ -17,6 +17,11 @@ from rlj import logprobs, sharding
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
+def _one_device():
+  """A 1-device mesh context: the kernel runs unsharded (without a mesh, 8 devices make the model fall back)."""
+  return jax.set_mesh(sharding.make_mesh((("data", 1), ("fsdp", 1), ("tensor", 1)), devices=jax.devices()[:1]))
+
+
 def _inputs(b=2, s=200, h=4, kvh=2, dh=16, pads=(0, 37), seed=0):
   r = np.random.default_rng(seed)
   q = jnp.asarray(r.normal(size=(b, s, h, dh)), jnp.float32)
@@ -47,7 +52,7 @@ def test_splash_equals_einsum_values_and_grads(monkeypatch, window, cap):
   ref = lambda q, k, v: _reference(q, k, v, seg, scale=0.3, logit_cap=cap, window=window)
   ker = lambda q, k, v: attention_kernels.self_attention(q, k, v, seg, impl="splash", scale=0.3, logit_cap=cap,
                                                          window=window, sliding=window is not None)
-  with attention_kernels.pallas_interpret():
+  with attention_kernels.pallas_interpret(), _one_device():
     out = jax.jit(ker)(q, k, v)
     grads = jax.jit(jax.grad(lambda *a: loss(ker, *a), argnums=(0, 1, 2)))(q, k, v)
   np.testing.assert_allclose(np.asarray(out * real), np.asarray(ref(q, k, v) * real), atol=2e-5, rtol=2e-5)
@@ -88,12 +93,28 @@ def test_model_with_splash_equals_einsum_mixed_sliding_layers_on_1_and_8_devices
   splash = dataclasses.replace(base, attention="splash")
   mesh = sharding.make_mesh((("data", 2), ("fsdp", 2), ("tensor", 2)))
   with attention_kernels.pallas_interpret():
-    (_, logp1), g1 = jax.jit(lambda p: _logp_and_grads(splash, p, tokens, mask))(params)
+    with _one_device():
+      (_, logp1), g1 = jax.jit(lambda p: _logp_and_grads(splash, p, tokens, mask))(params)
     with jax.set_mesh(mesh), sharding.activation_rules(mesh):
       (_, logp8), g8 = jax.jit(lambda p: _logp_and_grads(splash, p, tokens, mask))(params)
   for logp, g in ((logp1, g1), (logp8, g8)):
     np.testing.assert_allclose(np.asarray(logp), np.asarray(logp0), atol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4), g, g0)
+
+
+def test_splash_without_a_mesh_on_several_devices_keeps_the_einsum_path():
+  """Traced with no context mesh on a host of 8 devices, a splash model runs the einsum path (a Pallas call would
+  not be partitioned) and gives its log-probs; a direct kernel call says what it needs."""
+  base = dataclasses.replace(presets.get("tiny"), num_layers=2, sliding_window=5, layer_types=("sliding", "full"),
+                             attention="xla")
+  params, tokens, mask = _model_case(base)
+  (_, logp0), _ = jax.jit(lambda p: _logp_and_grads(base, p, tokens, mask))(params)
+  splash = dataclasses.replace(base, attention="splash")
+  (_, logp1), _ = jax.jit(lambda p: _logp_and_grads(splash, p, tokens, mask))(params)
+  np.testing.assert_allclose(np.asarray(logp1), np.asarray(logp0), atol=1e-6)
+  q, k, v, seg = _inputs(s=16)
+  with pytest.raises(ValueError, match="jax.set_mesh"):
+    attention_kernels.self_attention(q, k, v, seg, impl="splash", scale=0.3)
 
 
 def test_cudnn_arguments_with_xla_implementation(monkeypatch):
