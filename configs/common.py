@@ -115,7 +115,8 @@ def rl_base(arg: mlc.ConfigDict) -> mlc.ConfigDict:
   # trains only adapters W0 + (alpha / rank) B A on the targeted projections (q k v o gate up down) of the frozen
   # base, which is also the reference; base_dtype "" keeps the model's param dtype, "bfloat16" halves the base.
   c.model = dict(preset=arg.model, vocab_from_tokenizer=False,
-                 overrides=dict(param_dtype="float32", dtype="bfloat16", remat=True, attention="auto"), lora=lora_section())
+                 overrides=dict(param_dtype="float32", dtype="bfloat16", remat=True, attention="auto"),
+                 lora=lora_section())
   c.init = dict(policy="hf", path="")                       # scratch | hf | rlj | sft
   c.tokenizer = tokenizer_section()
   c.data = dict(source="gsm8k", source_dir="", data_dir="", train_split="train", eval_split="test",
@@ -158,8 +159,8 @@ def rl_base(arg: mlc.ConfigDict) -> mlc.ConfigDict:
   # logp_microbatches: row chunks of the rollout log-prob pass (0: one per optimizer micro-batch); logits_chunk:
   # completion tokens projected to logits at a time in the log-prob passes and the loss (0: all; rlj/logprobs.py).
   c.train = dict(total_steps=1000, batch_prompts=64, num_epochs=1, num_minibatches=4, num_microbatches=1,
-                 logp_microbatches=0, logits_chunk=0, old_logp="auto", mismatch_check_every=0, mismatch_correction="none", mismatch_low=0.5,
-                 mismatch_high=2.0, eval_every=100, ckpt_every=50, ckpt_every_minutes=30.0,
+                 logp_microbatches=0, logits_chunk=0, old_logp="auto", mismatch_check_every=0,
+                 mismatch_correction="none", mismatch_low=0.5, mismatch_high=2.0, eval_every=100, ckpt_every=50, ckpt_every_minutes=30.0,
                  keep_checkpoints=3, max_consecutive_skips=10,
                  dynamic_sampling=dict(enabled=False, max_extra_rollouts=4))
   c.optim = optim(learning_rate=1e-6, warmup_steps=20)

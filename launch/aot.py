@@ -264,7 +264,8 @@ def compile_all(config, devices, *, log=print, only=None) -> tuple[dict, list, d
       log("compiling the sampler (prefill + decode loop) ...")
       sample_p = _compile("sampler program", sampler.program(bb, p_len), (s_params, prompt, prompt, rng_free,
                                                                           cache), per_step=chunks, args=sampler_args)
-    costs = [] if only is not None else [  # (name, matmul FLOPs per chip of one run, runs per RL step, compiled program or None)
+    # (name, matmul FLOPs per chip of one run, runs per RL step, compiled program or None); none when ``only``
+    costs = [] if only is not None else [
         *merge_costs,
         ("sampler prefill", flops.traced_flops(prefill_fn, *prefill_args) / chips, chunks, None),
         # T tokens take T - 1 forward passes after the prefill (the last one is drawn without one).

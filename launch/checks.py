@@ -110,10 +110,6 @@ def _check_algo(config) -> None:
     fail("sampler.rounds", f"{rounds!r}; an int from 1 (one decode loop) to sampler.max_new_tokens")
   if rounds > 1 and jax.process_count() > 1:
     fail("sampler.rounds", "sampling in rounds runs in one process; use sampler.rounds=1 on several hosts")
-  chunks = s.get("chunks", 1)
-  if not isinstance(chunks, int) or chunks < 1 or config.train.batch_prompts % chunks:
-    fail("sampler.chunks", f"{chunks!r}; a positive int that divides train.batch_prompts "
-         f"({config.train.batch_prompts})")
 
 
 def _check_old_logp(config) -> None:
@@ -209,6 +205,9 @@ def _check_batches(config, dp: int, num_processes: int) -> None:
     for key in ("logp_microbatches", "logits_chunk"):
       if int(t.get(key, 0)) < 0:
         fail(f"train.{key}", f"{key} ({t.get(key)}) must be >= 0 (0: the default)")
+    chunks = config.sampler.get("chunks", 1)
+    if not isinstance(chunks, int) or chunks < 1 or t.batch_prompts % chunks:
+      fail("sampler.chunks", f"{chunks!r}; a positive int that divides train.batch_prompts ({t.batch_prompts})")
     if t.num_minibatches < 1 or t.num_microbatches < 1:
       fail("train.num_minibatches", f"num_minibatches ({t.num_minibatches}) and num_microbatches "
            f"({t.num_microbatches}) must be >= 1")
@@ -339,12 +338,13 @@ def _check_model(config) -> None:
   for key in overrides:
     if key not in fields:
       fail(f"model.overrides.{key}", f"not a model config field; the fields are {', '.join(fields)}")
-  if overrides.get("attention", "auto") not in ATTENTION_IMPLS:
-    fail("model.overrides.attention", f"{overrides['attention']!r}; choose one of {', '.join(ATTENTION_IMPLS)} "
+  attention = overrides.get("attention", "auto")
+  if attention not in ATTENTION_IMPLS:
+    fail("model.overrides.attention", f"{attention!r}; choose one of {', '.join(ATTENTION_IMPLS)} "
          f"(auto: splash on TPU, cudnn on GPU for bf16, else xla)")
-  needs = {"splash": "tpu", "cudnn": "gpu"}.get(overrides.get("attention", "auto"))
+  needs = {"splash": "tpu", "cudnn": "gpu"}.get(attention)
   if needs and jax.default_backend() != needs:
-    fail("model.overrides.attention", f"{overrides['attention']!r} runs on {needs.upper()}, this job runs on "
+    fail("model.overrides.attention", f"{attention!r} runs on {needs.upper()}, this job runs on "
          f"{jax.default_backend()}; use attention=auto (the platform's kernel) or xla")
   if not overrides.get("scan_layers", True):
     fail("model.overrides.scan_layers", "the trained model keeps its layers scanned (checkpoints and Hugging Face "

@@ -212,14 +212,10 @@ class Attention(nn.Module):
       k, v = (kv_cache.read_layer(buf, layer).astype(self.dtype) for buf in cache)
       attend = functools.partial(dot_product_attention, keys_transposed=slots_last, **options)
     elif self.impl != "xla":   # ``mask`` holds the segment ids
-      if attention_kernels.available(self.impl):
-        out = attention_kernels.self_attention(q, k, v, mask, impl=self.impl, window=self.window, sliding=sliding,
-                                               scale=self.head_dim ** -0.5 if self.scale is None else self.scale,
-                                               logit_cap=self.logit_cap)
-        return self._out(x, out), cache
-      mask = attention_mask(mask)
-      if self.window is not None and sliding is not False:
-        mask = sliding_window_mask(mask, self.window, None, sliding)
+      out = attention_kernels.self_attention(q, k, v, mask, impl=self.impl, window=self.window, sliding=sliding,
+                                             scale=self.head_dim ** -0.5 if self.scale is None else self.scale,
+                                             logit_cap=self.logit_cap)
+      return self._out(x, out), cache
     # Rematerialised: the backward pass recomputes the [B, H, S, T] scores from q and k instead of keeping
     # them for every layer (a buffer L times that size written, and on CPU page-faulted, every step).
     out = jax.checkpoint(attend)(q, k, v, mask)

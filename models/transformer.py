@@ -96,9 +96,11 @@ class Block(nn.Module):
 
 def kernel_impl(config: ModelConfig) -> str:
   """The attention implementation of the teacher-forced (no-cache) passes: ``config.attention``, with "auto"
-  resolved for the platform tracing it (``models.attention_kernels.resolve``)."""
-  return attention_kernels.resolve(config.attention, jax.default_backend(), dtype=config.jnp_dtype,
+  resolved for the platform tracing it (``models.attention_kernels.resolve``), or "xla" where that kernel cannot
+  run in this trace (``attention_kernels.available``: splash without a context mesh on several devices)."""
+  impl = attention_kernels.resolve(config.attention, jax.default_backend(), dtype=config.jnp_dtype,
                                    logit_cap=config.attn_logit_softcap, head_dim=config.head_dim)
+  return impl if attention_kernels.available(impl) else "xla"
 
 
 def _stacked_blocks(config: ModelConfig):

@@ -30,11 +30,7 @@ class ChunkedSampler:
       raise ValueError(f"chunks must be >= 1, got {chunks}")
     self.inner, self.chunks = inner, int(chunks)
 
-  @property
-  def config(self):
-    return self.inner.config
-
-  def __getattr__(self, name):   # the wrapped sampler's other attributes (mesh, programs, cache shapes)
+  def __getattr__(self, name):   # the wrapped sampler's attributes (config, mesh, programs, cache shapes)
     if name == "inner":
       raise AttributeError(name)
     return getattr(self.inner, name)

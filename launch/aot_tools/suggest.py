@@ -16,29 +16,25 @@ longer lowers the phase's peak (more micro-batches stop paying once the paramete
 
 None of these change what a step computes (the gradients of micro-batches are accumulated, chunks of rows and
 tokens give the same log-probs), only how much of it is alive at once. A rung the launcher would refuse
-(``launch.checks``: micro-batches that do not split the minibatch into whole rows over the batch axes) ends
-the ladder.
+(``launch.checks``: micro-batches that do not split the minibatch into whole rows over the batch axes, sampling
+chunks that do not divide the prompts) ends the ladder.
 """
 from __future__ import annotations
 
 import copy
 from typing import Callable
 
-from launch import checks
+from launch import builders, checks
 from launch.aot_tools import hbm
 
 LOGITS_CHUNK = 512   # tokens per logits chunk the ladder tries
 HEADROOM = 0.9       # a phase fits when its peak is within this share of the chip's HBM
-
-
-def _get(config, key: str):
-  node = config
-  for part in key.split("."):
-    node = node[part]
-  return node
+DOUBLINGS = 8        # at most 2**8 times the micro-batches, row chunks or sampling chunks
+DOUBLING_KEYS = ("train.num_microbatches", "train.logp_microbatches", "sampler.chunks")
 
 
 def apply(config, settings: dict):
+  """A copy of ``config`` with ``settings`` ({"train.num_microbatches": 4, ...}) set."""
   c = copy.deepcopy(config)
   with c.unlocked():
     for key, value in settings.items():
@@ -50,12 +46,9 @@ def apply(config, settings: dict):
   return c
 
 
-DOUBLINGS = 8        # at most 2**8 times the micro-batches, row chunks or sampling chunks
-
-
 def _ladder(phase: str, config, settings: dict, *, kv_cache_heavy: bool = False) -> list[dict]:
   """The rungs for ``phase`` from ``settings`` already chosen: each a dict of keys to set; the doubling rungs are
-  marked by their key (``DOUBLING_KEYS``)."""
+  those that set a ``DOUBLING_KEYS`` key."""
   c = apply(config, settings)
   t_len = c.sampler.max_new_tokens
   rungs = []
@@ -69,7 +62,7 @@ def _ladder(phase: str, config, settings: dict, *, kv_cache_heavy: bool = False)
     rungs += [{"train.num_microbatches": mb * 2 ** i} for i in range(1, DOUBLINGS + 1)]
   elif phase == "rollout log-probs":
     rungs += ([chunk] if chunk else []) + free_cache
-    base = int(c.train.get("logp_microbatches", 0)) or int(c.train.num_minibatches) * int(c.train.num_microbatches)
+    base = builders.loop_config(c).program_settings().logp_chunks   # the pass's row chunks now
     rungs += [{"train.logp_microbatches": base * 2 ** i} for i in range(1, DOUBLINGS + 1)]
   elif phase == "sampling":
     ch = int(c.sampler.get("chunks", 1))
@@ -77,14 +70,9 @@ def _ladder(phase: str, config, settings: dict, *, kv_cache_heavy: bool = False)
   return rungs
 
 
-DOUBLING_KEYS = ("train.num_microbatches", "train.logp_microbatches", "sampler.chunks")
-
-
 def _valid(config, devices, hosts: int) -> bool:
   try:
     checks.check_layout(config, num_devices=len(devices), num_processes=hosts)
-    if config.train.batch_prompts % int(config.sampler.get("chunks", 1)):
-      return False
   except SystemExit:
     return False
   return True
