@@ -158,8 +158,10 @@ def rl_base(arg: mlc.ConfigDict) -> mlc.ConfigDict:
   # that, the step trains on the groups it has and masks the rest (metric dynamic_sampling/bound_hit, a warning).
   # logp_microbatches: row chunks of the rollout log-prob pass (0: one per optimizer micro-batch); logits_chunk:
   # completion tokens projected to logits at a time in the log-prob passes and the loss (0: all; rlj/logprobs.py).
+  # packing: the log-prob passes and the updates run on the rows' real tokens packed into fewer rows (segment ids,
+  # per-segment positions; rlj/packing.py), not on their padding; same log-probs, loss and gradients.
   c.train = dict(total_steps=1000, batch_prompts=64, num_epochs=1, num_minibatches=4, num_microbatches=1,
-                 logp_microbatches=0, logits_chunk=0, old_logp="auto", mismatch_check_every=0,
+                 logp_microbatches=0, logits_chunk=0, packing=False, old_logp="auto", mismatch_check_every=0,
                  mismatch_correction="none", mismatch_low=0.5, mismatch_high=2.0, eval_every=100, ckpt_every=50, ckpt_every_minutes=30.0,
                  keep_checkpoints=3, max_consecutive_skips=10,
                  dynamic_sampling=dict(enabled=False, max_extra_rollouts=4))

@@ -47,7 +47,7 @@ from launch.aot_tools import flops, hbm, lora_weights, tpu_topology
 from launch.aot_tools import suggest as suggest_lib
 from models import attention_kernels
 from models.transformer import Transformer
-from rlj import programs, rl_algos, sharding, train_state
+from rlj import packing, programs, rl_algos, sharding, train_state
 from rlj.batches import minibatches
 from rlj.buckets import pick_bucket
 from rlj.kl_controller import AdaptiveKL
@@ -103,8 +103,11 @@ def example_minibatch(config, lc, arrays: dict, prompts: int) -> dict:
   if lc.use_reference:
     batch["ref_logp"] = np.zeros_like(batch["old_logp"] if "old_logp" in batch else batch["mask"])
   batch.update(AdaptiveKL.for_loop(lc).batch_fields())   # the adaptive KL coefficient, as Trainer.run adds it
-  return minibatches(batch, num_minibatches=lc.num_minibatches, unit=lc.row.unit, rng=np.random.default_rng(0),
-                     shuffle=False)[0]
+  mb = minibatches(batch, num_minibatches=lc.num_minibatches, unit=lc.row.unit, rng=np.random.default_rng(0),
+                   shuffle=False)[0]
+  if lc.packing:   # the largest packing bucket: what a rollout whose rows fill their width runs
+    mb.update(packing.worst_case(*mb["tokens"].shape, mb["mask"].shape[1]))
+  return mb
 
 
 def abstract_batch(batch: dict, mesh, rules) -> dict:
@@ -216,6 +219,7 @@ def compile_all(config, devices, *, log=print, only=None) -> tuple[dict, list, d
   kept_cache = {"KV cache": cache_bytes} if s.keep_cache else {}
 
   tokens = jax.ShapeDtypeStruct((rows, p_len + t_len), jnp.int32, sharding=sharding.batch_sharding(mesh, 2, rules))
+  packed = abstract_batch(packing.worst_case(rows, p_len + t_len, t_len), mesh, rules) if lc.packing else None
   recompute = lc.old_logp_source == "recompute"
   passes = int(recompute) + int(lc.use_reference)
   # The log-prob pass reads the params (full fine-tuning), or with LoRA the merged copy in the base's dtype when
@@ -258,8 +262,9 @@ def compile_all(config, devices, *, log=print, only=None) -> tuple[dict, list, d
                          args={**sizes_b, "batch": hbm.shard_bytes(batch)})
     if want("rollout log-probs") and passes:
       log("compiling the rollout log-prob pass ...")
-      logp_p = _compile("completion_logprobs", logp_fn_jit, (logp_params, tokens, tokens), per_step=passes,
-                        args={**logp_args, "rollout tokens": 2 * hbm.shard_bytes(tokens)})
+      logp_p = _compile("completion_logprobs", logp_fn_jit, (logp_params, tokens, tokens, packed), per_step=passes,
+                        args={**logp_args, "rollout tokens": 2 * hbm.shard_bytes(tokens)
+                              + (hbm.shard_bytes(packed) if packed else 0)})
     if want("sampling"):
       log("compiling the sampler (prefill + decode loop) ...")
       sample_p = _compile("sampler program", sampler.program(bb, p_len), (s_params, prompt, prompt, rng_free,
@@ -272,7 +277,7 @@ def compile_all(config, devices, *, log=print, only=None) -> tuple[dict, list, d
         ("sampler decode step", flops.traced_flops(prefill_fn, *decode_args) / chips, max(t_len - 1, 0) * chunks,
          None),
         ("sampler program", None, chunks, sample_p),
-        ("completion_logprobs", flops.traced_flops(logp_fn_jit, logp_params, tokens, tokens) / chips, passes, logp_p),
+        ("completion_logprobs", flops.traced_flops(logp_fn_jit, logp_params, tokens, tokens, packed) / chips, passes, logp_p),
         ("train_step", flops.traced_flops(step_fn, state, batch, rng, *frozen) / chips, updates, train_p),
     ]
 

@@ -226,6 +226,8 @@ CASES = {
                            "length-skewed rollouts: one-shot decode against rounds that drop stopped rows"),
     "attention": Case("launch.benchmarks.attention", "run",
                       "teacher-forced causal attention, fwd + bwd: einsum path vs the platform's kernel"),
+    "torch_update": Case("launch.benchmarks.torch_update", "run",
+                         "the RL update (two optimizer steps) in rlj and in PyTorch + transformers"),
     "agent_turns": Case("launch.benchmarks.agent_turns", "run",
                         "multi-turn rollouts: a continuing turn re-prefilled vs continued from its KV cache"),
 }
@@ -246,6 +248,9 @@ def parser() -> argparse.ArgumentParser:
   ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                   help="rl_step: any config override of configs/grpo_tpu.py:runlocal, repeatable, e.g. "
                        "--set algo.kwargs.kl_coef=0.04 --set algo.name=gdpo (values parse as Python literals)")
+  ap.add_argument("--lengths", default="sampled", choices=("sampled", "skewed"),
+                  help="rl_step: the completions as sampled, or cut to lengths spread evenly over 10%%-100%% of "
+                       "--new_tokens (a length-skewed rollout)")
   ap.add_argument("--old_logp", default=None, choices=("auto", "recompute", "sampler"),
                   help="rl_step: train.old_logp (auto runs one minibatch: on-policy, no trainer log-prob pass)")
   ap.add_argument("--cache_phases", type=int, default=None,
@@ -263,7 +268,8 @@ def command_for(name: str, args: argparse.Namespace) -> str:
   parts = ["python -m launch.bench", f"--case {name}"]
   for key, value in vars(args).items():
     if key not in ("case", "out") and value != defaults[key]:
-      parts.append(f"--{key} {shlex.quote(str(value))}")
+      for v in value if isinstance(value, list) else [value]:   # --set is repeatable
+        parts.append(f"--{key} {shlex.quote(str(v))}")
   return " ".join(parts)
 
 

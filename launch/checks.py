@@ -205,6 +205,8 @@ def _check_batches(config, dp: int, num_processes: int) -> None:
     for key in ("logp_microbatches", "logits_chunk"):
       if int(t.get(key, 0)) < 0:
         fail(f"train.{key}", f"{key} ({t.get(key)}) must be >= 0 (0: the default)")
+    if not isinstance(t.get("packing", False), bool):
+      fail("train.packing", f"{t.get('packing')!r}; True or False")
     chunks = config.sampler.get("chunks", 1)
     if not isinstance(chunks, int) or chunks < 1 or t.batch_prompts % chunks:
       fail("sampler.chunks", f"{chunks!r}; a positive int that divides train.batch_prompts ({t.batch_prompts})")

@@ -41,6 +41,20 @@ def attention_mask(attn_mask: jax.Array, key_mask: Optional[jax.Array] = None,
   return causal[None, :, :] & key_mask[:, None, :]
 
 
+def segment_mask(segment_ids: jax.Array) -> jax.Array:
+  """Causal attention within segments of packed rows: query s sees key t <= s when both are in the same segment.
+
+  Args:
+    segment_ids: [B, S] int, 0 on unused slots (which see nothing), 1, 2, ... for the segments of a row.
+  Returns:
+    [B, S, S] bool.
+  """
+  s = segment_ids.shape[1]
+  causal = jnp.arange(s)[None, :] <= jnp.arange(s)[:, None]                      # [S, S]
+  same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
+  return causal[None] & same
+
+
 def sliding_window_mask(mask: jax.Array, window: int, index: Optional[jax.Array] = None,
                         sliding: Any = True) -> jax.Array:
   """``mask`` restricted to the last ``window`` slots of each query: key slot t is kept when s - W < t <= s.

@@ -15,6 +15,7 @@ tests/models/presets_test.py with ``jax.eval_shape``) are:
 | qwen2.5-7b     | 7,615,616,512 | Qwen/Qwen2.5-7B                    |
 | qwen3-0.6b     |   596,049,920 | Qwen/Qwen3-0.6B                    |
 | qwen3-8b       | 8,190,735,360 | Qwen/Qwen3-8B                      |
+| small-3m       |     3,164,416 | (RL-step benchmark, small shape)   |
 | small-32m      |    31,597,056 | (RL-step benchmark)                |
 | small-50m      |    50,998,784 |                                    |
 | tiny           |        26,784 | (CPU tests)                        |
@@ -26,6 +27,9 @@ from models.config import ModelConfig, sliding_pattern
 _PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(
         vocab_size=128, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64),
+    "small-3m": ModelConfig(    # the small RL-step benchmark shape (issue: whole-step FLOP utilisation)
+        vocab_size=512, num_layers=4, embed_dim=256, num_heads=4, num_kv_heads=2, head_dim=64, mlp_dim=688,
+        rope_theta=10_000.0),
     "small-32m": ModelConfig(   # the RL-step benchmark shape (launch.bench --case rl_step --model small-32m)
         vocab_size=8192, num_layers=8, embed_dim=512, num_heads=8, num_kv_heads=4, head_dim=64, mlp_dim=1376,
         rope_theta=10_000.0),

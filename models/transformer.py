@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from models import attention_kernels, kv_cache
-from models.attention import Attention, attention_mask, sliding_window_mask
+from models.attention import Attention, attention_mask, segment_mask, sliding_window_mask
 from models.config import ModelConfig
 from models.kv_cache import KVCache
 from models.layers import LORA, MLP, Embedder, RMSNorm, dense, param, rope_angles, rope_inv_freq, softcap
@@ -146,7 +146,7 @@ class Transformer(nn.Module):
     if not c.tie_embeddings:
       self.lm_head = param(self, "lm_head", ("embed", "vocab"), (c.embed_dim, c.vocab_size), pdtype)
 
-  def _hidden(self, tokens, positions, attn_mask, cache: Optional[KVCache]):
+  def _hidden(self, tokens, positions, attn_mask, cache: Optional[KVCache], segment_ids=None):
     """Final-normed hidden states [B, S, D] and the updated cache."""
     c = self.config
     x = self.embedder.encode(tokens)
@@ -154,7 +154,11 @@ class Transformer(nn.Module):
     sin, cos = rope_angles(positions, rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling))
     local_rope = rope_angles(positions, rope_inv_freq(c.head_dim, c.rope_local_theta)) if c.local_rope else None
     if cache is None:
-      mask = attention_mask(attn_mask) if kernel_impl(c) == "xla" else attn_mask.astype(jnp.int32)
+      segs = attn_mask.astype(jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+      if kernel_impl(c) != "xla":
+        mask = segs
+      else:
+        mask = attention_mask(attn_mask) if segment_ids is None else segment_mask(segs)
       x, _ = self._blocks(x, None, sin, cos, mask, None, local_rope)
     else:
       key_mask = kv_cache.update_key_mask(cache.key_mask, attn_mask, cache.index)
@@ -209,6 +213,12 @@ class Transformer(nn.Module):
       hidden = hidden[:, logits_at]
     return self.logits(hidden), cache
 
-  def features(self, tokens: jax.Array, positions: jax.Array, attn_mask: jax.Array) -> jax.Array:
-    """Final-normed hidden states [B, S, D] in the compute dtype (input to reward heads)."""
-    return self._hidden(tokens, positions, attn_mask, None)[0]
+  def features(self, tokens: jax.Array, positions: jax.Array, attn_mask: jax.Array,
+               segment_ids: Optional[jax.Array] = None) -> jax.Array:
+    """Final-normed hidden states [B, S, D] in the compute dtype (input to reward heads).
+
+    ``segment_ids`` [B, S] int (packed rows, ``rlj.packing``): a token attends only to the earlier tokens of its
+    own segment (0: unused slots); ``positions`` then restart in each segment. None: one segment per row, the
+    real tokens of ``attn_mask``.
+    """
+    return self._hidden(tokens, positions, attn_mask, None, segment_ids)[0]

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
-from rlj import sharding
+from rlj import packing, sharding
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 
@@ -278,12 +278,48 @@ def completion_logprobs(apply_fn: Callable, params: Any, tokens: jax.Array, attn
   return token_logprobs(logits, tokens[:, p:], temperature=temperature, chunk_size=chunk_size)
 
 
+def packed_completion_logprobs(apply_fn: Callable, params: Any, tokens: jax.Array, packed: dict, *,
+                               completion_len: int, temperature, logits_chunk: int = 0, mesh=None,
+                               rules=None) -> jax.Array:
+  """``completion_logprobs`` of rows given packed (``rlj.packing.pack``): the same [N, T] log-probs.
+
+  The model runs on the packed rows [K, S] with their segment ids and per-segment positions; the final hidden
+  states at the positions that predict the completion tokens are gathered back to [N, T, D]
+  (``rlj.packing.unpack``) and projected to logits as ``completion_logprobs`` does (``logits_chunk`` at a time).
+
+  Args:
+    apply_fn: a ``models.transformer.Transformer``'s apply.
+    params: its "params" collection (or ``{"params": ...}``).
+    tokens: [N, P + T] the unpacked rows (only their last T columns, the targets, are read).
+    packed: ``pack_tokens``, ``pack_segments``, ``pack_positions`` [K, S] and ``pack_index`` [N, T].
+    completion_len: T.
+    temperature: > 0, divides the logits.
+    logits_chunk: C > 0: logits C completion tokens at a time.
+    mesh, rules: the mesh the gather runs on per batch shard (``rlj.packing.unpack``).
+
+  Returns:
+    logp: [N, T] float32 (meaningless where the completion mask is 0).
+  """
+  check_temperature(temperature)
+  variables = as_variables(params)
+  seg = packed["pack_segments"]
+  hidden = apply_fn(variables, packed["pack_tokens"], packed["pack_positions"], seg > 0, seg, method="features")
+  hidden = packing.unpack(hidden, packed["pack_index"], mesh=mesh, rules=rules)    # [N, T, D]
+  targets = tokens[:, tokens.shape[1] - completion_len:]
+  logits_fn = lambda h: apply_fn(variables, h, method="logits")
+  chunk = min(int(logits_chunk), completion_len) if logits_chunk else completion_len
+  return token_logprobs(logits_fn, targets, temperature=temperature, chunk_size=chunk, inputs=hidden)
+
+
 def make_logp_fn(apply_fn, *, completion_len: int, temperature: float, mesh=None, rules=None,
                  num_chunks: int = 1, logits_chunk: int = 0):
-  """``(params, tokens [N, P+T], attn_mask) -> logp [N, T]`` with P taken from the tokens' width.
+  """``(params, tokens [N, P+T], attn_mask[, packed]) -> logp [N, T]`` with P taken from the tokens' width.
 
   ``apply_fn`` is a ``Transformer``'s apply: only the T positions that predict the completion are projected
   to logits (``logits_at``).
+
+  ``packed`` (``rlj.packing.of(batch)``, built for ``num_chunks`` chunks by ``rlj.packing.packed_batch``): the
+  model runs on the packed rows instead (``packed_completion_logprobs``); same values.
 
   With ``mesh`` (and ``rules``) the model's activation constraints apply (``sharding.activation_rules``), so
   the batch stays split over the batch axes through the logits instead of being gathered onto every device.
@@ -293,10 +329,13 @@ def make_logp_fn(apply_fn, *, completion_len: int, temperature: float, mesh=None
   rollout pass uses chunks of one optimizer micro-batch, whose forward and backward fit by construction.
   ``logits_chunk`` > 0 bounds the logits of those rows to [rows, logits_chunk, V] (``completion_logprobs``).
   """
-  def fn(params, tokens, attn_mask):
+  def fn(params, tokens, attn_mask, packed=None):
     with contextlib.ExitStack() as stack:
       if mesh is not None:
         stack.enter_context(sharding.activation_rules(mesh, sharding.DEFAULT_RULES if rules is None else rules))
+      if packed is not None:
+        return packed_completion_logprobs(apply_fn, params, tokens, packed, completion_len=completion_len,
+                                          temperature=temperature, logits_chunk=logits_chunk, mesh=mesh, rules=rules)
       return completion_logprobs(apply_fn, params, tokens, attn_mask, tokens.shape[1] - completion_len,
                                  temperature=temperature, logits_window=True, logits_chunk=logits_chunk)
 
@@ -305,13 +344,14 @@ def make_logp_fn(apply_fn, *, completion_len: int, temperature: float, mesh=None
   if num_chunks == 1:
     return fn
 
-  def chunked(params, tokens, attn_mask):
+  def chunked(params, tokens, attn_mask, packed=None):
     n = tokens.shape[0]
-    k = math.gcd(n, num_chunks)
+    k = chunk_count(n, num_chunks)
     if k == 1:
-      return fn(params, tokens, attn_mask)
-    split = lambda x: _rows_sharded(x.reshape((k, n // k) + x.shape[1:]), 1)      # each chunk over every device
-    out = jax.lax.map(lambda xs: fn(params, *xs), (split(tokens), split(attn_mask)))
+      return fn(params, tokens, attn_mask, packed)
+    split = lambda x: _rows_sharded(x.reshape((k, x.shape[0] // k) + x.shape[1:]), 1)   # chunks over every device
+    xs = (split(tokens), split(attn_mask), None if packed is None else {key: split(v) for key, v in packed.items()})
+    out = jax.lax.map(lambda a: fn(params, *a), xs)
     return _rows_sharded(out.reshape((n,) + out.shape[2:]), 0)
 
   def _rows_sharded(x, axis):
@@ -321,3 +361,8 @@ def make_logp_fn(apply_fn, *, completion_len: int, temperature: float, mesh=None
     return jax.lax.with_sharding_constraint(   # replicated where the batch shards do not divide
         x, sharding.fitted_sharding(names, x.shape, mesh, sharding.DEFAULT_RULES if rules is None else rules))
   return chunked
+
+
+def chunk_count(rows: int, num_chunks: int) -> int:
+  """Row chunks the log-prob pass runs ``rows`` rows in: gcd(rows, num_chunks)."""
+  return math.gcd(rows, max(int(num_chunks), 1))

@@ -21,7 +21,7 @@ import numpy as np
 
 from algorithms import common, mismatch
 from rewards import combine
-from rlj import evaluation, host_data, programs, rl_algos, rollout_stats, sharding, train_state
+from rlj import evaluation, host_data, logprobs, packing, programs, rl_algos, rollout_stats, sharding, train_state
 from rlj.agents import rollout as rollout_agent
 from rlj.batches import Settings, minibatches
 from rlj.dynamic_sampling import DynamicSampler, DynamicSampling
@@ -39,6 +39,7 @@ class LoopConfig:
   num_microbatches: int = 1
   logp_microbatches: int = 0           # row chunks of the rollout log-prob pass (0: one per optimizer micro-batch)
   logits_chunk: int = 0                # completion tokens projected to logits at a time (0: all)
+  packing: bool = False                # log-prob passes and updates on packed rows (rlj.packing)
   old_logp: str = "sampler"            # auto | recompute | sampler: where old log-probs come from (old_logp_source)
   mismatch_check_every: int = 0        # sampler / on-policy old log-probs: the trainer's pass every N steps (0: never)
   mismatch_correction: str = "none"    # algorithms.mismatch.MODES
@@ -156,6 +157,7 @@ class Trainer:
     # The held-out eval before any RL update (step 0); saved in every checkpoint's meta as "start_eval" so that
     # a resumed run can still compare against it. The launcher sets it from a resumed checkpoint's meta.
     self.start_eval: dict | None = None
+    self._early_ref = None   # (rollout tokens, reference log-probs started by ``rollout``) for ``build_batch``
 
   # ---------------------------------------------------------------------------------------------- weights
   def policy_weights(self, params):
@@ -190,11 +192,22 @@ class Trainer:
 
   # ---------------------------------------------------------------------------------------------- rollout
 
-  def host_logp(self, params, tokens: np.ndarray, attn_mask: np.ndarray) -> np.ndarray:
+  def host_logp(self, params, tokens: np.ndarray, attn_mask: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Teacher-forced log-probs [N, T] of whole host rows (the same on every process), as numpy."""
-    placed = place_batch({"tokens": tokens, "attn_mask": attn_mask}, self.c.mesh, self.c.rules)
-    with jax.set_mesh(self.c.mesh):
-      return host_data.gather(self.logp_fn(params, placed["tokens"], placed["attn_mask"]))
+    return host_data.gather(self.dispatch_logp(params, tokens, attn_mask, mask))
+
+  def dispatch_logp(self, params, tokens: np.ndarray, attn_mask: np.ndarray, mask: np.ndarray) -> jax.Array:
+    """Starts the log-prob pass of ``host_logp`` and returns its device result without waiting for it; on packed
+    rows with ``packing`` (``mask``, the trained completion tokens, says what each row must keep)."""
+    c = self.c
+    rows = {"tokens": tokens, "attn_mask": attn_mask}
+    if self.cfg.packing:
+      chunks = logprobs.chunk_count(tokens.shape[0], self.cfg.program_settings().logp_chunks)
+      rows = packing.packed_batch({**rows, "mask": mask}, chunks=chunks, mesh=c.mesh, rules=c.rules,
+                                  pad_id=self.cfg.algo_settings.pad_id)
+    placed = place_batch(rows, c.mesh, c.rules)
+    with jax.set_mesh(c.mesh):
+      return self.logp_fn(params, placed["tokens"], placed["attn_mask"], packing.of(placed))
 
   def rollout(self, state, prompts: Mapping[str, np.ndarray], rng, step: int = 0,
               ref_params=None) -> tuple[dict, Any, dict]:
@@ -213,7 +226,18 @@ class Trainer:
     # Rewards of this process's rows (its own prompts, all G completions of each), then of every row.
     local = {"tokens": host_data.to_local(ro.tokens), "attn_mask": host_data.to_local(ro.attn_mask),
              "mask": host_data.to_local(ro.mask).astype(np.float32)}
+    # The whole batch on every process: advantages, pairs and minibatches are then those of one process.
+    arrays = {"tokens": host_data.gather(ro.tokens), "attn_mask": host_data.gather(ro.attn_mask),
+              "mask": host_data.gather(ro.mask).astype(np.float32)}
     t1 = time.perf_counter()
+    # The log-prob passes that read only the rollout start now; the device runs them while the host detokenises
+    # and scores it (JAX dispatches asynchronously); their results are read after the rewards.
+    trainer_pending = (self.dispatch_logp(self.policy_weights(state.params), arrays["tokens"], arrays["attn_mask"],
+                                          arrays["mask"]) if cfg.trainer_pass(step) else None)
+    self._early_ref = None
+    if cfg.use_reference and self.algo.fixed_rows and not cfg.dynamic_sampling.enabled:
+      self._early_ref = (arrays["tokens"], self.dispatch_logp(self.reference_params(ref_params), arrays["tokens"],
+                                                              arrays["attn_mask"], arrays["mask"]))
     if texts is None:
       texts = evaluation.rollout_texts(c.tokenizer, ro, c.sampler.config.stop_set)
     prompt_texts = combine.repeat_per_prompt([str(p) for p in prompts["prompt"]], g)
@@ -229,15 +253,12 @@ class Trainer:
     rewards = rewards._replace(values=values.reshape((-1,) + rewards.values.shape[1:]))    # [B, G, K] global
     steps = {} if c.step_rewards is None else self.step_rewards(ro, prompt_texts, answers, local)
     t2 = time.perf_counter()
-    # The whole batch on every process: advantages, pairs and minibatches are then those of one process.
-    arrays = {"tokens": host_data.gather(ro.tokens), "attn_mask": host_data.gather(ro.attn_mask),
-              "mask": host_data.gather(ro.mask).astype(np.float32), **steps}
+    arrays.update(steps)
     sampler_logp = host_data.gather(ro.logp).astype(np.float32)
     if cfg.old_logp_source != "current":  # on-policy: the objective takes the current log-probs
       arrays["old_logp"] = sampler_logp
     lengths = host_data.gather(ro.lengths)
-    mm = (self.trainer_logp(self.policy_weights(state.params), arrays, sampler_logp) if cfg.trainer_pass(step)
-          else {})
+    mm = {} if trainer_pending is None else self.trainer_logp(trainer_pending, arrays, sampler_logp)
     t3 = time.perf_counter()
     completion = arrays["tokens"][:, arrays["tokens"].shape[1] - arrays["mask"].shape[1]:]
     sc = c.sampler.config
@@ -267,11 +288,12 @@ class Trainer:
                          group_size=self.cfg.num_generations)
     return {k: host_data.gather_rows(v, c.mesh, c.rules) for k, v in out.items()}
 
-  def trainer_logp(self, params, arrays: dict, sampler_logp: np.ndarray) -> dict:
-    """The trainer's log-probs of the rollout (``rollout_logp``): the old log-probs when recomputed, the mismatch
-    correction's ``is_weight`` when one is set (both into ``arrays``); returns the ``mismatch/*`` metrics."""
+  def trainer_logp(self, pending: jax.Array, arrays: dict, sampler_logp: np.ndarray) -> dict:
+    """The trainer's log-probs of the rollout (``pending``, from ``dispatch_logp``): the old log-probs when
+    recomputed, the mismatch correction's ``is_weight`` when one is set (both into ``arrays``); returns the
+    ``mismatch/*`` metrics."""
     cfg = self.cfg
-    trainer = self.host_logp(params, arrays["tokens"], arrays["attn_mask"])
+    trainer = host_data.gather(pending)
     band = {"low": cfg.mismatch_low, "high": cfg.mismatch_high}
     m = _mismatch_diagnostics(trainer, sampler_logp, arrays["mask"], **band)
     if cfg.old_logp_source == "recompute":
@@ -288,7 +310,12 @@ class Trainer:
     batch, m = self.batcher.build(arrays, rewards.values, self.c.reward_weights, step)
     if self.cfg.use_reference:  # without one no reference forward pass runs (and no KL is reported)
       t0 = time.perf_counter()
-      batch["ref_logp"] = self.host_logp(self.reference_params(ref_params), batch["tokens"], batch["attn_mask"])
+      early, self._early_ref = self._early_ref, None
+      if early is not None and batch["tokens"] is early[0]:   # the rollout's own rows: started in ``rollout``
+        batch["ref_logp"] = host_data.gather(early[1])
+      else:
+        batch["ref_logp"] = self.host_logp(self.reference_params(ref_params), batch["tokens"], batch["attn_mask"],
+                                           batch["mask"])
       m["time/reference"] = time.perf_counter() - t0
     return batch, m
 
@@ -297,10 +324,14 @@ class Trainer:
     cfg, c = self.cfg, self.c
     frozen = () if c.lora is None else (c.lora.base,)
     shuffle_rng = np.random.default_rng([cfg.seed, step, 1])
-    per_update = []
+    per_update, fills = [], []
     for epoch in range(cfg.num_epochs):
       for i, mb in enumerate(minibatches(batch, num_minibatches=cfg.num_minibatches, unit=self.algo.unit,
                                          rng=shuffle_rng)):
+        if cfg.packing:   # one packing group per (micro-batch, batch shard): rlj.packing
+          mb = packing.packed_batch(mb, chunks=cfg.num_microbatches, mesh=c.mesh, rules=c.rules,
+                                    pad_id=cfg.algo_settings.pad_id)
+          fills.append(packing.fill(mb))
         with jax.set_mesh(c.mesh):
           state, m = self.step_fn(state, place_batch(mb, c.mesh, c.rules),
                                   jax.random.fold_in(rng, epoch * cfg.num_minibatches + i), *frozen)
@@ -310,6 +341,8 @@ class Trainer:
     metrics = {k: float(np.mean([m[k] for m in per_update])) for k in per_update[0]}
     metrics["skipped"] = float(sum(m["skipped"] for m in per_update))
     metrics["skipped_total"] = float(self.skips.total)
+    if fills:
+      metrics["packing/fill"] = float(np.mean(fills))
     return state, metrics
 
   # ---------------------------------------------------------------------------------------------- host state

@@ -3,7 +3,8 @@
 Everything else (the log-prob function, the loss, the optimizer, the micro-batch count) is bound with
 ``functools.partial`` before ``jax.jit``, so nothing inside the step reads a config. The step
 
-- computes per-token log-probs of the batch's completions under the current params (``logp_fn``),
+- computes per-token log-probs of the batch's completions under the current params (``logp_fn``; on its packed
+  rows when the batch carries them, ``rlj.packing``),
 - evaluates ``objective(logp, batch) -> (loss, metrics)`` (an algorithm's loss with its batch fields),
 - accumulates gradients over ``num_microbatches`` slices with ``lax.scan``: summed when the objective's
   normaliser already counts the whole optimizer step (GRPO ``token_mean`` with a global ``num_tokens``;
@@ -22,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rlj import packing
 from rlj.train_state import TrainState, apply_if_finite, skip_metrics
 
 Batch = Mapping[str, jax.Array]
@@ -44,7 +46,7 @@ def loss_and_grads(params: Any, batch: Batch, *, logp_fn, objective: Objective, 
   the model runs on ``combine(frozen, params)`` when ``combine`` is given."""
 
   def loss_of(p, mb):
-    logp = logp_fn(p if combine is None else combine(frozen, p), mb["tokens"], mb["attn_mask"])
+    logp = logp_fn(p if combine is None else combine(frozen, p), mb["tokens"], mb["attn_mask"], packing.of(mb))
     return objective(logp, mb)
 
   grad_fn = jax.value_and_grad(loss_of, has_aux=True)

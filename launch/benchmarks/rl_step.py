@@ -24,6 +24,20 @@ then skips the rollout's trainer log-prob pass, ``time/reference``, that ``recom
   python -m launch.bench --case rl_step --model small-32m --batch 8 --seq 32 --new_tokens 64 --old_logp recompute
   python -m launch.bench --case rl_step --model small-32m --batch 8 --seq 32 --new_tokens 64 --old_logp auto
 
+``--lengths skewed`` cuts each sampled completion to a length spread evenly between 10% and 100% of
+``--new_tokens`` (one length per row, shuffled per step; the sampler still decodes every step, so
+``time/sample`` does not change), the length-skewed rollout of reasoning RL, on which ``train.packing`` runs the
+log-prob passes and updates on the rows' real tokens only:
+
+  python -m launch.bench --case rl_step --model small-32m --batch 8 --seq 32 --new_tokens 64 --lengths skewed
+  python -m launch.bench --case rl_step --model small-32m --batch 8 --seq 32 --new_tokens 64 --lengths skewed \
+      --set train.packing=True
+
+Every row also gives the step's useful FLOPs (model FLOPs on real tokens only: the sampler's forward, each
+log-prob pass and the update's forward + backward over each row's real prompt and completion tokens, with
+causal attention and the completion's logits; ``useful_flops``) over the step's time, as a fraction of the
+matmul peak measured in the same process (``launch.bench.matmul_peak``).
+
 ``--set KEY=VALUE`` (repeatable) overrides any other key, e.g. the algorithm and its KL coefficient (a positive
 ``kl_coef`` keeps a reference copy of the policy, as ``launch.train`` does, and times its log-prob pass):
 
@@ -77,7 +91,68 @@ def runlocal_config(*, total_steps: int, overrides: dict | None = None):
   return c
 
 
-def measure(*, steps: int, warmup: int = 2, overrides: dict | None = None) -> tuple[dict, dict]:
+class _Rollouts:
+  """The trainer's sampler, recording each rollout's real prompt and completion tokens per row; with ``skewed``
+  it first cuts row n's completion to ``lengths[n]`` tokens (``skewed_lengths``)."""
+
+  def __init__(self, inner, skewed: bool):
+    self.inner, self.skewed, self.real = inner, skewed, []
+    self.calls = 0
+
+  def __getattr__(self, name):
+    return getattr(self.inner, name)
+
+  def sample(self, params, prompt_tokens, prompt_mask, rng, **kw):
+    ro = self.inner.sample(params, prompt_tokens, prompt_mask, rng, **kw)
+    if self.skewed:
+      ro = cut(ro, skewed_lengths(ro.mask.shape[0], ro.mask.shape[1], seed=self.calls),
+               pad_id=self.inner.config.pad_id)
+    self.calls += 1
+    self.real.append((np.asarray(ro.prompt_mask).sum(1), np.asarray(ro.mask).sum(1)))
+    return ro
+
+
+def skewed_lengths(rows: int, t: int, *, seed: int) -> np.ndarray:
+  """Completion lengths spread evenly between 10% and 100% of ``t`` (shuffled with ``seed``)."""
+  lengths = np.rint(np.linspace(0.1 * t, t, rows)).astype(np.int32)
+  return np.random.default_rng(seed).permutation(np.maximum(lengths, 1))
+
+
+def cut(ro, lengths: np.ndarray, *, pad_id: int):
+  """Rollout ``ro`` with row n's completion cut after ``min(lengths[n], its length)`` tokens."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  mask = np.asarray(ro.mask)
+  t = mask.shape[1]
+  keep = (np.arange(t)[None] < np.minimum(lengths, mask.sum(1))[:, None]) & (mask > 0)
+  completion = np.where(keep, np.asarray(ro.completion), pad_id)
+  p = ro.tokens.shape[1] - t
+  tokens = np.concatenate([np.asarray(ro.tokens)[:, :p], completion], 1)
+  attn = np.concatenate([np.asarray(ro.attn_mask)[:, :p], keep.astype(np.asarray(ro.attn_mask).dtype)], 1)
+  return ro._replace(tokens=jnp.asarray(tokens), completion=jnp.asarray(completion),
+                     logp=jnp.asarray(np.where(keep, np.asarray(ro.logp), 0)),
+                     mask=jnp.asarray(keep.astype(np.asarray(ro.mask).dtype)),
+                     lengths=jnp.asarray(keep.sum(1).astype(np.int32)), attn_mask=jnp.asarray(attn))
+
+
+def forward_flops(mc, prompt: np.ndarray, completion: np.ndarray) -> float:
+  """Forward FLOPs of rows with ``prompt`` + ``completion`` real tokens: the blocks' matmuls, causal attention
+  (q k and p v over the earlier tokens) and the logits of the completion tokens."""
+  from launch.benchmarks import train_step as ts_bench  # pylint: disable=g-import-not-at-top
+  length = (prompt + completion).astype(np.float64)
+  blocks = 2.0 * ts_bench.layer_params(mc) * length
+  attention = 2.0 * mc.num_layers * mc.num_heads * mc.head_dim * length * (length + 1)
+  logits = 2.0 * mc.embed_dim * mc.vocab_size * completion
+  return float(np.sum(blocks + attention + logits))
+
+
+def useful_flops(mc, real: tuple[np.ndarray, np.ndarray], *, logp_passes: int, epochs: int) -> float:
+  """One RL step's model FLOPs on real tokens: the sampler's forward, ``logp_passes`` teacher-forced forwards and
+  ``epochs`` forward + backward passes (3x the forward)."""
+  return forward_flops(mc, *real) * (1 + logp_passes + 3 * epochs)
+
+
+def measure(*, steps: int, warmup: int = 2, overrides: dict | None = None,
+            skewed: bool = False) -> tuple[dict, dict]:
   """Runs ``warmup + steps`` RL steps; returns (mean seconds per key over the timed steps, config facts)."""
   from launch import builders, checks  # pylint: disable=g-import-not-at-top
   from rlj import rl_loop  # pylint: disable=g-import-not-at-top
@@ -90,12 +165,20 @@ def measure(*, steps: int, warmup: int = 2, overrides: dict | None = None) -> tu
     start = builders.rl_start(config, env, env.params, workdir)    # as launch.train starts RL (LoRA included)
     comps = builders.rl_components(config, env, data, _NullWriter(), lora=start.lora,
                                    state_shardings=start.state_shardings)
-    trainer = rl_loop.Trainer(comps, builders.loop_config(config, env.tokenizer.pad_id))
+    comps.sampler = rollouts = _Rollouts(comps.sampler, skewed)
+    lc = builders.loop_config(config, env.tokenizer.pad_id)
+    trainer = rl_loop.Trainer(comps, lc)
     _, _, history = trainer.run(start.state, start.ref_params, start_step=0)
   timed = history[warmup:]
   means = {k: float(np.mean([h[k] for h in timed])) for k in KEYS}
   means["sampled_tokens"] = float(np.mean([h["sampled_tokens"] for h in timed]))
+  passes = int(lc.old_logp_source == "recompute") + int(lc.use_reference)
+  flops = [useful_flops(env.model_config, real, logp_passes=passes, epochs=lc.num_epochs)
+           for real in rollouts.real[-steps:]]
+  means["useful_flops"] = float(np.mean(flops))
+  means["fill"] = float(np.mean([h.get("packing/fill", np.nan) for h in timed]))
   facts = {"prompts x G": f"{config.train.batch_prompts} x {config.sampler.num_generations}",
+           "old_logp": lc.old_logp_source,
            "new tokens": config.sampler.max_new_tokens, "minibatches": config.train.num_minibatches,
            "params": env.model_config.num_params()}
   return means, facts
@@ -107,6 +190,10 @@ def breakdown_row(means: dict) -> dict:
   row = {k.split("/")[1] + " ms": means[k] * 1e3 for k in KEYS}
   row.update({"host overhead %": 100 * means["time/host_overhead"] / step, "not model compute %": 100 * non_model / step,
               "sampled tokens/s": means["sampled_tokens"] / step})
+  if "useful_flops" in means:
+    row["useful GFLOP"] = means["useful_flops"] / 1e9
+    if means.get("peak"):
+      row["useful FLOPs / peak %"] = 100 * means["useful_flops"] / step / means["peak"]
   return row
 
 
@@ -138,11 +225,18 @@ def shape_overrides(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
+  from launch import bench  # pylint: disable=g-import-not-at-top
   steps = args.steps or 5
   overrides = shape_overrides(args)
-  means, facts = measure(steps=steps, overrides=overrides)
-  facts["old_logp"] = overrides.get("train.old_logp", "sampler")
+  skewed = getattr(args, "lengths", "sampled") == "skewed"
+  means, facts = measure(steps=steps, overrides=overrides, skewed=skewed)
+  means["peak"] = bench.matmul_peak(getattr(args, "dtype", None) or "float32")
+  facts["lengths"] = "skewed" if skewed else "sampled"
+  facts["packing"] = bool(overrides.get("train.packing", False))
   notes = [f"configs/grpo_tpu.py:runlocal (init.policy=scratch, no SFT, no eval); mean of {steps} steps after 2 "
            "warm-up steps; timers from rlj.rl_loop (host overhead = step - sample - reference - update, reward "
            "included)." + (f" Overrides: {overrides}." if overrides else "")]
+  notes.append(f"In-process matmul peak: {means['peak'] / 1e9:.0f} GFLOP/s; useful FLOPs count real tokens only "
+               "(launch/benchmarks/rl_step.py useful_flops)"
+               + (f"; packed slots filled: {means['fill']:.0%}" if np.isfinite(means["fill"]) else "") + ".")
   return [{**facts, **breakdown_row(means)}], notes

@@ -211,3 +211,19 @@ def test_suggest_ladders_and_search_fit_the_train_step(compiled):
   again = aot.compile_all(suggest.apply(c, found), devices, log=lambda *_: None, only={"train step"})[0]
   assert set(again) == {"train step"} and again["train step"].total <= suggest.HEADROOM * cap
   assert suggest.flags(found).startswith("--config.")
+
+
+def test_packed_programs_compile_at_the_largest_bucket():
+  """``train.packing``: the train step and the log-prob pass compile for the TPU target on packed rows of the
+  largest bucket (a bin per row), whose batch bytes are the unpacked batch's plus the packing arrays."""
+  from launch import aot
+  devices = _devices("v5e-8")
+  c = _config()
+  c.sampler.max_new_tokens = 8
+  c.train.packing = True
+  phases, _, _ = aot.compile_all(c, devices, log=lambda *_: None, only={"train step", "rollout log-probs"})
+  assert set(phases) == {"train step", "rollout log-probs"}
+  assert all(ph.program.peak > 0 for ph in phases.values())
+  c.train.packing = False
+  plain, _, _ = aot.compile_all(c, devices, log=lambda *_: None, only={"train step"})
+  assert phases["train step"].components["batch"] > plain["train step"].components["batch"]

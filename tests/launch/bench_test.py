@@ -167,3 +167,27 @@ def test_attention_case_row():
   (row,) = bench_attention.measure(model="tiny", batch=2, seq=64, dtype="float32", repeats=1)
   _finite_positive(row, "fwd+bwd ms (best)", "causal TFLOP/s")
   assert row["impl"] == "xla" and row["max |diff| vs xla"] == 0
+
+
+def test_rl_step_skewed_packed_with_a_reference():
+  """The skewed rollout (lengths spread over 10%-100% of T), packed updates and a reference model (its pass
+  started before the rewards): the case runs and reports the packing's fill and the step's useful FLOPs."""
+  overrides = {"train.batch_prompts": 4, "tokenizer.train_records": 200, "data.train_records": 400,
+               "model.overrides.num_layers": 1, "model.overrides.embed_dim": 32, "model.overrides.mlp_dim": 64,
+               "train.packing": True, "algo.kwargs.kl_coef": 0.04}
+  means, facts = bench_rl.measure(steps=1, warmup=1, overrides=overrides, skewed=True)
+  assert 0 < means["fill"] <= 1 and means["useful_flops"] > 0 and means["time/reference"] > 0
+  assert facts["old_logp"] in ("recompute", "sampler", "current")
+
+
+def test_skewed_lengths_cut_and_useful_flops():
+  lengths = bench_rl.skewed_lengths(64, 64, seed=0)
+  assert (lengths.min(), lengths.max()) == (6, 64) and len(set(lengths)) > 50
+  np.testing.assert_array_equal(np.sort(lengths), np.sort(bench_rl.skewed_lengths(64, 64, seed=1)))
+  mc = presets.get("small-3m")
+  # One row of 3 prompt + 2 completion tokens: blocks 2 P_layers per token, causal attention 2 L H Dh l (l + 1),
+  # the completion's logits 2 D V per token.
+  per_layer = 256 * 64 * (2 * 4 + 2 * 2) + 3 * 256 * 688
+  want = 2 * 4 * per_layer * 5 + 2 * 4 * 4 * 64 * 5 * 6 + 2 * 256 * 512 * 2
+  assert bench_rl.forward_flops(mc, np.array([3]), np.array([2])) == want
+  assert bench_rl.useful_flops(mc, (np.array([3]), np.array([2])), logp_passes=1, epochs=1) == 5 * want

@@ -33,6 +33,8 @@ def test_small_and_tiny():
   assert 45e6 < presets.get("small-50m").num_params() < 55e6
   assert presets.get("small-32m").num_params() == 31_597_056   # 8 x (786,432 attention + 2,113,536 MLP + 1,024
   # norms) + 2 x 4,194,304 untied embedding and head + 512 final norm
+  assert presets.get("small-3m").num_params() == 3_164_416     # 4 x (196,608 attention + 528,384 MLP + 512 norms)
+  # + 2 x 131,072 untied embedding and head + 256 final norm
   tiny = presets.get("tiny")
   assert (tiny.num_layers, tiny.embed_dim, tiny.num_heads, tiny.num_kv_heads, tiny.head_dim, tiny.mlp_dim,
           tiny.vocab_size) == (2, 32, 4, 2, 8, 64, 128)

@@ -122,3 +122,37 @@ def test_correction_puts_weights_in_the_batch(env):
                               mismatch_high=1.1)
   assert calls == 2 and all({"old_logp", "is_weight"} <= k for k in keys)
   assert all(abs(h["mismatch/weight_mean"] - 1.0) < 1e-4 for h in history)
+
+
+def test_packed_trainer_pass_and_updates(env):
+  """``packing``: the trainer's pass runs on packed rows (and still equals the sampler's float32 log-probs to
+  rounding) and every optimizer step's batch carries its packing."""
+  calls, keys, history = _run(env, old_logp="auto", packing=True)
+  assert calls == 2 and all({"pack_tokens", "pack_index", "old_logp"} <= k for k in keys)
+  for h in history:
+    assert 0 <= h["mismatch/logp_abs_diff_mean"] <= h["mismatch/logp_abs_diff_max"] < 1e-3
+    assert 0 < h["packing/fill"] <= 1
+
+
+def test_log_prob_pass_starts_before_the_rewards(env):
+  """The trainer's pass over the rollout is dispatched before the host scores it, so an expensive reward runs
+  while the device computes the pass (its result is read after the rewards)."""
+  config, e, comps = env
+  events = []
+  wrapped = []
+  for name, fn in comps.reward_fns:
+    def timed(*a, _fn=fn, **k):
+      events.append("reward")
+      return _fn(*a, **k)
+    wrapped.append((name, timed))
+  original = comps.reward_fns
+  comps.reward_fns = wrapped
+  try:
+    cfg = dataclasses.replace(builders.loop_config(config, e.tokenizer.pad_id), old_logp="auto", total_steps=1)
+    trainer = rl_loop.Trainer(comps, cfg)
+    logp_fn = trainer.logp_fn
+    trainer.logp_fn = lambda *a: events.append("logp") or logp_fn(*a)
+    trainer.run(jax.tree.map(jnp.copy, e.state), None)
+  finally:
+    comps.reward_fns = original
+  assert events[0] == "logp" and "reward" in events
