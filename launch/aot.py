@@ -145,9 +145,11 @@ def compile_all(config, devices, *, log=print, only=None) -> tuple[dict, list, d
   mesh = sharding.make_mesh(list(zip(names, sizes)), devices=devices)
   rules = [tuple(r) for r in config.sharding_rules]
   mc = builders.model_config(config, config.tokenizer.vocab_size)
-  # "auto" attention is the target's kernel (this process traces on CPU, for TPU devices).
+  # "auto" attention is the target's kernel and the layer scan the target's loop (this process traces on CPU,
+  # for TPU devices).
   mc = dataclasses.replace(mc, attention=attention_kernels.resolve(
-      mc.attention, devices[0].platform, dtype=mc.jnp_dtype, logit_cap=mc.attn_logit_softcap, head_dim=mc.head_dim))
+      mc.attention, devices[0].platform, dtype=mc.jnp_dtype, logit_cap=mc.attn_logit_softcap, head_dim=mc.head_dim),
+      scan_unroll=mc.scan_unroll or 1)
   model = Transformer(mc)
   p_len, t_len, g = max(config.data.buckets), config.sampler.max_new_tokens, config.sampler.num_generations
   prompts = config.train.batch_prompts * hosts

@@ -248,6 +248,9 @@ def parser() -> argparse.ArgumentParser:
   ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                   help="rl_step: any config override of configs/grpo_tpu.py:runlocal, repeatable, e.g. "
                        "--set algo.kwargs.kl_coef=0.04 --set algo.name=gdpo (values parse as Python literals)")
+  ap.add_argument("--ab", action="append", default=[], metavar="KEY=VALUE",
+                  help="rl_step: also run the case with these overrides (B), its steps interleaved with A's in one "
+                       "process, repeatable")
   ap.add_argument("--lengths", default="sampled", choices=("sampled", "skewed"),
                   help="rl_step: the completions as sampled, or cut to lengths spread evenly over 10%%-100%% of "
                        "--new_tokens (a length-skewed rollout)")

@@ -103,11 +103,20 @@ def kernel_impl(config: ModelConfig) -> str:
   return impl if attention_kernels.available(impl) else "xla"
 
 
+def scan_unroll(config: ModelConfig) -> int:
+  """Layers per iteration of the scanned stack: ``config.scan_unroll``, or for 0 the platform's (all of them on
+  CPU, one elsewhere; ``ModelConfig.scan_unroll``)."""
+  if config.scan_unroll:
+    return max(1, min(int(config.scan_unroll), config.num_layers))
+  return config.num_layers if jax.default_backend() == "cpu" else 1
+
+
 def _stacked_blocks(config: ModelConfig):
   block = nn.remat(Block, prevent_cse=False) if config.remat else Block
   return nn.scan(block, variable_axes={"params": 0, LORA: 0}, split_rngs={"params": True},
                  in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                 length=config.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+                 length=config.num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
+                 unroll=scan_unroll(config))
 
 
 def unstack_layers(params: dict, num_layers: int) -> dict:

@@ -38,6 +38,13 @@ log-prob pass and the update's forward + backward over each row's real prompt an
 causal attention and the completion's logits; ``useful_flops``) over the step's time, as a fraction of the
 matmul peak measured in the same process (``launch.bench.matmul_peak``).
 
+``--ab KEY=VALUE`` (repeatable) runs the case twice in one process, as given (A) and with these overrides too
+(B), one RL step of each in turn, so that a change in the machine's speed hits both alike; B's row gives its
+step time over A's:
+
+  python -m launch.bench --case rl_step --model small-32m --batch 8 --seq 32 --new_tokens 64 --lengths skewed \
+      --set model.overrides.scan_unroll=1 --ab train.packing=True --ab model.overrides.scan_unroll=0
+
 ``--set KEY=VALUE`` (repeatable) overrides any other key, e.g. the algorithm and its KL coefficient (a positive
 ``kl_coef`` keeps a reference copy of the policy, as ``launch.train`` does, and times its log-prob pass):
 
@@ -47,6 +54,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
+import os
 import tempfile
 
 import numpy as np
@@ -151,37 +160,71 @@ def useful_flops(mc, real: tuple[np.ndarray, np.ndarray], *, logp_passes: int, e
   return forward_flops(mc, *real) * (1 + logp_passes + 3 * epochs)
 
 
-def measure(*, steps: int, warmup: int = 2, overrides: dict | None = None,
-            skewed: bool = False) -> tuple[dict, dict]:
-  """Runs ``warmup + steps`` RL steps; returns (mean seconds per key over the timed steps, config facts)."""
-  from launch import builders, checks  # pylint: disable=g-import-not-at-top
-  from rlj import rl_loop  # pylint: disable=g-import-not-at-top
-  config = runlocal_config(total_steps=warmup + steps, overrides=overrides)
-  checks.validate(config)
-  with tempfile.TemporaryDirectory() as workdir:
-    env = builders.build_env(config, workdir)
+class _Run:
+  """One trainer of the case, built as ``launch.train`` builds it, stepped one RL step at a time."""
+
+  def __init__(self, config, workdir: str, skewed: bool):
+    from launch import builders  # pylint: disable=g-import-not-at-top
+    from rlj import rl_loop  # pylint: disable=g-import-not-at-top
+    self.config = config
+    self.env = env = builders.build_env(config, workdir)
     data = builders.prompt_iterator(config, env, split="train", batch_prompts=config.train.batch_prompts,
                                     seed=config.seed)
     start = builders.rl_start(config, env, env.params, workdir)    # as launch.train starts RL (LoRA included)
     comps = builders.rl_components(config, env, data, _NullWriter(), lora=start.lora,
                                    state_shardings=start.state_shardings)
-    comps.sampler = rollouts = _Rollouts(comps.sampler, skewed)
-    lc = builders.loop_config(config, env.tokenizer.pad_id)
-    trainer = rl_loop.Trainer(comps, lc)
-    _, _, history = trainer.run(start.state, start.ref_params, start_step=0)
-  timed = history[warmup:]
-  means = {k: float(np.mean([h[k] for h in timed])) for k in KEYS}
-  means["sampled_tokens"] = float(np.mean([h["sampled_tokens"] for h in timed]))
-  passes = int(lc.old_logp_source == "recompute") + int(lc.use_reference)
-  flops = [useful_flops(env.model_config, real, logp_passes=passes, epochs=lc.num_epochs)
-           for real in rollouts.real[-steps:]]
-  means["useful_flops"] = float(np.mean(flops))
-  means["fill"] = float(np.mean([h.get("packing/fill", np.nan) for h in timed]))
-  facts = {"prompts x G": f"{config.train.batch_prompts} x {config.sampler.num_generations}",
-           "old_logp": lc.old_logp_source,
-           "new tokens": config.sampler.max_new_tokens, "minibatches": config.train.num_minibatches,
-           "params": env.model_config.num_params()}
-  return means, facts
+    comps.sampler = self.rollouts = _Rollouts(comps.sampler, skewed)
+    self.lc = builders.loop_config(config, env.tokenizer.pad_id)
+    self.trainer = rl_loop.Trainer(comps, self.lc)
+    self.state, self.ref = start.state, start.ref_params
+    self.history: list[dict] = []
+
+  def step(self, i: int) -> None:
+    self.trainer.cfg = dataclasses.replace(self.lc, total_steps=i + 1)
+    self.state, self.ref, h = self.trainer.run(self.state, self.ref, start_step=i)
+    self.history += h
+
+  def summary(self, warmup: int, steps: int) -> tuple[dict, dict]:
+    timed = self.history[warmup:]
+    means = {k: float(np.mean([h[k] for h in timed])) for k in KEYS}
+    means["sampled_tokens"] = float(np.mean([h["sampled_tokens"] for h in timed]))
+    lc, config = self.lc, self.config
+    passes = int(lc.old_logp_source == "recompute") + int(lc.use_reference)
+    flops = [useful_flops(self.env.model_config, real, logp_passes=passes, epochs=lc.num_epochs)
+             for real in self.rollouts.real[-steps:]]
+    means["useful_flops"] = float(np.mean(flops))
+    means["fill"] = float(np.mean([h.get("packing/fill", np.nan) for h in timed]))
+    facts = {"prompts x G": f"{config.train.batch_prompts} x {config.sampler.num_generations}",
+             "old_logp": lc.old_logp_source,
+             "new tokens": config.sampler.max_new_tokens, "minibatches": config.train.num_minibatches,
+             "params": self.env.model_config.num_params()}
+    return means, facts
+
+
+def measure_many(configs: list[dict], *, steps: int, warmup: int = 2,
+                 skewed: bool = False) -> list[tuple[dict, dict]]:
+  """Runs ``warmup + steps`` RL steps of each override set, one step of each in turn (so that a change in the
+  machine's speed during the case hits every set alike); returns (mean seconds per key over the timed steps,
+  config facts) per set."""
+  from launch import checks  # pylint: disable=g-import-not-at-top
+  built = [runlocal_config(total_steps=warmup + steps, overrides=o) for o in configs]
+  for config in built:
+    checks.validate(config)
+  with tempfile.TemporaryDirectory() as workdir:
+    dirs = [os.path.join(workdir, str(k)) for k in range(len(built))]
+    for d in dirs:
+      os.makedirs(d)
+    runs = [_Run(config, d, skewed) for config, d in zip(built, dirs)]
+    for i in range(warmup + steps):
+      for r in runs:
+        r.step(i)
+  return [r.summary(warmup, steps) for r in runs]
+
+
+def measure(*, steps: int, warmup: int = 2, overrides: dict | None = None,
+            skewed: bool = False) -> tuple[dict, dict]:
+  """Runs ``warmup + steps`` RL steps; returns (mean seconds per key over the timed steps, config facts)."""
+  return measure_many([overrides or {}], steps=steps, warmup=warmup, skewed=skewed)[0]
 
 
 def breakdown_row(means: dict) -> dict:
@@ -229,14 +272,29 @@ def run(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
   steps = args.steps or 5
   overrides = shape_overrides(args)
   skewed = getattr(args, "lengths", "sampled") == "skewed"
-  means, facts = measure(steps=steps, overrides=overrides, skewed=skewed)
-  means["peak"] = bench.matmul_peak(getattr(args, "dtype", None) or "float32")
-  facts["lengths"] = "skewed" if skewed else "sampled"
-  facts["packing"] = bool(overrides.get("train.packing", False))
+  sets = [overrides]
+  ab = getattr(args, "ab", None) or []
+  if ab:   # the same case again with these overrides, its steps interleaved with the first's
+    sets.append({**overrides, **shape_overrides(argparse.Namespace(set=ab))})
+  results = measure_many(sets, steps=steps, skewed=skewed)
+  peak = bench.matmul_peak(getattr(args, "dtype", None) or "float32")
+  rows, fills = [], []
+  for (means, facts), o in zip(results, sets):
+    means["peak"] = peak
+    facts["lengths"] = "skewed" if skewed else "sampled"
+    facts["packing"] = bool(o.get("train.packing", False))
+    if ab:
+      facts["set"] = "A" if o is overrides else "B: " + " ".join(ab)
+    rows.append({**facts, **breakdown_row(means)})
+    fills.append(f"{means['fill']:.0%}" if np.isfinite(means["fill"]) else None)
+  if ab:
+    rows[1]["step vs A"] = rows[1]["step ms"] / rows[0]["step ms"]
   notes = [f"configs/grpo_tpu.py:runlocal (init.policy=scratch, no SFT, no eval); mean of {steps} steps after 2 "
            "warm-up steps; timers from rlj.rl_loop (host overhead = step - sample - reference - update, reward "
-           "included)." + (f" Overrides: {overrides}." if overrides else "")]
-  notes.append(f"In-process matmul peak: {means['peak'] / 1e9:.0f} GFLOP/s; useful FLOPs count real tokens only "
+           "included)." + (f" Overrides: {overrides}." if overrides else "")
+           + (" A and B run in one process, one RL step of each in turn." if ab else "")]
+  notes.append(f"In-process matmul peak: {peak / 1e9:.0f} GFLOP/s; useful FLOPs count real tokens only "
                "(launch/benchmarks/rl_step.py useful_flops)"
-               + (f"; packed slots filled: {means['fill']:.0%}" if np.isfinite(means["fill"]) else "") + ".")
-  return [{**facts, **breakdown_row(means)}], notes
+               + "".join(f"; packed slots filled{' (' + r.get('set', '')[:1] + ')' if ab else ''}: {f}"
+                         for r, f in zip(rows, fills) if f) + ".")
+  return rows, notes

@@ -30,6 +30,8 @@ def _config(**changes):
   return bad_config_test.apply_changes(c, changes)
 
 
+@pytest.mark.slow   # ~25 s on 2 cores: outside the CI budget; tests/agents/ cover the sampler and rewards, the bad
+# configs below the launcher
 def test_agent_job_trains_on_multi_turn_trajectories_and_logs_agent_metrics(tmp_path):
   workdir = str(tmp_path / "run")
   history = train.run(_config(), workdir)

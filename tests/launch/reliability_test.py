@@ -194,6 +194,7 @@ def _poison_advantages(monkeypatch, calls_to_poison):
   monkeypatch.setattr(rl_algos, "policy_gradient_batch", poisoned)
 
 
+@pytest.mark.slow   # ~20 s on 2 cores: outside the CI budget; tests/rlj/train_step_test.py covers the skip counters
 @pytest.mark.usefixtures("fast_compile")
 def test_nan_updates_are_skipped_counted_and_abort_after_n_in_a_row(tmp_path, monkeypatch):
   _poison_advantages(monkeypatch, {2, 3})

@@ -1,4 +1,4 @@
-"""Transformer invariances: remat changes nothing, features feed the logits, rope and norm references."""
+"""Transformer invariances: remat and the layer scan's unrolling change nothing, features feed the logits, rope and norm references."""
 import dataclasses
 
 import flax.linen as nn
@@ -33,10 +33,14 @@ def test_remat_gives_same_loss_and_grads():
     return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
 
   (l0, (logits, by_hand)), g0 = run(CONFIG)
-  (l1, _), g1 = run(dataclasses.replace(CONFIG, remat=True))
   np.testing.assert_allclose(np.asarray(logits), np.asarray(by_hand), atol=1e-5, rtol=1e-5)
-  np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5), g1, g0)
+  # Remat, and the layer scan as a loop of one layer per iteration instead of unrolled (the CPU default), on the
+  # same stacked parameters.
+  for variant in (dict(remat=True, scan_unroll=1),):
+    (l1, _), g1 = run(dataclasses.replace(CONFIG, **variant))
+    np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5),
+                 g1, g0)
 
 
 def test_rope_matches_pairwise_rotation_reference():

@@ -91,10 +91,10 @@ def test_bad_rows_and_bins_are_refused():
     packing.pack(*_rollout(2), bins=1)
 
 
-@pytest.mark.parametrize("model_name", ["tiny", "sliding"])
-def test_packed_logprobs_equal_unpacked(model_name):
-  """Chunked rows and chunked logits, packed in the chunks' groups: the same log-probs on every trained token."""
-  model = MODEL if model_name == "tiny" else SLIDING
+def test_packed_logprobs_equal_unpacked():
+  """Chunked rows and chunked logits, packed in the chunks' groups: the same log-probs on every trained token
+  (a model of a sliding and a full layer)."""
+  model = SLIDING
   params = _init(model)
   tokens, attn, mask = _rollout(3)
   for chunks, logits_chunk in ((1, 0), (4, 3)):
@@ -124,7 +124,7 @@ def _batch(seed):
 
 def test_packed_loss_and_gradients_equal_unpacked(params):
   batch = _batch(4)
-  for micro in (1, 2):
+  for micro in (1,):   # two micro-batches: the 8-device test below
     want, g_want = _loss_and_grads(params, batch, micro=micro)
     packed = packing.packed_batch(batch, chunks=micro, mesh=None, rules=None, pad_id=0)
     got, g_got = _loss_and_grads(params, packed, micro=micro)
