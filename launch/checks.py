@@ -348,6 +348,10 @@ def _check_model(config) -> None:
   if needs and jax.default_backend() != needs:
     fail("model.overrides.attention", f"{attention!r} runs on {needs.upper()}, this job runs on "
          f"{jax.default_backend()}; use attention=auto (the platform's kernel) or xla")
+  unroll = overrides.get("scan_unroll", 0)
+  if not isinstance(unroll, int) or isinstance(unroll, bool) or unroll < 0:
+    fail("model.overrides.scan_unroll", f"{unroll!r}; layers per iteration of the layer scan, an int >= 0 (0: "
+         "every layer on CPU, 1 elsewhere)")
   if not overrides.get("scan_layers", True):
     fail("model.overrides.scan_layers", "the trained model keeps its layers scanned (checkpoints and Hugging Face "
          "import / export hold them stacked); the sampler decodes an unrolled copy by itself where that pays "

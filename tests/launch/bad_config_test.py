@@ -88,6 +88,7 @@ CASES = {
                              r"'model\.overrides\.num_layer'.*not a model config field.*num_layers"),
     "unscanned_training": (dict(**{"model.overrides": {"scan_layers": False}}),
                            r"'model\.overrides\.scan_layers'.*unrolled_decode"),
+    "scan_unroll": (dict(**{"model.overrides": {"scan_unroll": -1}}), r"'model\.overrides\.scan_unroll'.*int >= 0"),
     "advantage_scale": (dict(**{"algo.advantage.scale": "grop"}), r"'algo\.advantage\.scale'"),
     "sampler_top_p": (dict(**{"sampler.top_p": 0.0}), r"'sampler'.*top_p"),
     "sampler_cache_phases": (dict(**{"sampler.cache_phases": 0}), r"'sampler\.cache_phases'.*positive int"),
