@@ -126,6 +126,7 @@ def test_cli_exit_status_when_it_does_not_fit():
   assert "DOES NOT FIT" in lines[-1] and "biggest consumer" in lines[-1]
 
 
+@pytest.mark.slow   # ~11 s on 2 cores (a second layout compiled): outside the CI budget
 def test_param_and_optimizer_bytes_fall_as_one_over_fsdp(compiled):
   from launch import aot
   _, (phases8, _, summary8) = compiled                      # fsdp=8

@@ -64,6 +64,8 @@ def _held_out_task(c):
   return synthetic.PreferenceTask(c.data.eval_records, seed=c.data.seed + 1000003, max_target=c.data.max_target)
 
 
+@pytest.mark.slow   # ~23 s on 2 cores: outside the CI budget; tests/rlj/rm_step_test.py and
+# tests/rlj/reward_scoring_test.py cover the RM step and its serving
 def test_bt_job_trains_checkpoints_and_serves(tmp_path, capsys):
   c = _shrink(rm_bt.get_config("runlocal"))
   workdir = str(tmp_path / "bt")

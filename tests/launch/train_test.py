@@ -98,6 +98,7 @@ def _relaunch_with_changes_stops_and_keeps_every_file(workdir):
   assert not os.path.exists(workdir + "/checkpoints.corrupt")
 
 
+@pytest.mark.slow   # ~19 s on 2 cores: outside the CI budget; runlocal above runs SFT then RL in one job
 def test_sft_job_writes_a_checkpoint_the_rl_job_loads(tmp_path):
   c = _shrink(sft_config.get_config("runlocal"))
   train.run(c, str(tmp_path / "sft"))

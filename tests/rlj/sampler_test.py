@@ -157,7 +157,7 @@ def test_first_token_frequencies_match_filtered_model_distribution(params):
   np.testing.assert_allclose(r.logp[:, 0], np.log(q[np.asarray(r.completion[:, 0])]), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("tied", [True, pytest.param(False, marks=pytest.mark.slow)])   # tied: the untying too
 def test_unrolled_decode_matches_scanned_decode_and_teacher_forced_logp(tied):
   """unrolled_decode: an unscanned (and untied) copy of the model, converted inside the program, samples the
   same tokens and log-probs as the scanned model it came from."""
