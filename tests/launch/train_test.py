@@ -145,6 +145,7 @@ def test_locked_config_rejects_typos():
 
 
 @pytest.mark.slow   # ~26 s: a trained RM serving rewards is covered by tests/launch/rm_job_test.py
+# (slow too; in CI: tests/rlj/rm_step_test.py)
 def test_rl_with_a_trained_reward_model_as_reward(tmp_path):
   """A reward-model run's workdir serves as an RL reward (``fn="reward_model"``) on the sampled token rows."""
   from configs import rm_bt
