@@ -143,21 +143,12 @@ def cut(ro, lengths: np.ndarray, *, pad_id: int):
                      lengths=jnp.asarray(keep.sum(1).astype(np.int32)), attn_mask=jnp.asarray(attn))
 
 
-def forward_flops(mc, prompt: np.ndarray, completion: np.ndarray) -> float:
-  """Forward FLOPs of rows with ``prompt`` + ``completion`` real tokens: the blocks' matmuls, causal attention
-  (q k and p v over the earlier tokens) and the logits of the completion tokens."""
-  from launch.benchmarks import train_step as ts_bench  # pylint: disable=g-import-not-at-top
-  length = (prompt + completion).astype(np.float64)
-  blocks = 2.0 * ts_bench.layer_params(mc) * length
-  attention = 2.0 * mc.num_layers * mc.num_heads * mc.head_dim * length * (length + 1)
-  logits = 2.0 * mc.embed_dim * mc.vocab_size * completion
-  return float(np.sum(blocks + attention + logits))
-
-
 def useful_flops(mc, real: tuple[np.ndarray, np.ndarray], *, logp_passes: int, epochs: int) -> float:
-  """One RL step's model FLOPs on real tokens: the sampler's forward, ``logp_passes`` teacher-forced forwards and
-  ``epochs`` forward + backward passes (3x the forward)."""
-  return forward_flops(mc, *real) * (1 + logp_passes + 3 * epochs)
+  """One RL step's model FLOPs on real tokens (``real``: each row's prompt and completion tokens): the sampler's
+  forward, ``logp_passes`` teacher-forced forwards and ``epochs`` forward + backward passes (3x the forward), by
+  ``launch.benchmarks.train_step.forward_flops``."""
+  from launch.benchmarks import train_step as ts_bench  # pylint: disable=g-import-not-at-top
+  return float(ts_bench.forward_flops(mc, *real) * (1 + logp_passes + 3 * epochs))
 
 
 class _Run:

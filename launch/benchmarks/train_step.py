@@ -49,12 +49,19 @@ def layer_params(c: ModelConfig) -> int:
   return c.num_layers * (attn + mlp)
 
 
+def forward_flops(c: ModelConfig, prompt, completion) -> int:
+  """Forward FLOPs of rows of ``prompt`` + ``completion`` tokens (ints or per-row arrays), a third of the
+  module docstring's step: the blocks' matmuls, causal attention and the completion tokens' logits."""
+  length = np.asarray(prompt, np.int64) + np.asarray(completion, np.int64)
+  blocks = 2 * layer_params(c) * length
+  attention = 2 * c.num_layers * c.num_heads * c.head_dim * length * (length + 1)
+  logits = 2 * c.embed_dim * c.vocab_size * np.asarray(completion, np.int64)
+  return int(np.sum(blocks + attention + logits))
+
+
 def train_step_flops(c: ModelConfig, rows: int, seq_len: int, completion_len: int) -> int:
   """FLOPs of one forward + backward step over ``rows`` x ``seq_len`` tokens (module docstring)."""
-  blocks = 6 * layer_params(c) * rows * seq_len
-  logits = 6 * c.embed_dim * c.vocab_size * rows * completion_len
-  attention = 6 * c.num_layers * c.num_heads * c.head_dim * rows * seq_len * (seq_len + 1)
-  return blocks + logits + attention
+  return 3 * rows * forward_flops(c, seq_len - completion_len, completion_len)
 
 
 def build_step(config: ModelConfig, *, completion_len: int, mesh):

@@ -191,5 +191,5 @@ def test_skewed_lengths_cut_and_useful_flops():
   # the completion's logits 2 D V per token.
   per_layer = 256 * 64 * (2 * 4 + 2 * 2) + 3 * 256 * 688
   want = 2 * 4 * per_layer * 5 + 2 * 4 * 4 * 64 * 5 * 6 + 2 * 256 * 512 * 2
-  assert bench_rl.forward_flops(mc, np.array([3]), np.array([2])) == want
+  assert bench_train.forward_flops(mc, np.array([3]), np.array([2])) == want
   assert bench_rl.useful_flops(mc, (np.array([3]), np.array([2])), logp_passes=1, epochs=1) == 5 * want
