@@ -62,7 +62,7 @@ def validate(config) -> list[str]:
       "; the prompt format and stop tokens on the first training example" if tokenizer_vocab else ""))
   if config.job == "rl":
     reward_setup.check_specs(config.rewards, "rewards", tokenizer_vocab=tokenizer_vocab,
-                   group_size=config.sampler.num_generations)
+                             group_size=config.sampler.num_generations, data_source=config.data.source)
     passed.append(f"rewards: {', '.join(repr(dict(r)['name']) for r in config.rewards)}")
     par_line = reward_setup.check_par(config)
     if par_line:
@@ -259,8 +259,8 @@ def _check_sources(config) -> None:
   if t.kind == "train_synthetic" and t.vocab_size < 8:
     fail("tokenizer.vocab_size", f"train_synthetic needs the vocabulary size to train, got {t.vocab_size}")
   d = config.data
-  if d.source not in builders.GENERATED + ("gsm8k", "generic", "messages"):
-    fail("data.source", f"{d.source!r}; choose synthetic | calculator | gsm8k | generic | messages")
+  if d.source not in builders.GENERATED + ("gsm8k", "generic", "messages", "rubric"):
+    fail("data.source", f"{d.source!r}; choose synthetic | calculator | gsm8k | generic | messages | rubric")
   if d.source not in builders.GENERATED and not (d.source_dir or d.data_dir):
     fail("data.source_dir", f"data.source={d.source!r} needs the folder with its train.jsonl / test.jsonl files "
          f"(or data.data_dir holding the built dataset)")
@@ -307,8 +307,9 @@ def first_record(config) -> dict | None:
   for path in (f for f in files if os.path.isfile(f)):
     try:
       for line_no, raw in jsonl.read_jsonl(path):
-        record = jsonl.prompt_answer_record(raw, where=f"{path}:{line_no}",
-                                            layout="messages" if d.source == "messages" else None)
+        where = f"{path}:{line_no}"
+        record = (jsonl.rubric_record(raw, where=where) if d.source == "rubric" else
+                  jsonl.prompt_answer_record(raw, where=where, layout="messages" if d.source == "messages" else None))
         return {**record, "index": 0}
     except jsonl.JsonlError as e:
       fail("data.source_dir", str(e))
@@ -323,7 +324,7 @@ def _check_prompts(config, tok) -> None:
   ids = builders.stop_ids(config, tok)
   if agent_setup.enabled(config):
     agent_setup.observation_format(config, tok, ids)   # the chat template can wrap an observation turn
-  record = (first_record(config) if config.data.source in builders.GENERATED + ("gsm8k", "generic", "messages")
+  record = (first_record(config) if config.data.source in builders.GENERATED + ("gsm8k", "generic", "messages", "rubric")
             else None)
   if record is None:
     return

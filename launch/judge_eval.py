@@ -4,7 +4,8 @@ r"""Check a pairwise judge before training with it: pair accuracy and position b
 
 Reads ``<data>/<split>.jsonl[.gz]`` in Anthropic HH-RLHF's layout (``{"chosen": transcript, "rejected":
 transcript}``, split at their last shared "\n\nAssistant:" turn into the conversation and the two responses, as the
-reward-model data is: ``rlj.data.tfds_builders.split_transcripts``), or rows ``{"prompt", "chosen", "rejected"}``.
+reward-model data is: ``rlj.data.tfds_builders.split_transcripts``), or rows ``{"prompt", "chosen", "rejected"}``
+(plus ``"reference"``, the reference answer, for a template with a ``{reference}`` slot).
 Every pair is judged in both orders with the reward's own prompt template, verdict tokens and length limit
 (``rlj.judge``), and the command prints
 
@@ -35,8 +36,8 @@ def fail(flag: str, msg: str):
   raise SystemExit(f"launch.judge_eval --{flag}: {msg}")
 
 
-def read_pairs(data: str, split: str, limit: int) -> list[tuple[str, str, str]]:
-  """``(question, chosen, rejected)`` of the first ``limit`` rows of ``data``'s ``split``."""
+def read_pairs(data: str, split: str, limit: int) -> list[tuple[str, str, str, str | None]]:
+  """``(question, chosen, rejected, reference or None)`` of the first ``limit`` rows of ``data``'s ``split``."""
   from rlj.data import jsonl
   from rlj.data.tfds_builders import split_transcripts
   files = [os.path.join(data, split + ext) for ext in (".jsonl", ".jsonl.gz")]
@@ -51,11 +52,12 @@ def read_pairs(data: str, split: str, limit: int) -> list[tuple[str, str, str]]:
       where = f"{path}:{line_no}"
       if not isinstance(row.get("chosen"), str) or not isinstance(row.get("rejected"), str):
         fail("data", f"{where}: a row needs string 'chosen' and 'rejected' fields")
+      ref = None if row.get("reference") is None else str(row["reference"])
       if "prompt" in row:
-        out.append((str(row["prompt"]), row["chosen"], row["rejected"]))
+        out.append((str(row["prompt"]), row["chosen"], row["rejected"], ref))
       else:
         prompt, chosen, rejected = split_transcripts(row["chosen"], row["rejected"], where=where)
-        out.append((prompt, chosen, rejected))
+        out.append((prompt, chosen, rejected, ref))
   except (jsonl.JsonlError, ValueError) as e:
     fail("data", str(e))
   if not out:
@@ -63,13 +65,13 @@ def read_pairs(data: str, split: str, limit: int) -> list[tuple[str, str, str]]:
   return out
 
 
-def evaluate(judge: judge_lib.Judge, pairs: list[tuple[str, str, str]], *, template: str,
+def evaluate(judge: judge_lib.Judge, pairs: list[tuple[str, str, str, str | None]], *, template: str,
              verdicts: tuple[str, str]) -> dict:
   """The judge's figures on ``pairs`` (module docstring)."""
   texts = []
-  for q, chosen, rejected in pairs:
-    texts.append(template.format(question=q, a=chosen, b=rejected))
-    texts.append(template.format(question=q, a=rejected, b=chosen))
+  for q, chosen, rejected, ref in pairs:
+    texts.append(template.format(question=q, a=chosen, b=rejected, reference=ref))
+    texts.append(template.format(question=q, a=rejected, b=chosen, reference=ref))
   p = judge.first_verdict_probs(texts, verdicts).reshape(len(pairs), 2)
   ok = ~np.isnan(p).any(axis=1)
   p = p[ok]
@@ -111,6 +113,9 @@ def main(argv) -> None:
   except judge_lib.JudgeError as e:
     fail("template", str(e))
   pairs = read_pairs(f.data, f.split, f.num_pairs)
+  if "reference" in judge_lib.template_slots(template) and any(p[3] is None for p in pairs):
+    fail("template", f"it has a {{reference}} slot, but rows of {f.data!r} ({f.split}) have no 'reference' field; "
+         f"add one per row or drop the slot")
   try:
     judge = judge_lib.Judge.load(f.judge, max_len=f.max_len,
                                  add_bos=None if f.add_bos == "default" else f.add_bos == "true")

@@ -10,7 +10,8 @@ Keys (``kwargs``): ``path`` (required), ``template`` (``rlj.judge.PAIRWISE_TEMPL
 judge prompts are missing rewards), ``chunk_rows`` (16: judge prompts per forward), ``chat`` (True: the judge's chat
 template when it has one), ``add_bos`` (None: the tokenizer's default; True for a judge an rlj SFT job trained with
 ``data.add_bos``); ``\n`` in a template typed on a command line is a newline; pairwise: ``opponents`` (0: all others; k: the circular schedule), ``hard`` (False);
-rubric: ``items`` (required, questions answered Yes/No), ``weights`` (1 each).
+rubric: ``items`` (required: questions answered Yes/No, or ``"data"``, each example's own weighted items from a
+``data.source=rubric`` dataset), ``weights`` (1 each; none with ``"data"``).
 """
 from __future__ import annotations
 
@@ -39,10 +40,11 @@ def _options(spec: dict) -> dict:
           "verdicts": tuple(kw.get("verdicts", ("A", "B") if pairwise else ("Yes", "No"))),
           "max_len": int(kw.get("max_len", 1024)), "chunk_rows": int(kw.get("chunk_rows", 16)),
           "chat": bool(kw.get("chat", True)), "opponents": int(kw.get("opponents", 0)),
-          "hard": bool(kw.get("hard", False)), "items": list(kw.get("items", [])), "weights": kw.get("weights")}
+          "hard": bool(kw.get("hard", False)), "weights": kw.get("weights"),
+          "items": kw["items"] if isinstance(kw.get("items"), str) else list(kw.get("items", []))}
 
 
-def check(spec: dict, key: str, *, group_size: int, num_devices: int = 1) -> None:
+def check(spec: dict, key: str, *, group_size: int, num_devices: int = 1, data_source: str | None = None) -> None:
   """One judge spec: known keys, a checkpoint folder, template slots, single-token verdicts, a schedule the group
   size allows, rubric items and weights, and a judge that fits the devices; SystemExit naming the key otherwise."""
   from models import hf_config
@@ -83,12 +85,19 @@ def check(spec: dict, key: str, *, group_size: int, num_devices: int = 1) -> Non
       pairwise_judge.circular_pairs(group_size, o["opponents"])
     except ValueError as e:
       fail(f"{key}.kwargs.opponents", f"{e} (sampler.num_generations = {group_size})")
+  elif o["items"] == "data":
+    if o["weights"] is not None:
+      fail(f"{key}.kwargs.weights", "with items='data' each example's rubric items carry their own weights; drop "
+           "weights")
+    if data_source is not None and data_source != "rubric":
+      fail(f"{key}.kwargs.items", f"'data' reads each example's rubric, which data.source={data_source!r} does not "
+           f"have; use data.source=rubric (JSONL rows with a 'rubric' list) or list the items here")
   else:
     weights = o["weights"]
-    if not o["items"] or (weights is not None and (len(weights) != len(o["items"]) or min(weights) < 0
-                                                    or sum(weights) <= 0)):
-      fail(f"{key}.kwargs.items", "a rubric judge needs a list of items (questions answered by the verdicts) and, "
-           "optionally, one non-negative weight per item (not all 0)")
+    if (not o["items"] or isinstance(o["items"], str)
+        or (weights is not None and (len(weights) != len(o["items"]) or min(weights) < 0 or sum(weights) <= 0))):
+      fail(f"{key}.kwargs.items", "a rubric judge needs a list of items (questions answered by the verdicts), or "
+           "'data' for each example's own rubric, and, optionally, one non-negative weight per item (not all 0)")
   _check_fits(mc, key, num_devices)
 
 

@@ -3,11 +3,14 @@ r"""Pairwise-judge training data from the synthetic arithmetic task, whose score
   python -m launch.make_judge_data --out runs/judge-data
 
 Each record pairs a question's correct worked answer with a wrong one (``wrong_answer``: the result moved, the
-answer cut short, or its working repeated without a final line), in random order, inside the judge template (``TEMPLATE``, the ``template`` of a ``pairwise_judge`` reward
-with the verdicts "1" / "2"); the target is the position of the correct answer. Writes
+answer cut short, or its working repeated without a final line), in random order, inside the judge template
+(``TEMPLATE``, the ``template`` of a ``pairwise_judge`` reward with the verdicts "1" / "2"; with ``--reference``,
+``REFERENCE_TEMPLATE``, which also shows the question's worked answer); the target is the position of the correct
+answer. Writes
 
   <out>/train.jsonl, <out>/test.jsonl   {"prompt": judge prompt, "answer": "1" | "2"}  (an SFT job's generic data)
-  <out>/pairs/test.jsonl                {"prompt": question, "chosen": correct, "rejected": wrong}  (launch.judge_eval)
+  <out>/pairs/test.jsonl                {"prompt": question, "chosen": correct, "rejected": wrong[, "reference"]}
+                                        (launch.judge_eval)
 
 The test questions come from the task's held-out records (another seed), as the RL job's evaluation does.
 """
@@ -19,6 +22,8 @@ import os
 from absl import app, flags
 
 TEMPLATE = "{question}\n1 = {a}\n2 = {b}\nWhat is the result?"
+# Reference-guided (``--reference``): the question's worked answer, which the RL job passes as ``answers``.
+REFERENCE_TEMPLATE = "{question}\nReference = {reference}\n1 = {a}\n2 = {b}\nWhich matches?"
 VERDICTS = ("1", "2")
 
 
@@ -35,25 +40,30 @@ def wrong_answer(answer: str, rng) -> str:
   if kind < 0.75:
     return answer[:int(rng.integers(1, len(answer) - 1))]
   return (work + " ") * 3
-def records(task, rng) -> tuple[list[dict], list[dict]]:
-  """(SFT records, preference pairs) of every question of ``task``."""
+def records(task, rng, *, reference: bool = False) -> tuple[list[dict], list[dict]]:
+  """(SFT records, preference pairs) of every question of ``task``; with ``reference`` the judge prompt is
+  ``REFERENCE_TEMPLATE`` with the question's answer and each pair carries it as ``reference``."""
   sft, pairs = [], []
+  template = REFERENCE_TEMPLATE if reference else TEMPLATE
   for i in range(len(task)):
     r = task[i]
     good, bad = r["answer"], wrong_answer(r["answer"], rng)
     first_good = bool(rng.integers(0, 2))
     a, b = (good, bad) if first_good else (bad, good)
-    sft.append({"prompt": TEMPLATE.format(question=r["prompt"], a=a, b=b), "answer": VERDICTS[0 if first_good else 1]})
-    pairs.append({"prompt": r["prompt"], "chosen": good, "rejected": bad})
+    sft.append({"prompt": template.format(question=r["prompt"], a=a, b=b, reference=good),
+                "answer": VERDICTS[0 if first_good else 1]})
+    pairs.append({"prompt": r["prompt"], "chosen": good, "rejected": bad, **({"reference": good} if reference else {})})
   return sft, pairs
 
 
-def write(out: str, *, train_records: int, test_records: int, seed: int = 0) -> None:
+def write(out: str, *, train_records: int, test_records: int, seed: int = 0, reference: bool = False) -> None:
   import numpy as np
   from rlj.data import synthetic
   rng = np.random.default_rng(seed)
-  train, _ = records(synthetic.ArithmeticTask(num_records=train_records, seed=seed, levels=(1,)), rng)
-  test, pairs = records(synthetic.ArithmeticTask(num_records=test_records, seed=seed + 1000003, levels=(1,)), rng)
+  train, _ = records(synthetic.ArithmeticTask(num_records=train_records, seed=seed, levels=(1,)), rng,
+                     reference=reference)
+  test, pairs = records(synthetic.ArithmeticTask(num_records=test_records, seed=seed + 1000003, levels=(1,)), rng,
+                        reference=reference)
   os.makedirs(os.path.join(out, "pairs"), exist_ok=True)
   for path, rows in ((os.path.join(out, "train.jsonl"), train), (os.path.join(out, "test.jsonl"), test),
                      (os.path.join(out, "pairs", "test.jsonl"), pairs)):
@@ -66,7 +76,7 @@ def main(argv) -> None:
   f = flags.FLAGS
   if not f.out:
     raise SystemExit("launch.make_judge_data --out: required, the folder to write")
-  write(f.out, train_records=f.train_records, test_records=f.test_records, seed=f.seed)
+  write(f.out, train_records=f.train_records, test_records=f.test_records, seed=f.seed, reference=f.reference)
   print(f"wrote {f.out}/train.jsonl, test.jsonl and pairs/test.jsonl", flush=True)
 
 
@@ -75,4 +85,5 @@ if __name__ == "__main__":
   flags.DEFINE_integer("train_records", 8000, "training questions")
   flags.DEFINE_integer("test_records", 256, "held-out questions")
   flags.DEFINE_integer("seed", 0, "seed of the questions and of the wrong answers")
+  flags.DEFINE_bool("reference", False, "reference-guided judge data: REFERENCE_TEMPLATE, with the worked answer")
   app.run(main)

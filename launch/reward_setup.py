@@ -18,7 +18,7 @@ def fail(key: str, msg: str):
 
 
 def check_specs(specs, key: str, *, tokenizer_vocab: int | None, text_only: bool = False,
-                   group_size: int = 0) -> None:
+                group_size: int = 0, data_source: str | None = None) -> None:
   """Every spec: known fields, unique names, a fault policy, a function that resolves (or a reward model)."""
   if not specs:
     fail(key, "needs at least one reward spec")
@@ -40,7 +40,7 @@ def check_specs(specs, key: str, *, tokenizer_vocab: int | None, text_only: bool
     if spec["fn"] in judge_setup.FNS:
       if text_only:
         fail(f"{k}.fn", f"{spec['fn']!r} is a reward of the RL job; held-out evaluation takes text rewards")
-      judge_setup.check(spec, k, group_size=group_size, num_devices=jax.device_count())
+      judge_setup.check(spec, k, group_size=group_size, num_devices=jax.device_count(), data_source=data_source)
       continue
     if spec["fn"] == "reward_model":
       if text_only:

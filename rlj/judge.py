@@ -4,8 +4,10 @@ The judge is any Hugging Face checkpoint the policy loader reads (``models.hf``)
 same sharding rules, with its own tokenizer and chat template. A reward call
 
 1. renders one judge prompt per judged item from a ``str.format`` template (pairwise: ``{question}``, ``{a}``,
-   ``{b}``; rubric: ``{question}``, ``{response}``, ``{item}``), inside the judge's chat template as a user turn
-   when it has one (``chat=True``), else as plain text;
+   ``{b}``; rubric: ``{question}``, ``{response}``, ``{item}``; either may add ``{reference}``, the row's reference
+   answer from the data: the reference-guided judge of "Judging LLM-as-a-Judge with MT-Bench and Chatbot Arena"
+   (arXiv:2306.05685), which "No Free Labels" (arXiv:2503.05061) finds a judge needs on questions it cannot answer
+   itself), inside the judge's chat template as a user turn when it has one (``chat=True``), else as plain text;
 2. encodes them (BOS as the tokenizer adds it), left-pads them into rows of a length bucket (powers of two up to
    ``max_len``) and runs the jitted forward in fixed chunks of ``chunk_rows`` rows, projecting only the last
    position to logits: one compilation per length bucket, no host loop over pairs;
@@ -42,23 +44,40 @@ RUBRIC_TEMPLATE = ("Question: {question}\n\nResponse: {response}\n\n{item}\nAnsw
 
 PAIRWISE_SLOTS = ("question", "a", "b")
 RUBRIC_SLOTS = ("question", "response", "item")
+OPTIONAL_SLOTS = ("reference",)   # the row's reference answer (``answers``), for reference-guided judging
 
 
 class JudgeError(ValueError):
   """A judge that cannot be used as configured (one line: what and the fix)."""
 
 
-def check_template(template: str, slots: Sequence[str]) -> None:
-  """Raises ``JudgeError`` unless ``template`` formats with exactly the named ``slots`` (each at least once)."""
+def template_slots(template: str) -> set[str]:
+  """The ``{name}`` slots of a ``str.format`` template."""
   import string
   try:
-    used = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
   except ValueError as e:
     raise JudgeError(f"template {template[:60]!r}...: {e} (write a literal brace as {{{{ or }}}})") from None
-  unknown, missing = sorted(used - set(slots)), sorted(set(slots) - used)
+
+
+def check_template(template: str, slots: Sequence[str]) -> None:
+  """Raises ``JudgeError`` unless ``template`` has each of ``slots`` and nothing but them and ``OPTIONAL_SLOTS``."""
+  used = template_slots(template)
+  unknown, missing = sorted(used - set(slots) - set(OPTIONAL_SLOTS)), sorted(set(slots) - used)
   if unknown or missing:
     raise JudgeError(f"template slots: it has {sorted(used)}, a judge prompt needs exactly {list(slots)} "
+                     f"(optionally {list(OPTIONAL_SLOTS)}) "
                      f"({'unknown ' + str(unknown) if unknown else 'missing ' + str(missing)})")
+
+
+def _references(template: str, answers, n: int) -> list:
+  """Per-row values of the ``{reference}`` slot: the rows' ``answers`` when the template names it, else ""."""
+  if "reference" not in template_slots(template):
+    return [""] * n
+  if answers is None or len(answers) != n:
+    raise ValueError(f"the judge template has a {{reference}} slot but the reward call got "
+                     f"{'no' if answers is None else len(answers)} answers for {n} rows")
+  return [str(a) for a in answers]
 
 
 @dataclasses.dataclass
@@ -186,20 +205,21 @@ def pairwise_reward_fn(judge: Judge, *, template: str = PAIRWISE_TEMPLATE, verdi
       compiled[g] = pairs, jax.jit(functools.partial(pairwise_judge.win_rates, pairs=pairs, group_size=g, hard=hard))
     return compiled[g]
 
-  def fn(prompts, completions, *, group_size: int | None = None, **_) -> np.ndarray:
+  def fn(prompts, completions, *, group_size: int | None = None, answers=None, **_) -> np.ndarray:
     n = len(completions)
     if not group_size or group_size < 2 or n % group_size:
       raise ValueError(f"a pairwise judge compares the completions of a prompt: {n} rows do not split into groups "
                        f"of group_size={group_size} >= 2")
     g = int(group_size)
     pairs, win_rates = programs(g)
+    refs = _references(template, answers, n)
     texts = []
     for b in range(n // g):
-      question = prompts[b * g]
+      question, ref = prompts[b * g], refs[b * g]
       for i, j in pairs:
         ci, cj = completions[b * g + i], completions[b * g + j]
-        texts.append(template.format(question=question, a=ci, b=cj))
-        texts.append(template.format(question=question, a=cj, b=ci))
+        texts.append(template.format(question=question, a=ci, b=cj, reference=ref))
+        texts.append(template.format(question=question, a=cj, b=ci, reference=ref))
     p = judge.first_verdict_probs(texts, verdicts).reshape(n // g, len(pairs), 2)
     prefs = pairwise_judge.debiased(p[..., 0], p[..., 1])
     return np.asarray(win_rates(prefs), np.float32).reshape(-1)
@@ -208,22 +228,57 @@ def pairwise_reward_fn(judge: Judge, *, template: str = PAIRWISE_TEMPLATE, verdi
   return fn
 
 
-def rubric_reward_fn(judge: Judge, *, items: Sequence[str], weights: Sequence[float] | None = None,
+def rubric_reward_fn(judge: Judge, *, items: Sequence[str] | str, weights: Sequence[float] | None = None,
                      template: str = RUBRIC_TEMPLATE, verdicts: Sequence[str] = ("Yes", "No")):
   """A rubric's score per completion: the judge's P(first verdict) for each item, weighted
-  (``rewards.pairwise_judge.rubric_score``): ``fn(prompts, completions, **_) -> [N]``."""
+  (``rewards.pairwise_judge.rubric_score``): ``fn(prompts, completions, **_) -> [N]``.
+
+  ``items="data"``: each row's own rubric, the ``rubrics`` the reward call gets (per row, the JSON list of
+  ``{"item", "weight"}`` that a ``data.source=rubric`` dataset carries, ``rlj.data.jsonl.rubric_record``); a
+  row's score is then sum_i w_i p_i / sum_i w_i over its own items."""
+  judge.verdict_ids(verdicts)
+  if isinstance(items, str):
+    if items != "data":
+      raise JudgeError(f"items {items!r}: give a list of questions, or 'data' for each example's own rubric")
+    if weights is not None:
+      raise JudgeError("weights: with items='data' each rubric item carries its own weight; drop kwargs.weights")
+    return _data_rubric_fn(judge, template, verdicts)
   items = [str(i) for i in items]
   if not items:
     raise JudgeError("a rubric judge needs at least one item (kwargs.items)")
   weights = [1.0] * len(items) if weights is None else [float(w) for w in weights]
   if len(weights) != len(items) or min(weights) < 0 or sum(weights) <= 0:
     raise JudgeError(f"weights {weights}: give one non-negative weight per item ({len(items)}), not all 0")
-  judge.verdict_ids(verdicts)
 
-  def fn(prompts, completions, **_) -> np.ndarray:
-    texts = [template.format(question=q, response=c, item=item) for q, c in zip(prompts, completions) for item in items]
+  def fn(prompts, completions, *, answers=None, **_) -> np.ndarray:
+    refs = _references(template, answers, len(completions))
+    texts = [template.format(question=q, response=c, item=item, reference=r)
+             for q, c, r in zip(prompts, completions, refs) for item in items]
     p = judge.first_verdict_probs(texts, verdicts).reshape(len(completions), len(items))
     return np.asarray(pairwise_judge.rubric_score(jnp.asarray(p), jnp.asarray(weights)), np.float32)
+
+  fn.judge = judge
+  return fn
+
+
+def _data_rubric_fn(judge: Judge, template: str, verdicts: Sequence[str]):
+  """``rubric_reward_fn`` with ``items="data"``: every row's items from its ``rubrics`` (JSON strings)."""
+  import json
+
+  def fn(prompts, completions, *, rubrics=None, answers=None, **_) -> np.ndarray:
+    n = len(completions)
+    if rubrics is None or len(rubrics) != n:
+      raise ValueError("a rubric judge with items='data' reads each example's rubric, but the reward call got "
+                       f"{'none' if rubrics is None else len(rubrics)} for {n} rows; use data.source=rubric")
+    refs = _references(template, answers, n)
+    rows = [json.loads(r) if isinstance(r, str) else r for r in rubrics]
+    texts = [template.format(question=q, response=c, item=it["item"], reference=ref)
+             for q, c, ref, row in zip(prompts, completions, refs, rows) for it in row]
+    p = judge.first_verdict_probs(texts, verdicts).astype(np.float64)
+    w = np.asarray([float(it.get("weight", 1.0)) for row in rows for it in row])
+    owner = np.repeat(np.arange(n), [len(row) for row in rows])
+    num, den = np.bincount(owner, w * p, minlength=n), np.bincount(owner, w, minlength=n)
+    return (num / den).astype(np.float32)       # NaN when an item's prompt was too long (its P is NaN)
 
   fn.judge = judge
   return fn

@@ -242,6 +242,8 @@ class Trainer:
       texts = evaluation.rollout_texts(c.tokenizer, ro, c.sampler.config.stop_set)
     prompt_texts = combine.repeat_per_prompt([str(p) for p in prompts["prompt"]], g)
     answers = combine.repeat_per_prompt([str(a) for a in prompts["answer"]], g)
+    if "rubric" in prompts:   # per-example rubric items (data.source=rubric), for rubric_judge items="data"
+      extra["rubrics"] = combine.repeat_per_prompt([str(r) for r in prompts["rubric"]], g)
     # PAR: the reference rewards of prompts seen for the first time, before the rewards that read them.
     par_m = {} if c.par is None else c.par.prepare(
         prompts, rng=jax.random.split(rng)[0], policy_weights=lambda: weights,

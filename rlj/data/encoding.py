@@ -98,15 +98,17 @@ class _Encoder:
 
 @dataclasses.dataclass(frozen=True)
 class PromptEncoder(_Encoder):
-  """Record ``{"prompt", "answer", "index"}`` -> element ``{"tokens", "prompt", "answer", "index",
-  "truncated", "too_long"}``; ``tokens`` = BOS (if ``add_bos``) + tokens of the rendered prompt."""
+  """Record ``{"prompt", "answer", "index"[, "rubric"]}`` -> element ``{"tokens", "prompt", "answer", "index",
+  "truncated", "too_long"[, "rubric"]}``; ``tokens`` = BOS (if ``add_bos``) + tokens of the rendered prompt; a
+  ``rubric`` (its items as a JSON string) is passed on as it is."""
 
   def __call__(self, record: dict) -> dict:
     prompt, ids = self.encode_prompt(record)
     too_long = len(ids) > self.max_len
+    extra = {"rubric": text(record["rubric"])} if "rubric" in record else {}
     return {"tokens": np.asarray(fit(ids, self.max_len, keep_first=self.keep_first(ids)), np.int32),
             "prompt": prompt, "answer": text(record["answer"]), "index": int(record["index"]),
-            "truncated": too_long and self.overflow == "truncate", "too_long": too_long}
+            "truncated": too_long and self.overflow == "truncate", "too_long": too_long, **extra}
 
 
 def collate_prompts(elements: Sequence[dict], *, batch_size: int, buckets: Sequence[int],
@@ -116,19 +118,22 @@ def collate_prompts(elements: Sequence[dict], *, batch_size: int, buckets: Seque
   Returns:
     ``prompt_tokens`` [B, P] int32, ``prompt_mask`` [B, P] int32 (1 on tokens), ``prompt`` [B] str,
     ``answer`` [B] str, ``index`` [B] int64 (record index in its source), ``truncated`` [B] bool,
-    ``valid`` [B] bool. P is the smallest bucket fitting the longest prompt. Rows past
-    ``len(elements)`` (only in a final partial batch) are filler: valid False, mask 0, index -1.
+    ``valid`` [B] bool, and ``rubric`` [B] str when the elements have one. P is the smallest bucket fitting the
+    longest prompt. Rows past ``len(elements)`` (only in a final partial batch) are filler: valid False, mask 0,
+    index -1.
   """
   n = len(elements)
   seqs = [e["tokens"] for e in elements] + [[]] * (batch_size - n)
   length = pick_bucket(max(len(s) for s in seqs), buckets)
   tokens, mask = left_pad(seqs, length, pad_id)
+  extra = ({"rubric": _strings([e["rubric"] for e in elements], batch_size)}
+           if elements and "rubric" in elements[0] else {})
   return {"prompt_tokens": tokens, "prompt_mask": mask,
           "prompt": _strings([e["prompt"] for e in elements], batch_size),
           "answer": _strings([e["answer"] for e in elements], batch_size),
           "index": _ints([e["index"] for e in elements], batch_size),
           "truncated": _flags([e["truncated"] for e in elements], batch_size),
-          "valid": _flags([True] * n, batch_size)}
+          "valid": _flags([True] * n, batch_size), **extra}
 
 
 @dataclasses.dataclass(frozen=True)

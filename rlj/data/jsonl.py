@@ -140,6 +140,47 @@ def prompt_answer_record(raw: dict[str, Any], *, where: str, layout: str | None 
   return {"prompt": prompt[-1]["content"], "answer": answer, "messages": json.dumps(prompt, ensure_ascii=False)}
 
 
+def parse_rubric(value: Any, *, where: str) -> list[dict[str, Any]]:
+  """A row's ``rubric``: a non-empty list of items, each a question string (weight 1) or ``{"item": str,
+  "weight": number >= 0}``; weights not all 0. Returns ``[{"item", "weight"}]``."""
+  if not isinstance(value, list) or not value:
+    raise JsonlError(f"{where}: field 'rubric' must be a non-empty list of questions (strings, or objects "
+                     f"{{'item': str, 'weight': number}})")
+  out = []
+  for i, item in enumerate(value):
+    if isinstance(item, str):
+      item = {"item": item}
+    if not isinstance(item, dict) or not isinstance(item.get("item"), str) or set(item) - {"item", "weight"}:
+      got = f"a JSON {_json_type(item)}" if not isinstance(item, dict) else f"keys {sorted(item)}"
+      raise JsonlError(f"{where}: rubric[{i}] must be a string or an object {{'item': str, 'weight': number}}, "
+                       f"got {got}")
+    weight = item.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+      raise JsonlError(f"{where}: rubric[{i}].weight must be a number >= 0, got {weight!r}")
+    out.append({"item": item["item"], "weight": float(weight)})
+  if sum(x["weight"] for x in out) <= 0:
+    raise JsonlError(f"{where}: the rubric's weights are all 0; give at least one item a positive weight")
+  return out
+
+
+def rubric_record(raw: dict[str, Any], *, where: str) -> dict[str, str]:
+  """A rubric row ``{"prompt": str, "rubric": [...], "answer": str (optional)}`` as ``{"prompt", "answer",
+  "rubric"}`` with the rubric as a JSON string (``parse_rubric``'s items), so that tfds can store it."""
+  if not isinstance(raw.get("prompt"), str):
+    raise JsonlError(f"{where}: field 'prompt' must be a string (has {sorted(raw)})")
+  answer = raw.get("answer", "")
+  if not isinstance(answer, str):
+    raise JsonlError(f"{where}: field 'answer' must be a string when given, got a JSON {_json_type(answer)}")
+  items = parse_rubric(raw.get("rubric"), where=where)
+  return {"prompt": raw["prompt"], "answer": answer, "rubric": json.dumps(items, ensure_ascii=False)}
+
+
+def read_rubric(path: str | os.PathLike) -> list[dict[str, Any]]:
+  """Every row of a rubric JSONL file as ``rubric_record``s with ``index`` (0-based line number)."""
+  return [{**rubric_record(raw, where=f"{os.fspath(path)}:{line_no}"), "index": line_no - 1}
+          for line_no, raw in read_jsonl(path)]
+
+
 def read_prompt_answer(path: str | os.PathLike, *, layout: str | None = None) -> list[dict[str, Any]]:
   """Every row of a prompt-answer JSONL file as ``prompt_answer_record``s with ``index`` (0-based line number);
   the layout is detected from the first row unless given, and every row must have it."""

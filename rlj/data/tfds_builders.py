@@ -5,7 +5,8 @@ Two record schemas cover the trainer's needs:
 - ``rlj_prompt_answer``: ``{"prompt", "answer", "index"}``. Configs ``gsm8k`` (GSM8K's ``question`` /
   ``answer`` fields, answer ending in ``#### N``) and ``generic`` (``prompt`` / ``answer``); config ``messages``
   (rows with a ``messages`` conversation, see ``jsonl.prompt_answer_record``) adds a ``messages`` field, the
-  prompt turns as a JSON string, and its ``prompt`` is the last user turn.
+  prompt turns as a JSON string, and its ``prompt`` is the last user turn; config ``rubric`` (rows with a
+  ``rubric`` of yes/no questions, see ``jsonl.rubric_record``) adds a ``rubric`` field, the items as a JSON string.
 - ``rlj_preference``: ``{"prompt", "chosen", "rejected", "index"}``. Configs ``hh_rlhf`` (Anthropic HH-RLHF
   ``chosen`` / ``rejected`` transcripts, split into the shared prompt and the two responses, see
   ``split_transcripts``) and ``generic`` (``prompt`` / ``chosen`` / ``rejected``).
@@ -55,10 +56,12 @@ class JsonlConfig(tfds.core.BuilderConfig):
     transcripts: preference sets only: the chosen / rejected values are whole dialogue transcripts to be
       split at the last shared ``"\\n\\nAssistant:"`` turn.
     messages: prompt-answer sets only: rows carry a ``messages`` conversation (``fields`` unused).
+    rubric: prompt-answer sets only: rows carry a ``rubric`` (``jsonl.rubric_record``; ``fields`` unused).
   """
   fields: dict[str, str] = dataclasses.field(default_factory=dict)
   transcripts: bool = False
   messages: bool = False
+  rubric: bool = False
 
 
 def split_transcripts(chosen: str, rejected: str, *, where: str = "") -> tuple[str, str, str]:
@@ -117,7 +120,8 @@ class _JsonlBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     super().__init__(**kwargs)
 
   def _text_fields(self) -> tuple[str, ...]:
-    return self.TEXT_FIELDS + (("messages",) if self.builder_config.messages else ())
+    c = self.builder_config
+    return self.TEXT_FIELDS + (("messages",) if c.messages else ()) + (("rubric",) if c.rubric else ())
 
   def _info(self) -> tfds.core.DatasetInfo:
     features = {name: tfds.features.Text() for name in self._text_fields()}
@@ -134,6 +138,10 @@ class _JsonlBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _generate_examples(self, path: str):
     if self.builder_config.messages:
       for record in jsonl.read_prompt_answer(path, layout="messages"):
+        yield record["index"], record
+      return
+    if self.builder_config.rubric:
+      for record in jsonl.read_rubric(path):
         yield record["index"], record
       return
     fields = self.builder_config.fields
@@ -156,6 +164,8 @@ class RljPromptAnswer(_JsonlBuilder):
                   fields={"prompt": "prompt", "answer": "answer"}),
       JsonlConfig(name="messages", description="JSONL with a 'messages' conversation (role/content) whose last "
                   "assistant turn, or an 'answer' field, is the answer.", messages=True),
+      JsonlConfig(name="rubric", description="JSONL with a 'prompt', its 'rubric' (a list of yes/no questions, "
+                  "optionally weighted) and an optional 'answer'.", rubric=True),
   ]
 
 
@@ -204,7 +214,7 @@ def source_fingerprint(kind: str, config: str | JsonlConfig, source_dir: str) ->
   config, field mapping, schema version): what a built entry is keyed by."""
   base = _base_config(kind, config)
   options = {"kind": kind, "config": base.name, "fields": dict(base.fields), "transcripts": base.transcripts,
-             "messages": base.messages, "version": VERSION}
+             "messages": base.messages, "version": VERSION, **({"rubric": True} if base.rubric else {})}
   return fingerprint.fingerprint(source_files(source_dir), options)
 
 

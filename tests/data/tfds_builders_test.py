@@ -176,3 +176,39 @@ def test_an_edited_source_builds_a_new_entry(tmp_path):
   a = tfds_builders.source_fingerprint("prompt_answer", "generic", src)
   b = tfds_builders.source_fingerprint("prompt_answer", "messages", src)
   assert a["files"] == b["files"] and a["digest"] != b["digest"]
+
+
+def test_rubric_rows_reach_the_prompt_batches(tmp_path):
+  """data.source=rubric: each row's items (strings or weighted objects) are stored as JSON and carried, per
+  prompt, into the RL prompt batches (``rubric`` [B]); bad rows stop in one line naming file:line."""
+  from rlj.data import encoding
+  src = tmp_path / "src"
+  src.mkdir()
+  rows = [{"prompt": "Name a prime.", "rubric": ["Is it a number?", {"item": "Is it prime?", "weight": 3}]},
+          {"prompt": "Say hi.", "answer": "hi", "rubric": [{"item": "Is it a greeting?"}]}]
+  (src / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  tfds_builders.build("prompt_answer", "rubric", source_dir=src, data_dir=tmp_path / "tfds")
+  ds = tfds_builders.data_source("prompt_answer", "rubric", data_dir=tmp_path / "tfds", split="train")
+  assert json.loads(ds[0]["rubric"]) == [{"item": "Is it a number?", "weight": 1.0},
+                                         {"item": "Is it prime?", "weight": 3.0}]
+  assert ds[1]["answer"] == b"hi" and ds[0]["answer"] == b""
+
+  class Tok:
+    bos_id, pad_id = 1, 0
+    def encode(self, s, add_bos=False):
+      return [1] * add_bos + [ord(c) % 50 + 2 for c in s]
+  enc = encoding.PromptEncoder(Tok(), 64)
+  batch = encoding.collate_prompts([enc({**ds[i], "index": i}) for i in range(2)], batch_size=3, buckets=(64,),
+                                   pad_id=0)
+  assert [json.loads(r)[0]["item"] for r in batch["rubric"][:2]] == ["Is it a number?", "Is it a greeting?"]
+  assert "rubric" not in encoding.collate_prompts([enc({"prompt": "x", "answer": "y", "index": 0})], batch_size=1,
+                                                  buckets=(64,), pad_id=0)
+  for bad, match in [({"prompt": "p"}, "field 'rubric' must be a non-empty list"),
+                     ({"prompt": "p", "rubric": [7]}, r"rubric\[0\] must be a string or an object.*a JSON number"),
+                     ({"prompt": "p", "rubric": [{"item": "q", "weight": -1}]}, r"rubric\[0\]\.weight must be"),
+                     ({"prompt": "p", "rubric": [{"item": "q", "weight": 0}]}, "the rubric.s weights are all 0"),
+                     ({"prompt": "p", "rubric": [{"text": "q"}]}, r"rubric\[0\] .*got keys \['text'\]"),
+                     ({"prompt": "p", "answer": 3, "rubric": ["q"]}, "'answer' must be a string")]:
+    with pytest.raises(jsonl.JsonlError, match=r"^f\.jsonl:2: .*" + match) as e:
+      jsonl.rubric_record(bad, where="f.jsonl:2")
+    assert "\n" not in str(e.value)

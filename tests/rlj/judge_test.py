@@ -174,7 +174,7 @@ def test_judge_eval_figures(tiny_judge, tmp_path):
   if not os.path.isdir(data):
     pytest.skip("the shared HH-RLHF data is not beside the checkout")
   hh = judge_eval.read_pairs(data, "test", 3)      # HH-RLHF transcripts split into (conversation, chosen, rejected)
-  assert len(hh) == 3 and all(q.endswith("Assistant:") and c != r for q, c, r in hh)
+  assert len(hh) == 3 and all(q.endswith("Assistant:") and c != r and ref is None for q, c, r, ref in hh)
   rows = [{"prompt": f"what is {a} + {a}?", "chosen": str(2 * a), "rejected": str(2 * a + 1)} for a in range(5)]
   (tmp_path / "ok").mkdir()
   (tmp_path / "ok" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -182,7 +182,7 @@ def test_judge_eval_figures(tiny_judge, tmp_path):
   judge = judge_lib.Judge.load(tiny_judge, max_len=256, chunk_rows=8)
   m = judge_eval.evaluate(judge, pairs, template=judge_lib.PAIRWISE_TEMPLATE, verdicts=("A", "B"))
   p = judge.first_verdict_probs([judge_lib.PAIRWISE_TEMPLATE.format(question=q, a=x, b=y)
-                                 for q, c, r in pairs for x, y in ((c, r), (r, c))], ("A", "B")).reshape(-1, 2)
+                                 for q, c, r, _ in pairs for x, y in ((c, r), (r, c))], ("A", "B")).reshape(-1, 2)
   assert m["pairs"] == 5 and m["skipped"] == 0
   pref = (p[:, 0] + 1 - p[:, 1]) / 2
   assert m["pair_accuracy"] == pytest.approx(np.mean((pref > 0.5) + 0.5 * (pref == 0.5)))
@@ -191,6 +191,56 @@ def test_judge_eval_figures(tiny_judge, tmp_path):
   (tmp_path / "test.jsonl").write_text('{"chosen": 1}\n')
   with pytest.raises(SystemExit, match=r"^launch.judge_eval --data: .*test.jsonl:1: a row needs string"):
     judge_eval.read_pairs(str(tmp_path), "test", 3)
+
+
+def test_reference_slot_takes_each_rows_answer(tiny_judge):
+  """A template with {reference} reads the reward call's ``answers`` (reference-guided judging): the pairwise and
+  rubric rewards equal the judge's probabilities on prompts formatted by hand; no answers is refused."""
+  judge = judge_lib.Judge.load(tiny_judge, chunk_rows=8)
+  g, prompts = 2, ["q1", "q1", "q2", "q2"]
+  completions, answers = ["3", "4", "5", "five"], ["3", "3", "5", "5"]
+  pair_t = "Reference: {reference}\n" + judge_lib.PAIRWISE_TEMPLATE
+  got = judge_lib.pairwise_reward_fn(judge, template=pair_t)(prompts, completions, group_size=g, answers=answers)
+  p = judge.first_verdict_probs([pair_t.format(question=prompts[b], reference=answers[b], a=x, b=y)
+                                 for b in (0, 2) for x, y in ((completions[b], completions[b + 1]),
+                                                              (completions[b + 1], completions[b]))], ("A", "B"))
+  pref = (p[0::2] + 1 - p[1::2]) / 2
+  np.testing.assert_allclose(got, np.stack([pref, 1 - pref], 1).reshape(-1), rtol=1e-5)
+  rub_t = judge_lib.RUBRIC_TEMPLATE + "\nReference: {reference}"
+  got = judge_lib.rubric_reward_fn(judge, items=["Correct?"], template=rub_t)(prompts, completions, answers=answers)
+  want = judge.first_verdict_probs([rub_t.format(question=q, response=c, item="Correct?", reference=a)
+                                    for q, c, a in zip(prompts, completions, answers)], ("Yes", "No"))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  with pytest.raises(ValueError, match="reference.*no answers"):
+    judge_lib.pairwise_reward_fn(judge, template=pair_t)(prompts, completions, group_size=g)
+  judge_lib.check_template(pair_t, judge_lib.PAIRWISE_SLOTS)
+  with pytest.raises(judge_lib.JudgeError, match=r"unknown \['answer'\]"):
+    judge_lib.check_template(pair_t.replace("{reference}", "{answer}"), judge_lib.PAIRWISE_SLOTS)
+
+
+def test_rubric_items_from_the_data_equal_a_per_item_loop(tiny_judge):
+  """items='data': each row is scored on its own weighted items; the score equals a loop over its items."""
+  judge = judge_lib.Judge.load(tiny_judge, chunk_rows=8)
+  prompts, completions = ["q1", "q1", "q2"], ["7", "seven", "no"]
+  rubrics = [[{"item": "Is it a number?", "weight": 1.0}, {"item": "Is it 7?", "weight": 3.0}]] * 2 + \
+            [[{"item": "Is it polite?", "weight": 2.0}]]
+  fn = judge_lib.rubric_reward_fn(judge, items="data")
+  got = fn(prompts, completions, rubrics=[json.dumps(r) for r in rubrics])
+  want = []
+  for q, c, rub in zip(prompts, completions, rubrics):
+    p = [judge.first_verdict_probs([judge_lib.RUBRIC_TEMPLATE.format(question=q, response=c, item=it["item"])],
+                                   ("Yes", "No"))[0] for it in rub]
+    want.append(sum(it["weight"] * x for it, x in zip(rub, p)) / sum(it["weight"] for it in rub))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  with pytest.raises(ValueError, match="use data.source=rubric"):
+    fn(prompts, completions)
+  with pytest.raises(judge_lib.JudgeError, match="drop kwargs.weights"):
+    judge_lib.rubric_reward_fn(judge, items="data", weights=[1.0])
+  from launch import judge_setup
+  spec = {"name": "r", "fn": "rubric_judge", "kwargs": {"path": tiny_judge, "items": "data"}}
+  judge_setup.check(spec, "rewards[0]", group_size=2, data_source="rubric")
+  with pytest.raises(SystemExit, match=r"^config key 'rewards\[0\]\.kwargs\.items': 'data' .*use data.source=rubric"):
+    judge_setup.check(spec, "rewards[0]", group_size=2, data_source="generic")
 
 
 def test_judge_training_pairs_and_bos(tiny_judge):
@@ -205,6 +255,9 @@ def test_judge_training_pairs_and_bos(tiny_judge):
     assert row["prompt"] == make_judge_data.TEMPLATE.format(question=pair["prompt"], a=a, b=b)
     assert pair["chosen"] != pair["rejected"] and pair["chosen"].endswith("#### " + pair["chosen"].split()[-1])
   assert {r["answer"] for r in sft} == {"1", "2"}
+  sft_ref, pairs_ref = make_judge_data.records(task, np.random.default_rng(0), reference=True)
+  assert [p["reference"] for p in pairs_ref] == [p["chosen"] for p in pairs_ref]
+  assert all(f"Reference = {p['chosen']}\n" in r["prompt"] for r, p in zip(sft_ref, pairs_ref))
   judge = judge_lib.Judge.load(tiny_judge, add_bos=True, chat=False)
   bos = judge.tokenizer.bos_id
   assert judge.encode(["x"])[0][0] == bos
