@@ -160,8 +160,12 @@ def rl_base(arg: mlc.ConfigDict) -> mlc.ConfigDict:
   # completion tokens projected to logits at a time in the log-prob passes and the loss (0: all; rlj/logprobs.py).
   # packing: the log-prob passes and the updates run on the rows' real tokens packed into fewer rows (segment ids,
   # per-segment positions; rlj/packing.py), not on their padding; same log-probs, loss and gradients.
+  # sample_ahead: the next step's rollout is sampled, by the policy before this step's update, while the host scores
+  # this one (rlj/sample_ahead.py): rewards overlap the device's work, each rollout is one update old (old_logp auto
+  # then takes the sampler's log-probs).
   c.train = dict(total_steps=1000, batch_prompts=64, num_epochs=1, num_minibatches=4, num_microbatches=1,
-                 logp_microbatches=0, logits_chunk=0, packing=False, old_logp="auto", mismatch_check_every=0,
+                 logp_microbatches=0, logits_chunk=0, packing=False, sample_ahead=False, old_logp="auto",
+                 mismatch_check_every=0,
                  mismatch_correction="none", mismatch_low=0.5, mismatch_high=2.0, eval_every=100, ckpt_every=50, ckpt_every_minutes=30.0,
                  keep_checkpoints=3, max_consecutive_skips=10,
                  dynamic_sampling=dict(enabled=False, max_extra_rollouts=4))

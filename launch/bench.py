@@ -251,6 +251,8 @@ def parser() -> argparse.ArgumentParser:
   ap.add_argument("--ab", action="append", default=[], metavar="KEY=VALUE",
                   help="rl_step: also run the case with these overrides (B), its steps interleaved with A's in one "
                        "process, repeatable")
+  ap.add_argument("--reward_ms", type=float, default=0.0,
+                  help="rl_step: an extra reward that waits this long per call (a code runner, an HTTP judge)")
   ap.add_argument("--lengths", default="sampled", choices=("sampled", "skewed"),
                   help="rl_step: the completions as sampled, or cut to lengths spread evenly over 10%%-100%% of "
                        "--new_tokens (a length-skewed rollout)")

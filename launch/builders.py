@@ -363,7 +363,7 @@ def loop_config(config, pad_id: int = 0) -> rl_loop.LoopConfig:
       algo=config.algo.name, algo_settings=algo_settings(config, pad_id), total_steps=t.total_steps,
       temperature=config.sampler.temperature, num_epochs=t.num_epochs, num_microbatches=t.num_microbatches,
       logp_microbatches=int(t.get("logp_microbatches", 0)), logits_chunk=int(t.get("logits_chunk", 0)),
-      packing=bool(t.get("packing", False)),
+      packing=bool(t.get("packing", False)), sample_ahead=bool(t.get("sample_ahead", False)),
       old_logp=t.old_logp, mismatch_check_every=t.mismatch_check_every, mismatch_correction=t.mismatch_correction,
       mismatch_low=t.mismatch_low, mismatch_high=t.mismatch_high, eval_every=t.eval_every,
       max_consecutive_skips=t.max_consecutive_skips,

@@ -205,8 +205,19 @@ def _check_batches(config, dp: int, num_processes: int) -> None:
     for key in ("logp_microbatches", "logits_chunk"):
       if int(t.get(key, 0)) < 0:
         fail(f"train.{key}", f"{key} ({t.get(key)}) must be >= 0 (0: the default)")
-    if not isinstance(t.get("packing", False), bool):
-      fail("train.packing", f"{t.get('packing')!r}; True or False")
+    for key in ("packing", "sample_ahead"):
+      if not isinstance(t.get(key, False), bool):
+        fail(f"train.{key}", f"{t.get(key)!r}; True or False")
+    if t.get("sample_ahead", False):
+      if t.dynamic_sampling.enabled:
+        fail("train.sample_ahead", "dynamic sampling draws more rollouts after scoring one, which a rollout "
+             "sampled ahead cannot wait for; turn one of them off")
+      if agent_setup.enabled(config):
+        fail("train.sample_ahead", "multi-turn agent rollouts run tools on the host between turns, so they cannot "
+             "be sampled ahead; turn it off for agent jobs")
+      if config.algo.name == "dno":
+        fail("train.sample_ahead", "DNO's iterations swap the reference and pool the pairs at step boundaries, "
+             "which a rollout sampled ahead would cross; turn it off for algo.name='dno'")
     chunks = config.sampler.get("chunks", 1)
     if not isinstance(chunks, int) or chunks < 1 or t.batch_prompts % chunks:
       fail("sampler.chunks", f"{chunks!r}; a positive int that divides train.batch_prompts ({t.batch_prompts})")

@@ -28,18 +28,21 @@ VERDICTS = ("1", "2")
 
 
 def wrong_answer(answer: str, rng) -> str:
-  """A wrong version of ``answer`` ("... = R\n#### R"): half the time the result moved by 1 to 9 in both places,
-  else the answer cut off before its end, or its working repeated without a final line (what a policy that
-  runs out of tokens writes), so that the judge has seen the failures a policy drifts into."""
+  """A wrong version of ``answer`` ("... = R\n#### R"): 40% of the time the result moved by 1 to 9 in both places,
+  else the answer cut off before its end, its working repeated without a final line (what a policy that runs out
+  of tokens writes), or the answer running on past its final line with another "####" line, so that the judge
+  has seen the failures a policy drifts into."""
   work, final = answer.rsplit("\n#### ", 1)
   kind = rng.random()
-  if kind < 0.5:
+  if kind < 0.4:
     wrong = int(final) + int(rng.choice([-1, 1])) * int(rng.integers(1, 10))
     head, _, _ = work.rpartition("= ")
     return f"{head}= {wrong}\n#### {wrong}"
-  if kind < 0.75:
+  if kind < 0.6:
     return answer[:int(rng.integers(1, len(answer) - 1))]
-  return (work + " ") * 3
+  if kind < 0.8:
+    return (work + " ") * 3
+  return answer + "\n#### " + (str(int(rng.integers(0, 100))) if rng.random() < 0.5 else "")
 def records(task, rng, *, reference: bool = False) -> tuple[list[dict], list[dict]]:
   """(SFT records, preference pairs) of every question of ``task``; with ``reference`` the judge prompt is
   ``REFERENCE_TEMPLATE`` with the question's answer and each pair carries it as ``reference``."""

@@ -28,7 +28,8 @@ import jax
 
 from launch import agent_setup, builders, checks, cli_help, distributed, relaunch
 from rewards import combine
-from rlj import checkpoint, lifecycle, lora_policy, metrics_writer, preemption, rl_loop, sft, train_state
+from rlj import (checkpoint, lifecycle, lora_policy, metrics_writer, preemption, rl_loop, sample_ahead, sft,
+                 train_state)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "job config file (configs/*.py[:args])", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run folder; default: runs/<config>-<time>. An existing one resumes.")
@@ -124,8 +125,9 @@ def run_rl(config, env, workdir: str, stop) -> list[dict]:
     params = run_sft_stage(config, env, env.state, os.path.join(workdir, "sft"), stop).params
   start_from = builders.rl_start(config, env, params, workdir)   # RL: a fresh optimizer (or fresh adapters)
   lora = start_from.lora
-  data = builders.prompt_iterator(config, env, split="train", batch_prompts=config.train.batch_prompts,
-                                  seed=config.seed)
+  # Lookahead: with train.sample_ahead a batch drawn for the next step is not saved as consumed (rlj.sample_ahead).
+  data = sample_ahead.wrap(builders.prompt_iterator(config, env, split="train",
+                                                    batch_prompts=config.train.batch_prompts, seed=config.seed))
   with lifecycle.Lifecycle(os.path.join(workdir, "checkpoints"), builders.checkpoint_policy(config), job="rl",
                            total_steps=config.train.total_steps, stop=stop, data=data, label="RL",
                            meta={**builders.checkpoint_meta(env.model_config), **start_from.meta}) as job:

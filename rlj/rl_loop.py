@@ -5,7 +5,8 @@ One RL step is one rollout of ``B`` prompts x ``G`` completions followed by ``nu
 built by the launcher and handed in (``Components``); the loop reads no config and names no algorithm: the
 algorithm's row (``rlj.rl_algos``) builds the batch, says whether a reference is used, and keeps whatever host
 state it needs (DNO's replay pools and reference swaps, ``rlj.dno_replay``). The programs come from
-``rlj.programs``, the checkpoints from ``rlj.lifecycle``.
+``rlj.programs``, the checkpoints from ``rlj.lifecycle``. With ``sample_ahead`` the steps run pipelined, the next
+rollout sampled while this one is scored (``rlj.sample_ahead.run``, with the same methods).
 
 RNG: the key of RL step ``s`` is ``fold_in(root, s)``; sampling, minibatch shuffling and evaluation take
 named sub-streams of it, so a resumed run replays the same randomness.
@@ -21,90 +22,12 @@ import numpy as np
 
 from algorithms import common, mismatch
 from rewards import combine
-from rlj import evaluation, host_data, logprobs, packing, programs, rl_algos, rollout_stats, sharding, train_state
+from rlj import evaluation, host_data, logprobs, packing, programs, rollout_stats, sample_ahead, sharding, train_state
 from rlj.agents import rollout as rollout_agent
-from rlj.batches import Settings, minibatches
-from rlj.dynamic_sampling import DynamicSampler, DynamicSampling
-from rlj.kl_controller import AdaptiveKL, KLControl
-
-
-@dataclasses.dataclass(frozen=True)
-class LoopConfig:
-  """Plain settings of the RL loop (built from the config's ``algo``, ``train`` and ``sampler`` sections)."""
-  algo: str
-  algo_settings: Settings
-  total_steps: int
-  temperature: float
-  num_epochs: int = 1
-  num_microbatches: int = 1
-  logp_microbatches: int = 0           # row chunks of the rollout log-prob pass (0: one per optimizer micro-batch)
-  logits_chunk: int = 0                # completion tokens projected to logits at a time (0: all)
-  packing: bool = False                # log-prob passes and updates on packed rows (rlj.packing)
-  old_logp: str = "sampler"            # auto | recompute | sampler: where old log-probs come from (old_logp_source)
-  mismatch_check_every: int = 0        # sampler / on-policy old log-probs: the trainer's pass every N steps (0: never)
-  mismatch_correction: str = "none"    # algorithms.mismatch.MODES
-  mismatch_low: float = 0.5
-  mismatch_high: float = 2.0
-  eval_every: int = 0
-  max_consecutive_skips: int = 0       # abort after this many non-finite updates in a row (0: never)
-  dynamic_sampling: DynamicSampling = DynamicSampling()   # DAPO's group filter and refill (rlj.dynamic_sampling)
-  kl_control: KLControl = KLControl()                     # the adaptive KL coefficient (rlj.kl_controller)
-
-  @property
-  def num_generations(self) -> int:
-    return self.algo_settings.num_generations
-
-  @property
-  def max_new_tokens(self) -> int:
-    return self.algo_settings.max_new_tokens
-
-  @property
-  def num_minibatches(self) -> int:
-    return self.algo_settings.num_minibatches
-
-  @property
-  def seed(self) -> int:
-    return self.algo_settings.seed
-
-  @property
-  def row(self) -> rl_algos.Algorithm:
-    return rl_algos.get(self.algo)
-
-  @property
-  def loss_kwargs(self) -> dict:
-    return self.row.loss_kwargs(self.algo_settings)
-
-  @property
-  def old_logp_source(self) -> str:
-    """Where the update's old log-probs come from: "current" (``old_logp="auto"`` with one epoch of one minibatch
-    and no correction: the update is on-policy, the objective takes the current log-probs under stop-gradient
-    and no extra pass runs), "recompute" (the trainer's log-prob pass over the rollout, ``rollout_logp``: what
-    ``auto`` picks otherwise, and what a mismatch correction needs) or "sampler" (the sampler's own). A row
-    whose objective reads no old log-probs keeps the sampler's in its batch, unused."""
-    if not self.row.needs_old_logp:
-      return "sampler"
-    if self.mismatch_correction != "none":
-      return "recompute"
-    if self.old_logp == "auto":
-      return "current" if self.num_epochs == 1 and self.num_minibatches == 1 else "recompute"
-    return self.old_logp
-
-  def trainer_pass(self, step: int) -> bool:
-    """Whether RL step ``step`` (0-based) runs the trainer's log-prob pass over its rollout: every step when old
-    log-probs are recomputed, every ``mismatch_check_every`` steps otherwise (for the mismatch metrics)."""
-    every = self.mismatch_check_every
-    return self.old_logp_source == "recompute" or (every > 0 and (step + 1) % every == 0)
-
-  @property
-  def use_reference(self) -> bool:
-    """Whether a frozen reference is kept and its log-probs computed (the algorithm's row decides)."""
-    return self.row.uses_reference(self.algo_settings.loss_kwargs)
-
-  def program_settings(self) -> programs.RLSettings:
-    return programs.RLSettings(algo=self.algo, loss_kwargs=self.loss_kwargs, completion_len=self.max_new_tokens,
-                               temperature=self.temperature, num_minibatches=self.num_minibatches,
-                               num_microbatches=self.num_microbatches, logp_microbatches=self.logp_microbatches,
-                               logits_chunk=self.logits_chunk)
+from rlj.batches import minibatches
+from rlj.dynamic_sampling import DynamicSampler
+from rlj.kl_controller import AdaptiveKL
+from rlj.loop_config import LoopConfig  # noqa: F401  (re-exported: rl_loop.LoopConfig)
 
 
 @dataclasses.dataclass
@@ -158,6 +81,9 @@ class Trainer:
     # a resumed run can still compare against it. The launcher sets it from a resumed checkpoint's meta.
     self.start_eval: dict | None = None
     self._early_ref = None   # (rollout tokens, reference log-probs started by ``rollout``) for ``build_batch``
+    self._ahead: dict = {}   # sample_ahead: {step: (prompts, started rollout)} of the next step
+    if cfg.sample_ahead:
+      comps.train_iter = sample_ahead.wrap(comps.train_iter, track=True)
 
   # ---------------------------------------------------------------------------------------------- weights
   def policy_weights(self, params):
@@ -209,20 +135,23 @@ class Trainer:
     with jax.set_mesh(c.mesh):
       return self.logp_fn(params, placed["tokens"], placed["attn_mask"], packing.of(placed))
 
+  def sample(self, state, prompts: Mapping[str, np.ndarray], rng) -> tuple:
+    """Starts this process's rollout of ``prompts`` with the policy of ``state`` (the sampler's program is
+    dispatched, not waited for): ``(rollout, texts or None, reward extras, agent metrics)``."""
+    weights = self.sampler_params(state.params)
+    if self.c.agent is None:
+      return self.c.sampler.sample(weights, prompts["prompt_tokens"], prompts["prompt_mask"], rng), None, {}, {}
+    ar = self.c.agent.sample(weights, prompts, rng)   # multi-turn trajectories: rewards read the last model turn
+    return ar.rollout, ar.texts, {"turn_rewards": ar.turn_rewards}, rollout_agent.summary(ar)
+
   def rollout(self, state, prompts: Mapping[str, np.ndarray], rng, step: int = 0,
-              ref_params=None) -> tuple[dict, Any, dict]:
+              ref_params=None, sampled: tuple | None = None) -> tuple[dict, Any, dict]:
     c, cfg, g = self.c, self.cfg, self.cfg.num_generations
     t0 = time.perf_counter()
-    # This process's prompts -> the global batch's rollout (multi-process: every process samples its rows).
-    weights = self.sampler_params(state.params)
-    agent_m, extra = {}, {}
-    if c.agent is None:
-      ro = c.sampler.sample(weights, prompts["prompt_tokens"], prompts["prompt_mask"], rng)
-      texts = None
-    else:   # multi-turn trajectories: the rewards read each one's last model turn
-      ar = c.agent.sample(weights, prompts, rng)
-      ro, texts, extra = ar.rollout, ar.texts, {"turn_rewards": ar.turn_rewards}
-      agent_m = rollout_agent.summary(ar)
+    # This process's prompts -> the global batch's rollout (multi-process: every process samples its rows);
+    # ``sampled``: started earlier by ``sample`` (sample_ahead).
+    ro, texts, extra, agent_m = self.sample(state, prompts, rng) if sampled is None else sampled
+    extra = dict(extra)
     # Rewards of this process's rows (its own prompts, all G completions of each), then of every row.
     local = {"tokens": host_data.to_local(ro.tokens), "attn_mask": host_data.to_local(ro.attn_mask),
              "mask": host_data.to_local(ro.mask).astype(np.float32)}
@@ -246,7 +175,7 @@ class Trainer:
       extra["rubrics"] = combine.repeat_per_prompt([str(r) for r in prompts["rubric"]], g)
     # PAR: the reference rewards of prompts seen for the first time, before the rewards that read them.
     par_m = {} if c.par is None else c.par.prepare(
-        prompts, rng=jax.random.split(rng)[0], policy_weights=lambda: weights,
+        prompts, rng=jax.random.split(rng)[0], policy_weights=lambda: self.sampler_params(state.params),
         reference_weights=lambda: self.reference_sampler_params(ref_params))
     rewards = combine.compute(c.reward_fns, prompt_texts, texts, num_generations=g, answers=answers,
                               lengths=host_data.to_local(ro.lengths), tokens=local["tokens"],
@@ -323,6 +252,11 @@ class Trainer:
 
   # ---------------------------------------------------------------------------------------------- updates
   def update(self, state, batch: dict, rng, step: int) -> tuple[Any, dict]:
+    state, pending = self.dispatch_update(state, batch, rng, step)
+    return state, self.finish_update(pending, step)
+
+  def dispatch_update(self, state, batch: dict, rng, step: int) -> tuple[Any, tuple]:
+    """Dispatches the step's optimizer updates; returns the new state and what ``finish_update`` reads."""
     cfg, c = self.cfg, self.c
     frozen = () if c.lora is None else (c.lora.base,)
     shuffle_rng = np.random.default_rng([cfg.seed, step, 1])
@@ -338,6 +272,11 @@ class Trainer:
           state, m = self.step_fn(state, place_batch(mb, c.mesh, c.rules),
                                   jax.random.fold_in(rng, epoch * cfg.num_minibatches + i), *frozen)
         per_update.append(m)
+    return state, (per_update, fills)
+
+  def finish_update(self, pending: tuple, step: int) -> dict:
+    """The update metrics of ``dispatch_update`` (waits for the updates); counts non-finite ones."""
+    per_update, fills = pending
     per_update = jax.device_get(per_update)  # one transfer per RL step, after every update was dispatched
     per_update = [self.skips.update(m, f"in RL step {step + 1}") for m in per_update]
     metrics = {k: float(np.mean([m[k] for m in per_update])) for k in per_update[0]}
@@ -345,7 +284,7 @@ class Trainer:
     metrics["skipped_total"] = float(self.skips.total)
     if fills:
       metrics["packing/fill"] = float(np.mean(fills))
-    return state, metrics
+    return metrics
 
   # ---------------------------------------------------------------------------------------------- host state
   def host_state(self) -> dict[str, np.ndarray]:
@@ -367,8 +306,15 @@ class Trainer:
     return self.c.eval_fn(self.sampler_params(params), step)
 
   # ---------------------------------------------------------------------------------------------- loop
-  def run(self, state, ref_params, *, start_step: int = 0, job=None) -> tuple[Any, Any, list[dict]]:
-    """Runs RL steps ``start_step + 1 .. total_steps``; returns ``(state, ref_params, history)``.
+  def step_rngs(self, step: int) -> tuple[jax.Array, jax.Array]:
+    """(sampling, training) keys of RL step ``step``."""
+    rng_sample, rng_train = jax.random.split(jax.random.fold_in(self.root, step))
+    return rng_sample, rng_train
+
+  def run(self, state, ref_params, *, start_step: int = 0, job=None,
+          end_step: int | None = None) -> tuple[Any, Any, list[dict]]:
+    """Runs RL steps ``start_step + 1 .. total_steps`` (or ``.. end_step``); returns ``(state, ref_params,
+    history)``. With ``sample_ahead`` a rollout started ahead by one call is taken by the next call.
 
     With ``job`` (an ``rlj.lifecycle.Lifecycle``) checkpoints are saved when due, on the last step and on a
     stop request, which ends the loop at that step boundary.
@@ -388,11 +334,15 @@ class Trainer:
       self.start_eval = {k: float(v) for k, v in m.items()} or None
       c.writer.write(0, m)
       history.append({"step": 0, **m})
-    for step in range(start_step, cfg.total_steps):
+    end = cfg.total_steps if end_step is None else end_step
+    if cfg.sample_ahead:
+      state, ref_params = sample_ahead.run(self, state, ref_params, start_step=start_step, end_step=end,
+                                           on_step_end=on_step_end, history=history)
+      return state, ref_params, history
+    for step in range(start_step, end):
       t0 = time.perf_counter()
       ref_params = self.batcher.begin_step(step, state.params, ref_params)
-      rng = jax.random.fold_in(self.root, step)
-      rng_sample, rng_train = jax.random.split(rng)
+      rng_sample, rng_train = self.step_rngs(step)
       # One rollout of the next prompt batch; with dynamic sampling more until the batch's groups have spread.
       arrays, rewards, metrics = self.dynamic.collect(
           lambda r: self.rollout(state, next(c.train_iter), r, step, ref_params), rng_sample, step)
@@ -404,22 +354,29 @@ class Trainer:
       metrics.update(bm)
       state, um = self.update(state, batch, rng_train, step)
       t2 = time.perf_counter()
-      metrics.update(um)
-      metrics.update(self.kl_control.update(um.get("kl"), batch["tokens"].shape[0]))
       metrics["time/update"] = t2 - t1 - reference_time
       metrics["time/step"] = t2 - t0
-      metrics["time/host_overhead"] = max(metrics["time/step"] - metrics["time/sample"] - metrics["time/reference"]
-                                          - metrics["time/update"], 0.0)
-      metrics["tokens_per_s"] = metrics["sampled_tokens"] / max(metrics["time/step"], 1e-9)
-      metrics.update(self.batcher.step_metrics(step))
-      done = step + 1
-      if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.total_steps):
-        metrics.update(self.evaluate(state.params, done))
-      c.writer.write(done, metrics)
-      history.append({"step": done, **metrics})
-      if on_step_end is not None and on_step_end(done, state, ref_params):
+      if self.end_step(state, ref_params, step, metrics, um, batch["tokens"].shape[0], history, on_step_end):
         break
     return state, ref_params, history
+
+  def end_step(self, state, ref_params, step: int, metrics: dict, um: dict, rows: int, history: list,
+               on_step_end) -> bool:
+    """The end of RL step ``step``: update metrics, the KL controller, evaluation when due, the metrics record,
+    then ``on_step_end`` (checkpoint when due); returns True to stop."""
+    cfg, c = self.cfg, self.c
+    metrics.update(um)
+    metrics.update(self.kl_control.update(um.get("kl"), rows))
+    metrics["time/host_overhead"] = max(metrics["time/step"] - metrics["time/sample"] - metrics["time/reference"]
+                                        - metrics["time/update"], 0.0)
+    metrics["tokens_per_s"] = metrics["sampled_tokens"] / max(metrics["time/step"], 1e-9)
+    metrics.update(self.batcher.step_metrics(step))
+    done = step + 1
+    if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.total_steps):
+      metrics.update(self.evaluate(state.params, done))
+    c.writer.write(done, metrics)
+    history.append({"step": done, **metrics})
+    return on_step_end is not None and on_step_end(done, state, ref_params)
 
 
 _frac_constant = jax.jit(common.frac_constant_groups)

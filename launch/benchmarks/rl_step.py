@@ -54,9 +54,9 @@ from __future__ import annotations
 
 import argparse
 import ast
-import dataclasses
 import os
 import tempfile
+import time
 
 import numpy as np
 
@@ -117,8 +117,13 @@ class _Rollouts:
       ro = cut(ro, skewed_lengths(ro.mask.shape[0], ro.mask.shape[1], seed=self.calls),
                pad_id=self.inner.config.pad_id)
     self.calls += 1
-    self.real.append((np.asarray(ro.prompt_mask).sum(1), np.asarray(ro.mask).sum(1)))
+    self.real.append(ro)    # read in ``real_tokens``, after the step: reading it here would wait for the sampler
     return ro
+
+  def real_tokens(self, first: int, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Rollouts ``first .. first + count - 1``: each row's real prompt and completion tokens."""
+    return [(np.asarray(ro.prompt_mask).sum(1), np.asarray(ro.mask).sum(1))
+            for ro in self.real[first:first + count]]
 
 
 def skewed_lengths(rows: int, t: int, *, seed: int) -> np.ndarray:
@@ -128,19 +133,18 @@ def skewed_lengths(rows: int, t: int, *, seed: int) -> np.ndarray:
 
 
 def cut(ro, lengths: np.ndarray, *, pad_id: int):
-  """Rollout ``ro`` with row n's completion cut after ``min(lengths[n], its length)`` tokens."""
+  """Rollout ``ro`` with row n's completion cut after ``min(lengths[n], its length)`` tokens (on the device, without
+  waiting for the sampler)."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  mask = np.asarray(ro.mask)
+  mask = jnp.asarray(ro.mask)
   t = mask.shape[1]
-  keep = (np.arange(t)[None] < np.minimum(lengths, mask.sum(1))[:, None]) & (mask > 0)
-  completion = np.where(keep, np.asarray(ro.completion), pad_id)
+  keep = (jnp.arange(t)[None] < jnp.minimum(jnp.asarray(lengths), mask.sum(1))[:, None]) & (mask > 0)
+  completion = jnp.where(keep, ro.completion, pad_id).astype(ro.completion.dtype)
   p = ro.tokens.shape[1] - t
-  tokens = np.concatenate([np.asarray(ro.tokens)[:, :p], completion], 1)
-  attn = np.concatenate([np.asarray(ro.attn_mask)[:, :p], keep.astype(np.asarray(ro.attn_mask).dtype)], 1)
-  return ro._replace(tokens=jnp.asarray(tokens), completion=jnp.asarray(completion),
-                     logp=jnp.asarray(np.where(keep, np.asarray(ro.logp), 0)),
-                     mask=jnp.asarray(keep.astype(np.asarray(ro.mask).dtype)),
-                     lengths=jnp.asarray(keep.sum(1).astype(np.int32)), attn_mask=jnp.asarray(attn))
+  tokens = jnp.concatenate([ro.tokens[:, :p], completion], 1)
+  attn = jnp.concatenate([ro.attn_mask[:, :p], keep.astype(ro.attn_mask.dtype)], 1)
+  return ro._replace(tokens=tokens, completion=completion, logp=jnp.where(keep, ro.logp, 0).astype(ro.logp.dtype),
+                     mask=keep.astype(mask.dtype), lengths=keep.sum(1).astype(jnp.int32), attn_mask=attn)
 
 
 def useful_flops(mc, real: tuple[np.ndarray, np.ndarray], *, logp_passes: int, epochs: int) -> float:
@@ -170,19 +174,19 @@ class _Run:
     self.state, self.ref = start.state, start.ref_params
     self.history: list[dict] = []
 
-  def step(self, i: int) -> None:
-    self.trainer.cfg = dataclasses.replace(self.lc, total_steps=i + 1)
-    self.state, self.ref, h = self.trainer.run(self.state, self.ref, start_step=i)
+  def step(self, i: int, count: int = 1) -> None:
+    """RL steps ``i .. i + count - 1`` in one ``run`` call."""
+    self.state, self.ref, h = self.trainer.run(self.state, self.ref, start_step=i, end_step=i + count)
     self.history += h
 
   def summary(self, warmup: int, steps: int) -> tuple[dict, dict]:
-    timed = self.history[warmup:]
+    timed = self.history[warmup:warmup + steps]
     means = {k: float(np.mean([h[k] for h in timed])) for k in KEYS}
     means["sampled_tokens"] = float(np.mean([h["sampled_tokens"] for h in timed]))
     lc, config = self.lc, self.config
     passes = int(lc.old_logp_source == "recompute") + int(lc.use_reference)
     flops = [useful_flops(self.env.model_config, real, logp_passes=passes, epochs=lc.num_epochs)
-             for real in self.rollouts.real[-steps:]]
+             for real in self.rollouts.real_tokens(warmup, steps)]
     means["useful_flops"] = float(np.mean(flops))
     means["fill"] = float(np.mean([h.get("packing/fill", np.nan) for h in timed]))
     facts = {"prompts x G": f"{config.train.batch_prompts} x {config.sampler.num_generations}",
@@ -196,9 +200,10 @@ def measure_many(configs: list[dict], *, steps: int, warmup: int = 2,
                  skewed: bool = False) -> list[tuple[dict, dict]]:
   """Runs ``warmup + steps`` RL steps of each override set, one step of each in turn (so that a change in the
   machine's speed during the case hits every set alike); returns (mean seconds per key over the timed steps,
-  config facts) per set."""
+  config facts) per set. A set with ``train.sample_ahead`` leaves device work running when its step returns, which
+  the next set's step would wait for: then each set runs its steps in one go, one set after the other."""
   from launch import checks  # pylint: disable=g-import-not-at-top
-  built = [runlocal_config(total_steps=warmup + steps, overrides=o) for o in configs]
+  built = [runlocal_config(total_steps=warmup + steps + 1, overrides=o) for o in configs]
   for config in built:
     checks.validate(config)
   with tempfile.TemporaryDirectory() as workdir:
@@ -206,9 +211,13 @@ def measure_many(configs: list[dict], *, steps: int, warmup: int = 2,
     for d in dirs:
       os.makedirs(d)
     runs = [_Run(config, d, skewed) for config, d in zip(built, dirs)]
-    for i in range(warmup + steps):
-      for r in runs:
-        r.step(i)
+    if any(config.train.get("sample_ahead", False) for config in built):
+      for r in runs:   # one step more: with sample_ahead a step's time runs to the end of the next step's rewards
+        r.step(0, warmup + steps + 1)
+    else:
+      for i in range(warmup + steps):
+        for r in runs:
+          r.step(i)
   return [r.summary(warmup, steps) for r in runs]
 
 
@@ -231,6 +240,15 @@ def breakdown_row(means: dict) -> dict:
   return row
 
 
+def slow_reward(prompts, completions, *, seconds: float = 0.0, **_) -> np.ndarray:
+  """A reward that waits ``seconds`` per call and scores 0 (``--reward_ms``): an expensive host reward, a code runner
+  or an HTTP judge, whose wait releases the host while the device works. Added to the config's rewards, it leaves
+  the advantages as they were (a constant)."""
+  del prompts
+  time.sleep(seconds)
+  return np.zeros(len(completions), np.float32)
+
+
 def shape_overrides(args: argparse.Namespace) -> dict:
   """Config overrides for ``--model`` / ``--batch`` / ``--seq`` / ``--new_tokens`` / ``--old_logp``."""
   out = {}
@@ -251,6 +269,9 @@ def shape_overrides(args: argparse.Namespace) -> dict:
       out[key] = ast.literal_eval(value)
     except (ValueError, SyntaxError):
       out[key] = value    # a bare string, e.g. --set algo.name=gdpo
+  if getattr(args, "reward_ms", 0.0):
+    slow = {"name": "slow", "fn": "launch.benchmarks.rl_step:slow_reward", "kwargs": {"seconds": args.reward_ms / 1e3}}
+    out["rewards"] = tuple(grpo_tpu.get_config("runlocal").rewards) + (slow,)
   old_logp = getattr(args, "old_logp", None)
   if old_logp:   # one epoch of one minibatch (on-policy), so the settings differ only in the log-prob pass
     out["train.old_logp"] = old_logp
@@ -283,7 +304,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
   notes = [f"configs/grpo_tpu.py:runlocal (init.policy=scratch, no SFT, no eval); mean of {steps} steps after 2 "
            "warm-up steps; timers from rlj.rl_loop (host overhead = step - sample - reference - update, reward "
            "included)." + (f" Overrides: {overrides}." if overrides else "")
-           + (" A and B run in one process, one RL step of each in turn." if ab else "")]
+           + ((" A and B run in one process, one after the other." if any(o.get("train.sample_ahead") for o in sets)
+               else " A and B run in one process, one RL step of each in turn.") if ab else "")]
   notes.append(f"In-process matmul peak: {peak / 1e9:.0f} GFLOP/s; useful FLOPs count real tokens only "
                "(launch/benchmarks/rl_step.py useful_flops)"
                + "".join(f"; packed slots filled{' (' + r.get('set', '')[:1] + ')' if ab else ''}: {f}"

@@ -95,6 +95,8 @@ CASES = {
     "sampler_rounds": (dict(**{"sampler.rounds": 0}), r"'sampler\.rounds'.*from 1"),
     "sampler_chunks": (dict(**{"sampler.chunks": 3}), r"'sampler\.chunks'.*divides train\.batch_prompts"),
     "logits_chunk": (dict(**{"train.logits_chunk": -1}), r"'train\.logits_chunk'.*>= 0"),
+    "sample_ahead_dynamic": (dict(**{"train.sample_ahead": True, "train.dynamic_sampling.enabled": True}),
+                             r"'train\.sample_ahead'.*dynamic sampling"),
     "logp_microbatches": (dict(**{"train.logp_microbatches": -2}), r"'train\.logp_microbatches'.*>= 0"),
     "attention": (dict(**{"model.overrides.attention": "flash"}), r"'model\.overrides\.attention'.*choose one of"),
     "attention_platform": (dict(**{"model.overrides.attention": "splash"}),

@@ -2,6 +2,7 @@
 rows (no timing thresholds: the figures depend on the machine)."""
 import dataclasses
 import math
+import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -134,6 +135,13 @@ def test_rl_step_shape_and_settings_from_the_command_line():
   assert (c.algo.kwargs.kl_coef, c.algo.name) == (0.04, "gdpo")
   with pytest.raises(SystemExit, match=r"^rl_step override algo\.kwarg\.kl_coef=0\.04: no such key .*kwargs"):
     bench_rl.runlocal_config(total_steps=3, overrides={"algo.kwarg.kl_coef": 0.04})
+  slow = bench_rl.shape_overrides(bench.parser().parse_args(["--case", "rl_step", "--reward_ms", "20"]))["rewards"]
+  assert [r["name"] for r in slow] == ["correct", "slow"]     # the config's rewards, and one that waits 20 ms
+  from rewards import combine
+  fn = combine.resolve(slow[1]["fn"])
+  t0 = time.perf_counter()
+  assert list(fn(["p"] * 3, ["a", "b", "c"], **slow[1]["kwargs"])) == [0.0] * 3
+  assert time.perf_counter() - t0 >= 0.02
 
 
 def test_main_appends_a_section_with_its_command(tmp_path):

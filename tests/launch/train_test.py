@@ -168,3 +168,19 @@ def test_rl_with_a_trained_reward_model_as_reward(tmp_path):
   rl.rewards = ({"name": "rm", "fn": "reward_model", "kwargs": {"path": str(tmp_path / "nowhere")}},)
   with pytest.raises(SystemExit, match="rewards"):
     train.run(rl, str(tmp_path / "rl2"))
+
+
+@pytest.mark.slow   # ~30 s: a whole job; in CI the Lookahead positions (tests/rlj/sample_ahead_test.py) and the
+# loop's prompt order (tests/rlj/old_logp_test.py) are checked without one
+def test_sample_ahead_checkpoints_only_the_trained_prompt_batches(tmp_path):
+  """``train.sample_ahead``: each step also samples the next step's prompts, but a checkpoint records the data
+  position after the trained batches only (the launcher hands the loop and the checkpoints one Lookahead)."""
+  c = _shrink(grpo_tpu.get_config("runlocal"))
+  c.train.sample_ahead = True
+  c.train.eval_every = 0
+  workdir = str(tmp_path / "ahead")
+  history = train.run(c, workdir)
+  assert [h["sample_ahead/stale"] for h in history if "sample_ahead/stale" in h] == [0.0, 1.0]
+  for step in (1, 2):
+    _, meta = export.read_meta(os.path.join(workdir, "checkpoints"), step)
+    assert [d["batches"] for d in meta["data"]] == [step]

@@ -157,3 +157,52 @@ def test_log_prob_pass_starts_before_the_rewards(env):
   finally:
     comps.reward_fns = original
   assert events[0] == "logp" and "reward" in events
+
+
+def test_sample_ahead_samples_the_next_rollout_before_the_rewards_with_the_pre_update_policy(env):
+  """``sample_ahead``: step k dispatches rollout k + 1 before the host scores rollout k, with the policy before
+  update k; so rollout k + 1 comes from the policy one update behind the one it trains, and ``auto`` takes the
+  sampler's log-probs as the old ones."""
+  config, e, comps = env
+  events, sampled_with, updated_from, prompts_seen = [], [], [], []
+  checksum = lambda tree: float(sum(np.abs(np.asarray(x, np.float64)).sum() for x in jax.tree.leaves(tree)))  # noqa
+
+  class Spy:
+    def __init__(self, inner):
+      self.inner = inner
+
+    def __getattr__(self, name):
+      return getattr(self.inner, name)
+
+    def sample(self, params, prompt_tokens, *a, **k):
+      events.append("sample")
+      sampled_with.append(checksum(params))
+      prompts_seen.append(np.asarray(prompt_tokens).copy())
+      return self.inner.sample(params, prompt_tokens, *a, **k)
+
+  def length_reward(prompts, completions, **_):   # varies within groups, so every update moves the policy
+    events.append("reward")
+    return np.array([len(c) for c in completions], np.float32)
+
+  saved = comps.sampler, comps.reward_fns, comps.train_iter
+  start = comps.train_iter.get_state()
+  comps.sampler, comps.reward_fns = Spy(comps.sampler), [("length", length_reward)]
+  try:
+    cfg = dataclasses.replace(builders.loop_config(config, e.tokenizer.pad_id), sample_ahead=True, total_steps=3)
+    trainer = rl_loop.Trainer(comps, cfg)
+    step_fn, keys = trainer.step_fn, []
+    trainer.step_fn = lambda state, batch, rng: (updated_from.append(checksum(state.params)), keys.append(set(batch)),
+                                                 step_fn(state, batch, rng))[-1]
+    _, _, history = trainer.run(jax.tree.map(jnp.copy, e.state), None)
+  finally:
+    comps.sampler, comps.reward_fns, comps.train_iter = saved
+  assert events[:3] == ["sample", "sample", "reward"] and events.count("sample") == 3
+  per_step = len(updated_from) // 3                      # optimizer steps per RL step (runlocal: 2 minibatches)
+  theta = updated_from[::per_step]                       # the policy at the start of each RL step
+  assert theta[0] != theta[1] != theta[2]
+  np.testing.assert_allclose(sampled_with, [theta[0], theta[0], theta[1]], rtol=1e-12)
+  assert [h["sample_ahead/stale"] for h in history] == [0.0, 1.0, 1.0]
+  assert cfg.old_logp_source == "sampler" and all("old_logp" in k for k in keys)
+  comps.train_iter.set_state(start)                      # the prompt batches, in order, each once
+  want = [next(comps.train_iter)["prompt_tokens"] for _ in range(3)]
+  assert len(prompts_seen) == 3 and all(np.array_equal(a, b) for a, b in zip(prompts_seen, want))
