@@ -215,9 +215,9 @@ def _check_batches(config, dp: int, num_processes: int) -> None:
       if agent_setup.enabled(config):
         fail("train.sample_ahead", "multi-turn agent rollouts run tools on the host between turns, so they cannot "
              "be sampled ahead; turn it off for agent jobs")
-      if config.algo.name == "dno":
-        fail("train.sample_ahead", "DNO's iterations swap the reference and pool the pairs at step boundaries, "
-             "which a rollout sampled ahead would cross; turn it off for algo.name='dno'")
+      if not rl_algos.get(config.algo.name).sample_ahead:
+        fail("train.sample_ahead", f"algo.name={config.algo.name!r} changes its reference or replay pools at step "
+             f"boundaries, which a rollout sampled ahead would cross; turn sample_ahead off for it")
     chunks = config.sampler.get("chunks", 1)
     if not isinstance(chunks, int) or chunks < 1 or t.batch_prompts % chunks:
       fail("sampler.chunks", f"{chunks!r}; a positive int that divides train.batch_prompts ({t.batch_prompts})")

@@ -342,6 +342,8 @@ class Algorithm:
       advantages are group-normalised, so a group of equal rewards adds no policy gradient.
     adaptive_kl: whether its objective takes ``kl_coef`` from the batch as the weight of a KL term and reports
       that KL as ``kl`` (``rlj.kl_controller``).
+    sample_ahead: whether a rollout may be sampled one step ahead (``rlj.sample_ahead``); not where the batcher
+      changes its state (the reference, replay pools) at step boundaries that such a rollout would cross.
   """
   objective: Callable
   batcher: Callable[[Settings], Batcher]
@@ -355,6 +357,7 @@ class Algorithm:
   loss_defaults: Callable[[Settings], dict] = lambda s: {}
   dynamic_sampling: bool = False
   adaptive_kl: bool = False
+  sample_ahead: bool = True
 
   def loss_kwargs(self, settings: Settings) -> dict:
     return {**self.loss_defaults(settings), **dict(settings.loss_kwargs)}
@@ -380,7 +383,7 @@ ALGORITHMS: dict[str, Algorithm] = {
                      uses_reference=kl_coef_positive, check=_check_p3o, adaptive_kl=True),
     "dno": Algorithm(dno_objective, dno_replay.DnoBatcher, unit=2, sum_microbatches=False,
                      needs_old_logp=False, uses_reference=lambda kw: True, fixed_rows=False,
-                     check=dno_replay.check),
+                     check=dno_replay.check, sample_ahead=False),
 }
 
 
