@@ -133,18 +133,20 @@ def skewed_lengths(rows: int, t: int, *, seed: int) -> np.ndarray:
 
 
 def cut(ro, lengths: np.ndarray, *, pad_id: int):
-  """Rollout ``ro`` with row n's completion cut after ``min(lengths[n], its length)`` tokens (on the device, without
-  waiting for the sampler)."""
+  """Rollout ``ro`` with row n's completion cut after ``min(lengths[n], its length)`` tokens (on the host: it waits
+  for the sampler; the same cut as jnp ops on the device made the packed updates after it measurably slower)."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  mask = jnp.asarray(ro.mask)
+  mask = np.asarray(ro.mask)
   t = mask.shape[1]
-  keep = (jnp.arange(t)[None] < jnp.minimum(jnp.asarray(lengths), mask.sum(1))[:, None]) & (mask > 0)
-  completion = jnp.where(keep, ro.completion, pad_id).astype(ro.completion.dtype)
+  keep = (np.arange(t)[None] < np.minimum(lengths, mask.sum(1))[:, None]) & (mask > 0)
+  completion = np.where(keep, np.asarray(ro.completion), pad_id)
   p = ro.tokens.shape[1] - t
-  tokens = jnp.concatenate([ro.tokens[:, :p], completion], 1)
-  attn = jnp.concatenate([ro.attn_mask[:, :p], keep.astype(ro.attn_mask.dtype)], 1)
-  return ro._replace(tokens=tokens, completion=completion, logp=jnp.where(keep, ro.logp, 0).astype(ro.logp.dtype),
-                     mask=keep.astype(mask.dtype), lengths=keep.sum(1).astype(jnp.int32), attn_mask=attn)
+  tokens = np.concatenate([np.asarray(ro.tokens)[:, :p], completion], 1)
+  attn = np.concatenate([np.asarray(ro.attn_mask)[:, :p], keep.astype(np.asarray(ro.attn_mask).dtype)], 1)
+  return ro._replace(tokens=jnp.asarray(tokens), completion=jnp.asarray(completion),
+                     logp=jnp.asarray(np.where(keep, np.asarray(ro.logp), 0)),
+                     mask=jnp.asarray(keep.astype(np.asarray(ro.mask).dtype)),
+                     lengths=jnp.asarray(keep.sum(1).astype(np.int32)), attn_mask=jnp.asarray(attn))
 
 
 def useful_flops(mc, real: tuple[np.ndarray, np.ndarray], *, logp_passes: int, epochs: int) -> float:
