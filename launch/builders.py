@@ -22,7 +22,7 @@ from rlj.batches import Settings
 from rlj.dynamic_sampling import DynamicSampling
 from rlj.kl_controller import KLControl
 from rlj.sampler import SamplerConfig
-from launch.data_setup import (GENERATED, generated_source, prompt_format, prompt_iterator,  # noqa: F401
+from launch.data_setup import (GENERATED, JSONL_SOURCES, generated_source, prompt_format, prompt_iterator,  # noqa: F401
                                prompt_source, user_text)
 
 

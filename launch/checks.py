@@ -270,8 +270,8 @@ def _check_sources(config) -> None:
   if t.kind == "train_synthetic" and t.vocab_size < 8:
     fail("tokenizer.vocab_size", f"train_synthetic needs the vocabulary size to train, got {t.vocab_size}")
   d = config.data
-  if d.source not in builders.GENERATED + ("gsm8k", "generic", "messages", "rubric"):
-    fail("data.source", f"{d.source!r}; choose synthetic | calculator | gsm8k | generic | messages | rubric")
+  if d.source not in builders.GENERATED + builders.JSONL_SOURCES:
+    fail("data.source", f"{d.source!r}; choose {' | '.join(builders.GENERATED + builders.JSONL_SOURCES)}")
   if d.source not in builders.GENERATED and not (d.source_dir or d.data_dir):
     fail("data.source_dir", f"data.source={d.source!r} needs the folder with its train.jsonl / test.jsonl files "
          f"(or data.data_dir holding the built dataset)")
@@ -335,8 +335,7 @@ def _check_prompts(config, tok) -> None:
   ids = builders.stop_ids(config, tok)
   if agent_setup.enabled(config):
     agent_setup.observation_format(config, tok, ids)   # the chat template can wrap an observation turn
-  record = (first_record(config) if config.data.source in builders.GENERATED + ("gsm8k", "generic", "messages", "rubric")
-            else None)
+  record = (first_record(config) if config.data.source in builders.GENERATED + builders.JSONL_SOURCES else None)
   if record is None:
     return
   try:

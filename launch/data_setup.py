@@ -29,6 +29,7 @@ def prompt_format(config, tokenizer):
 
 
 GENERATED = ("synthetic", "calculator")   # data sources generated from a seed (no files)
+JSONL_SOURCES = ("gsm8k", "generic", "messages", "rubric")   # data sources built from JSONL files (tfds_builders)
 
 
 def generated_source(config, split: str, num_records: int | None = None):
@@ -53,7 +54,7 @@ def prompt_source(config, split: str, workdir: str = ""):
   d = config.data
   if d.source in GENERATED:
     return generated_source(config, split)
-  if d.source in ("gsm8k", "generic", "messages", "rubric"):
+  if d.source in JSONL_SOURCES:
     data_dir = d.data_dir or os.path.join(workdir, "tfds")
     name = d.train_split if split == "train" else d.eval_split
     if d.source_dir:  # the entry built from the files as they are now (keyed by their fingerprint)
@@ -63,7 +64,7 @@ def prompt_source(config, split: str, workdir: str = ""):
       return tfds_builders.data_source("prompt_answer", d.source, data_dir=data_dir, split=name)
     except FileNotFoundError as e:
       raise SystemExit(f"config key 'data.data_dir': {e}") from None
-  raise SystemExit(f"config key 'data.source': {d.source!r}; choose synthetic | gsm8k | generic | messages | rubric")
+  raise SystemExit(f"config key 'data.source': {d.source!r}; choose {' | '.join(GENERATED + JSONL_SOURCES)}")
 
 
 def prompt_iterator(config, env, *, split: str, batch_prompts: int, seed: int, num_epochs=None,

@@ -98,6 +98,7 @@ def _masked_sum(values: jax.Array, onehot: jax.Array) -> jax.Array:
 
 
 def rubric_score(probs: jax.Array, weights: jax.Array) -> jax.Array:
-  """A rubric's score from the judge's P(yes) per item [N, I] and item weights [I]: sum_i w_i p_i / sum_i w_i."""
-  weights = jnp.asarray(weights, jnp.float32)
-  return probs.astype(jnp.float32) @ weights / jnp.sum(weights)
+  """A rubric's score from the judge's P(yes) per item [N, I] and item weights [I], or [N, I] when every row has
+  its own items (a row with fewer pads with weight 0 and P 0): sum_i w_i p_i / sum_i w_i."""
+  weights = jnp.broadcast_to(jnp.asarray(weights, jnp.float32), probs.shape)
+  return jnp.sum(probs.astype(jnp.float32) * weights, axis=-1) / jnp.sum(weights, axis=-1)

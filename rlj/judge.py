@@ -274,11 +274,16 @@ def _data_rubric_fn(judge: Judge, template: str, verdicts: Sequence[str]):
     rows = [json.loads(r) if isinstance(r, str) else r for r in rubrics]
     texts = [template.format(question=q, response=c, item=it["item"], reference=ref)
              for q, c, ref, row in zip(prompts, completions, refs, rows) for it in row]
-    p = judge.first_verdict_probs(texts, verdicts).astype(np.float64)
-    w = np.asarray([float(it.get("weight", 1.0)) for row in rows for it in row])
-    owner = np.repeat(np.arange(n), [len(row) for row in rows])
-    num, den = np.bincount(owner, w * p, minlength=n), np.bincount(owner, w, minlength=n)
-    return (num / den).astype(np.float32)       # NaN when an item's prompt was too long (its P is NaN)
+    flat = judge.first_verdict_probs(texts, verdicts)
+    width = max((len(row) for row in rows), default=0)   # rows padded to the longest rubric: weight 0, P 0
+    p, w = np.zeros((n, width), np.float32), np.zeros((n, width), np.float32)
+    start = 0
+    for r, row in enumerate(rows):
+      p[r, :len(row)] = flat[start:start + len(row)]
+      w[r, :len(row)] = [float(it.get("weight", 1.0)) for it in row]
+      start += len(row)
+    # NaN where an item's prompt was too long (its P is NaN)
+    return np.asarray(pairwise_judge.rubric_score(jnp.asarray(p), jnp.asarray(w)), np.float32)
 
   fn.judge = judge
   return fn

@@ -250,6 +250,16 @@ class Trainer:
       m["time/reference"] = time.perf_counter() - t0
     return batch, m
 
+  def train_batch(self, arrays: dict, rewards, ref_params, step: int, metrics: dict) -> tuple[dict, float]:
+    """``build_batch`` plus the KL controller's beta_t (a traced scalar; none without the controller); its metrics
+    go into ``metrics`` (the reference pass's time added to ``time/reference``). Returns (batch, that time)."""
+    batch, bm = self.build_batch(arrays, rewards, ref_params, step)
+    batch.update(self.kl_control.batch_fields())
+    reference_time = bm.pop("time/reference", 0.0)
+    metrics["time/reference"] += reference_time
+    metrics.update(bm)
+    return batch, reference_time
+
   # ---------------------------------------------------------------------------------------------- updates
   def update(self, state, batch: dict, rng, step: int) -> tuple[Any, dict]:
     state, pending = self.dispatch_update(state, batch, rng, step)
@@ -347,11 +357,7 @@ class Trainer:
       arrays, rewards, metrics = self.dynamic.collect(
           lambda r: self.rollout(state, next(c.train_iter), r, step, ref_params), rng_sample, step)
       t1 = time.perf_counter()
-      batch, bm = self.build_batch(arrays, rewards, ref_params, step)
-      batch.update(self.kl_control.batch_fields())    # beta_t as a traced scalar (none without the controller)
-      reference_time = bm.pop("time/reference", 0.0)
-      metrics["time/reference"] += reference_time
-      metrics.update(bm)
+      batch, reference_time = self.train_batch(arrays, rewards, ref_params, step, metrics)
       state, um = self.update(state, batch, rng_train, step)
       t2 = time.perf_counter()
       metrics["time/update"] = t2 - t1 - reference_time

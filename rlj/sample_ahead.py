@@ -131,11 +131,7 @@ def run(trainer, state, ref_params, *, start_step: int, end_step: int, on_step_e
       if stop:
         return state, ref_params
     t1 = time.perf_counter()
-    batch, bm = trainer.build_batch(arrays, rewards, ref_params, step)
-    batch.update(trainer.kl_control.batch_fields())
-    reference_time = bm.pop("time/reference", 0.0)
-    metrics["time/reference"] += reference_time
-    metrics.update(bm)
+    batch, reference_time = trainer.train_batch(arrays, rewards, ref_params, step, metrics)
     state, pending = trainer.dispatch_update(state, batch, rng_train, step)
     open_step = {"step": step, "metrics": metrics, "pending": pending, "state": state, "ref": ref_params,
                  "rows": batch["tokens"].shape[0], "dispatch": time.perf_counter() - t1 - reference_time}
