@@ -177,6 +177,8 @@ def test_attention_case_row():
   assert row["impl"] == "xla" and row["max |diff| vs xla"] == 0
 
 
+@pytest.mark.slow   # ~14 s: out of CI for the suite's budget; in CI the skewed cut and FLOPs are checked below, the
+# packed trainer pass in tests/rlj/old_logp_test.py and the rl_step case itself in test_rl_step_case_breakdown
 def test_rl_step_skewed_packed_with_a_reference():
   """The skewed rollout (lengths spread over 10%-100% of T), packed updates and a reference model (its pass
   started before the rewards): the case runs and reports the packing's fill and the step's useful FLOPs."""
