@@ -283,19 +283,22 @@ def packed_completion_logprobs(apply_fn: Callable, params: Any, tokens: jax.Arra
                                rules=None) -> jax.Array:
   """``completion_logprobs`` of rows given packed (``rlj.packing.pack``): the same [N, T] log-probs.
 
-  The model runs on the packed rows [K, S] with their segment ids and per-segment positions; the final hidden
-  states at the positions that predict the completion tokens are gathered back to [N, T, D]
-  (``rlj.packing.unpack``) and projected to logits as ``completion_logprobs`` does (``logits_chunk`` at a time).
+  The model runs on the packed rows [K, S] with their segment ids and per-segment positions. Only the final
+  hidden states that predict a trained completion token are gathered (``rlj.packing.unpack``, [G * m, D]) and
+  projected to logits, so the output projection, forward and backward, never runs on a short completion's
+  padding; their log-probs go back to [N, T] (``rlj.packing.to_rows``).
 
   Args:
     apply_fn: a ``models.transformer.Transformer``'s apply.
     params: its "params" collection (or ``{"params": ...}``).
-    tokens: [N, P + T] the unpacked rows (only their last T columns, the targets, are read).
-    packed: ``pack_tokens``, ``pack_segments``, ``pack_positions`` [K, S] and ``pack_index`` [N, T].
+    tokens: [N, P + T] the unpacked rows (only their shape is read: the targets are ``pack_targets``).
+    packed: ``pack_tokens``, ``pack_segments``, ``pack_positions`` [K, S], ``pack_index``, ``pack_targets``
+      [G * m] and ``pack_slot`` [N, T].
     completion_len: T.
     temperature: > 0, divides the logits.
-    logits_chunk: C > 0: logits C completion tokens at a time.
-    mesh, rules: the mesh the gather runs on per batch shard (``rlj.packing.unpack``).
+    logits_chunk: C > 0: logits of at most N * C trained tokens at a time (as ``completion_logprobs`` holds
+      [N, C, V]).
+    mesh, rules: the mesh the gathers run on per batch shard.
 
   Returns:
     logp: [N, T] float32 (meaningless where the completion mask is 0).
@@ -303,12 +306,19 @@ def packed_completion_logprobs(apply_fn: Callable, params: Any, tokens: jax.Arra
   check_temperature(temperature)
   variables = as_variables(params)
   seg = packed["pack_segments"]
+  rows = tokens.shape[0]
   hidden = apply_fn(variables, packed["pack_tokens"], packed["pack_positions"], seg > 0, seg, method="features")
-  hidden = packing.unpack(hidden, packed["pack_index"], mesh=mesh, rules=rules)    # [N, T, D]
-  targets = tokens[:, tokens.shape[1] - completion_len:]
+  hidden = packing.unpack(hidden, packed["pack_index"], rows=rows, mesh=mesh, rules=rules)     # [G * m, D]
+  groups = packing.group_shards(mesh, rules, rows)
+  hidden = hidden.reshape((groups, -1, hidden.shape[-1]))                                     # [G, m, D]
+  targets = packed["pack_targets"].reshape((groups, -1))
+  listed = targets.shape[1]
+  per_chunk = max(1, int(logits_chunk) * rows // groups) if logits_chunk else listed
   logits_fn = lambda h: apply_fn(variables, h, method="logits")
-  chunk = min(int(logits_chunk), completion_len) if logits_chunk else completion_len
-  return token_logprobs(logits_fn, targets, temperature=temperature, chunk_size=chunk, inputs=hidden)
+  logp = token_logprobs(logits_fn, targets, temperature=temperature, chunk_size=min(per_chunk, listed),
+                        inputs=hidden)
+  del completion_len    # the [N, T] layout comes from ``pack_slot``
+  return packing.to_rows(logp.reshape(-1), packed["pack_slot"], mesh=mesh, rules=rules)
 
 
 def make_logp_fn(apply_fn, *, completion_len: int, temperature: float, mesh=None, rules=None,

@@ -7,16 +7,19 @@ trained completion token, and packs these segments into bins as wide as the rows
 decreasing length. Each segment has its own positions 0, 1, ... (those of the unpacked row:
 ``max(cumsum(attn_mask) - 1, 0)``) and its own segment id, and the model attends only within a segment
 (``models.transformer.Transformer`` with ``segment_ids``: the einsum mask, the splash kernel's segment ids).
-``index[n, t]`` is the packed position whose hidden state predicts completion token t of row n, so ``unpack``
-gathers the final hidden states back to [N, T, D] and the log-probs, the loss and its gradients are those of the
-unpacked batch (``rlj.logprobs.make_logp_fn``). A row with no trained token takes no space.
+``pack_index`` lists, per group, the packed positions whose hidden states predict the trained completion tokens,
+and ``pack_slot[n, t]`` where token t of row n sits in that list. The model's output projection then runs on
+the trained tokens only, never on the padding of short completions (``rlj.logprobs.packed_completion_logprobs``:
+``unpack`` gathers their final hidden states, ``to_rows`` puts their log-probs back in [N, T]), and the log-probs,
+the loss and its gradients are those of the unpacked batch. A row with no trained token takes no space.
 
 Groups: the rows are packed in G contiguous groups of N / G rows, every group into the same number kb of bins
 (the largest need, rounded up to a bucket), with ``index`` local to its group. The trainer makes a group one
 (micro-batch, batch shard) pair (``groups_for``): splitting the leading axis into micro-batches splits rows and
 bins alike, and the gather runs on each shard's own rows under ``jax.shard_map`` (no all-gather of the hidden
-states). Buckets: kb is rounded up to ceil(r * j / 8) for r rows per group and j = 1..8, so a packed program
-compiles at most eight times per row width.
+states). Buckets: one j = 1..8 sizes both a group's bins, kb = ceil(r * j / 8) for r rows per group, and its list
+of trained tokens, m = ceil(r * T * j / 8) (the smallest j that holds both), so a packed program compiles at most
+eight times per row width.
 """
 from __future__ import annotations
 
@@ -28,17 +31,29 @@ from jax.sharding import PartitionSpec as P
 
 from rlj import sharding
 
-KEYS = ("pack_tokens", "pack_segments", "pack_positions", "pack_index")
+KEYS = ("pack_tokens", "pack_segments", "pack_positions", "pack_index", "pack_targets", "pack_slot")
 BUCKETS = 8
+
+
+def bucket_of(need: int, size: int) -> int:
+  """The smallest j = 1..8 with ceil(size * j / 8) >= ``need``."""
+  for j in range(1, BUCKETS + 1):
+    if max(1, -(-size * j // BUCKETS)) >= need:
+      return j
+  raise ValueError(f"{need} items do not fit in {size}")
+
+
+def bucket_size(size: int, j: int) -> int:
+  """ceil(size * j / 8), at least 1."""
+  return max(1, -(-size * j // BUCKETS))
 
 
 def bins_bucket(need: int, rows: int) -> int:
   """The smallest ceil(rows * j / 8), j = 1..8, that holds ``need`` bins (at least 1)."""
-  for j in range(1, BUCKETS + 1):
-    b = max(1, -(-rows * j // BUCKETS))
-    if b >= need:
-      return b
-  raise ValueError(f"{need} bins for {rows} rows: a row's segment is never wider than its row")
+  try:
+    return bucket_size(rows, bucket_of(need, rows))
+  except ValueError:
+    raise ValueError(f"{need} bins for {rows} rows: a row's segment is never wider than its row") from None
 
 
 def segments(attn_mask: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -94,14 +109,16 @@ def pack(tokens: np.ndarray, attn_mask: np.ndarray, mask: np.ndarray, *, groups:
     tokens: [N, S] int prompt + completion (left-padded prompt).
     attn_mask: [N, S] 1 on real tokens.
     mask: [N, T] the trained completion tokens (the last T columns).
-    groups: G; N must divide by it (contiguous groups of N / G rows, each packed into its own bins).
+    groups: G; N must divide by it (contiguous groups of r = N / G rows, each packed into its own bins).
     pad_id: the token of unused packed slots.
     bins: kb, bins per group, instead of the bucket of the largest need (it must hold every group).
 
   Returns:
     ``pack_tokens`` [G * kb, S] int32, ``pack_segments`` [G * kb, S] int32 (0 on unused slots, 1, 2, ... for the
-    segments of a bin), ``pack_positions`` [G * kb, S] int32, ``pack_index`` [N, T] int32: the flat position
-    (bin within the group * S + slot) that predicts completion token t of row n (0 where ``mask`` is 0).
+    segments of a bin), ``pack_positions`` [G * kb, S] int32; per group a list of m trained tokens (row-major,
+    padded with 0): ``pack_index`` [G * m] int32, the flat position (bin within the group * S + slot) that predicts
+    the token, and ``pack_targets`` [G * m] int32, the token; ``pack_slot`` [N, T] int32, where completion token t
+    of row n sits in its group's list (0 where ``mask`` is 0).
   """
   tokens = np.asarray(tokens)
   n, s = tokens.shape
@@ -110,37 +127,54 @@ def pack(tokens: np.ndarray, attn_mask: np.ndarray, mask: np.ndarray, *, groups:
     raise ValueError(f"{n} rows do not split into {groups} packing groups")
   keep = segments(attn_mask, mask)
   lengths = keep.sum(axis=1)
+  m = np.asarray(mask) > 0
   r = n // groups
   placed = [_first_fit(lengths[g * r:(g + 1) * r], s) for g in range(groups)]
   need = max(used for _, _, used in placed)
-  kb = bins_bucket(need, r) if bins is None else int(bins)
+  trained = int(max(m[g * r:(g + 1) * r].sum() for g in range(groups)))
+  j_tokens = bucket_of(trained, r * t)
+  if bins is None:
+    j = max(bucket_of(need, r), j_tokens)     # a nonempty row needs at most one bin: need <= r
+    kb = bucket_size(r, j)
+  else:
+    j, kb = j_tokens, int(bins)
   if kb < need:
     raise ValueError(f"bins={kb} per group cannot hold rows that need {need}")
+  mt = bucket_size(r * t, j)
   out = {"pack_tokens": np.full((groups * kb, s), pad_id, np.int32),
          "pack_segments": np.zeros((groups * kb, s), np.int32),
          "pack_positions": np.zeros((groups * kb, s), np.int32),
-         "pack_index": np.zeros((n, t), np.int32)}
+         "pack_index": np.zeros((groups * mt,), np.int32),
+         "pack_targets": np.zeros((groups * mt,), np.int32),
+         "pack_slot": np.zeros((n, t), np.int32)}
   rank = np.cumsum(keep, axis=1) - 1                                       # slot of each kept column in its segment
-  m = np.asarray(mask) > 0
   for g, (b_of, off, _) in enumerate(placed):
     count = np.zeros(kb, np.int32)
-    for j in np.flatnonzero(lengths[g * r:(g + 1) * r]):
-      row, b, o, size = g * r + j, int(b_of[j]), int(off[j]), int(lengths[g * r + j])
+    where = np.zeros((r, t), np.int64)                                    # predicting position of each token
+    for j_row in np.flatnonzero(lengths[g * r:(g + 1) * r]):
+      row, b, o, size = g * r + j_row, int(b_of[j_row]), int(off[j_row]), int(lengths[g * r + j_row])
       k = g * kb + b
       count[b] += 1
       out["pack_tokens"][k, o:o + size] = tokens[row, keep[row]]
       out["pack_segments"][k, o:o + size] = count[b]
       out["pack_positions"][k, o:o + size] = np.arange(size, dtype=np.int32)
-      out["pack_index"][row] = np.where(m[row], b * s + o + rank[row, s - t - 1:s - 1], 0)
+      where[j_row] = b * s + o + rank[row, s - t - 1:s - 1]
+    mg = m[g * r:(g + 1) * r]
+    rows_of, cols_of = np.nonzero(mg)                                    # row-major: the list's order
+    out["pack_index"][g * mt:g * mt + rows_of.size] = where[rows_of, cols_of]
+    out["pack_targets"][g * mt:g * mt + rows_of.size] = tokens[g * r + rows_of, s - t + cols_of]
+    out["pack_slot"][g * r + rows_of, cols_of] = np.arange(rows_of.size, dtype=np.int32)
   return out
 
 
 def worst_case(rows: int, width: int, completion_len: int) -> dict[str, np.ndarray]:
-  """Packing arrays of the largest bucket (a bin per row: rows that fill their width pack no better), the shapes
-  ``launch.aot`` compiles a packed program at. Zeros: only shapes and dtypes matter."""
-  return {"pack_tokens": np.zeros((rows, width), np.int32), "pack_segments": np.zeros((rows, width), np.int32),
-          "pack_positions": np.zeros((rows, width), np.int32),
-          "pack_index": np.zeros((rows, completion_len), np.int32)}
+  """Packing arrays of the largest bucket (a bin per row, every completion token trained: rows that fill their
+  width pack no better), the shapes ``launch.aot`` compiles a packed program at. Zeros: only shapes and dtypes
+  matter."""
+  zeros = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
+  return {"pack_tokens": zeros(rows, width), "pack_segments": zeros(rows, width),
+          "pack_positions": zeros(rows, width), "pack_index": zeros(rows * completion_len),
+          "pack_targets": zeros(rows * completion_len), "pack_slot": zeros(rows, completion_len)}
 
 
 def fill(packed: Mapping[str, np.ndarray]) -> float:
@@ -171,22 +205,33 @@ def groups_for(rows: int, chunks: int, mesh, rules) -> int:
   return chunks * group_shards(mesh, rules, rows // chunks)
 
 
-def unpack(hidden: jax.Array, index: jax.Array, *, mesh=None, rules=None) -> jax.Array:
-  """The hidden states of the predicting positions: hidden [K, S, D], index [N, T] -> [N, T, D].
-
-  With ``mesh`` and more than one batch shard (``group_shards``), each shard gathers from its own bins under
-  ``jax.shard_map``: ``index`` is local to a group, and a group is a shard's rows.
-  """
-  def local(h, i):
-    return h.reshape((-1, h.shape[-1]))[i]
-
-  shards = group_shards(mesh, rules, index.shape[0])
+def _per_group(fn, rows: int, mesh, rules, *arrays):
+  """``fn`` on each batch shard's own group (``group_shards`` of ``rows`` rows) under ``jax.shard_map``, or on
+  the whole arrays when there is one shard: every array's leading axis splits over the shards."""
+  shards = group_shards(mesh, rules, rows)
   if shards == 1:
-    return local(hidden, index)
-  if hidden.shape[0] % shards:
-    raise ValueError(f"{hidden.shape[0]} packed rows do not split over {shards} batch shards")
+    return fn(*arrays)
+  if any(x.shape[0] % shards for x in arrays):
+    raise ValueError(f"packed arrays of {[x.shape[0] for x in arrays]} rows do not split over {shards} batch shards")
   axes = batch_axes(mesh, sharding.DEFAULT_RULES if rules is None else rules)
-  return jax.shard_map(local, mesh=mesh, in_specs=(P(axes), P(axes)), out_specs=P(axes))(hidden, index)
+  spec = P(axes)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(arrays), out_specs=spec)(*arrays)
+
+
+def unpack(hidden: jax.Array, index: jax.Array, *, rows: int, mesh=None, rules=None) -> jax.Array:
+  """The hidden states of a group's listed positions: hidden [K, S, D], index [G * m] -> [G * m, D].
+
+  ``rows``: the N rows these groups pack (``group_shards``). With ``mesh`` and more than one batch shard, each
+  shard gathers from its own bins under ``jax.shard_map``: ``index`` is local to a group, and a group is a
+  shard's rows.
+  """
+  return _per_group(lambda h, i: h.reshape((-1, h.shape[-1]))[i], rows, mesh, rules, hidden, index)
+
+
+def to_rows(values: jax.Array, slot: jax.Array, *, mesh=None, rules=None) -> jax.Array:
+  """Per-token values of the groups' lists back in rows: values [G * m], slot [N, T] -> [N, T] (``slot`` local
+  to its group; where the mask is 0 the value is another token's, to be weighted by 0)."""
+  return _per_group(lambda v, i: v[i], slot.shape[0], mesh, rules, values, slot)
 
 
 def packed_batch(batch: Mapping[str, Any], *, chunks: int, mesh, rules, pad_id: int) -> dict:

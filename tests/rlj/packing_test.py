@@ -47,14 +47,20 @@ def _rollout(seed=0, n=N):
 
 
 def test_layout_against_a_per_row_loop():
-  """Every row's kept tokens form one contiguous segment with positions 0, 1, ... in its group's bins; the packed
-  token after each index is the completion token it predicts; bins never overflow; kb is a bucket."""
+  """Every row's kept tokens form one contiguous segment with positions 0, 1, ... in its group's bins; each
+  trained token is listed once in its group's list, with the packed position before it and itself as target;
+  bins never overflow; kb and the list's length m share one bucket j."""
   tokens, attn, mask = _rollout(1)
   groups = 2
   out = packing.pack(tokens, attn, mask, groups=groups, pad_id=0)
   k, s = out["pack_tokens"].shape
-  kb, r = k // groups, N // groups
-  assert k % groups == 0 and kb in {max(1, -(-r * j // 8)) for j in range(1, 9)}
+  kb, r, mt = k // groups, N // groups, out["pack_index"].shape[0] // groups
+  j = [j for j in range(1, 9) if max(1, -(-r * j // 8)) == kb]
+  assert k % groups == 0 and j and mt == max(1, -(-r * T * j[0] // 8))
+  assert out["pack_targets"].shape == (groups * mt,) and out["pack_slot"].shape == (N, T)
+  for g in range(groups):
+    listed = mask[g * r:(g + 1) * r].sum()
+    assert listed <= mt and not out["pack_index"][g * mt + int(listed):(g + 1) * mt].any()
   for n in range(N):
     g = n // r
     bins = out["pack_tokens"][g * kb:(g + 1) * kb].reshape(-1)
@@ -63,16 +69,19 @@ def test_layout_against_a_per_row_loop():
     trained = np.flatnonzero(mask[n])
     if not trained.size:
       continue
+    index = {t: out["pack_index"][g * mt + out["pack_slot"][n, t]] for t in trained}
+    assert len({out["pack_slot"][n, t] for t in trained}) == len(trained)
     last_col = P + trained[-1] - 1                          # the column predicting the last trained token
     want = [tokens[n, c] for c in range(last_col + 1) if attn[n, c]]
-    start = out["pack_index"][n, trained[0]] - (P + trained[0] - 1 - (P - attn[n, :P].sum()))
+    start = index[trained[0]] - (P + trained[0] - 1 - (P - attn[n, :P].sum()))
     seg = np.arange(start, start + len(want))
     assert seg[-1] // s == seg[0] // s                      # within one bin
     np.testing.assert_array_equal(bins[seg], want)
     np.testing.assert_array_equal(pos[seg], np.arange(len(want)))
     assert len(set(segs[seg])) == 1 and segs[seg][0] > 0
     for t in trained:
-      assert bins[out["pack_index"][n, t] + 1] == tokens[n, P + t] or out["pack_index"][n, t] + 1 == seg[-1] + 1
+      assert out["pack_targets"][g * mt + out["pack_slot"][n, t]] == tokens[n, P + t]
+      assert bins[index[t] + 1] == tokens[n, P + t] or index[t] + 1 == seg[-1] + 1
   assert 0 < packing.fill(out) <= 1
   # The last trained token is a target only: never packed.
   assert (out["pack_segments"] > 0).sum() == sum(
