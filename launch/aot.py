@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import sys
 
 from absl import app, flags
@@ -42,15 +41,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from launch import builders, checks
-from launch.aot_tools import flops, hbm, lora_weights, tpu_topology
+from launch import builders
+from launch.aot_tools import flops, hbm, lora_weights, shapes, tpu_topology
 from launch.aot_tools import suggest as suggest_lib
 from models import attention_kernels
 from models.transformer import Transformer
 from rlj import packing, programs, rl_algos, sharding, train_state
-from rlj.batches import minibatches
 from rlj.buckets import pick_bucket
-from rlj.kl_controller import AdaptiveKL
 from rlj.sampler import Sampler
 
 
@@ -62,68 +59,6 @@ def define_flags() -> None:
   flags.DEFINE_float("hbm_gib", None, "HBM per chip in GiB instead of the chip's (v4 32, v5e 16, v5p 95, v6e 32)")
   flags.DEFINE_bool("suggest", False, "when the config does not fit, search the micro-batch, remat, logits-chunk and "
                     "sampling-chunk settings that make it fit (recompiles the phases over HBM) and report them")
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Shapes the config implies on the slice
-# ------------------------------------------------------------------------------------------------------------
-
-def check_mesh(config, num_devices: int, hosts: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
-  """The config's mesh on ``num_devices`` chips of ``hosts`` hosts, with the launcher's layout checks."""
-  names, sizes, _ = checks.check_layout(config, num_devices=num_devices, num_processes=hosts)
-  return names, sizes
-
-
-def example_rollout(config, rows: int, prompt_len: int) -> dict:
-  """Zero host arrays shaped like ``Trainer.rollout``'s output (only shapes and dtypes matter)."""
-  t = config.sampler.max_new_tokens
-  out = {"tokens": np.zeros((rows, prompt_len + t), np.int32), "attn_mask": np.ones((rows, prompt_len + t), np.int32),
-         "mask": np.ones((rows, t), np.float32), "old_logp": np.zeros((rows, t), np.float32)}
-  if config.algo.advantage.get("estimator") == "process":   # process supervision's steps (rewards.steps)
-    out.update(step_rewards=np.zeros((rows, t), np.float32), step_ends=np.full((rows, t), -1, np.int32))
-  return out
-
-
-def special_ids(config, vocab_size: int) -> dict:
-  """The tokenizer's eos / pad / stop ids when its files are on this machine. They only change which tokens end
-  a row, never a program's shapes, so without the files the model's last two ids stand in."""
-  path = builders.tokenizer_path(config)
-  if config.tokenizer.kind != "train_synthetic" and path and os.path.exists(path):
-    tok = builders.load_tokenizer(config)
-    return {"eos_id": tok.eos_id, "pad_id": tok.pad_id, "stop_ids": builders.stop_ids(config, tok)}
-  return {"eos_id": vocab_size - 1, "pad_id": vocab_size - 2}
-
-
-def example_minibatch(config, lc, arrays: dict, prompts: int) -> dict:
-  """One optimizer step's batch, built by the algorithm row's own batcher and the trainer's minibatches (with
-  reference log-probs where the row uses them, as ``Trainer.build_batch`` adds them)."""
-  g, k = config.sampler.num_generations, len(config.rewards)
-  values, weights = np.zeros((prompts, g, k), np.float32), np.ones((k,), np.float32)
-  batch, _ = lc.row.batcher(lc.algo_settings).build(arrays, values, weights, 0)
-  if lc.use_reference:
-    batch["ref_logp"] = np.zeros_like(batch["old_logp"] if "old_logp" in batch else batch["mask"])
-  batch.update(AdaptiveKL.for_loop(lc).batch_fields())   # the adaptive KL coefficient, as Trainer.run adds it
-  mb = minibatches(batch, num_minibatches=lc.num_minibatches, unit=lc.row.unit, rng=np.random.default_rng(0),
-                   shuffle=False)[0]
-  if lc.packing:   # the largest packing bucket: what a rollout whose rows fill their width runs
-    mb.update(packing.worst_case(*mb["tokens"].shape, mb["mask"].shape[1]))
-  return mb
-
-
-def abstract_batch(batch: dict, mesh, rules) -> dict:
-  """ShapeDtypeStructs placed as ``rl_loop.place_batch`` places the host arrays."""
-  dp = sharding.data_parallel_size(mesh, rules)
-  out = {}
-  for k, v in batch.items():
-    v = np.asarray(v)
-    s = (sharding.batch_sharding(mesh, v.ndim, rules) if v.ndim and v.shape[0] % dp == 0
-         else jax.sharding.NamedSharding(mesh, jax.P()))
-    out[k] = jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)
-  return out
-
-
-def _with_shardings(tree, shardings):
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -141,7 +76,7 @@ def compile_all(config, devices, *, log=print, only=None) -> tuple[dict, list, d
   """
   lora_cfg = lora_weights.check(config)   # a LoRA config launch.train would refuse stops here, in one line
   hosts = tpu_topology.num_hosts(devices)
-  names, sizes = check_mesh(config, len(devices), hosts)
+  names, sizes = shapes.check_mesh(config, len(devices), hosts)
   mesh = sharding.make_mesh(list(zip(names, sizes)), devices=devices)
   rules = [tuple(r) for r in config.sharding_rules]
   mc = builders.model_config(config, config.tokenizer.vocab_size)
@@ -160,13 +95,13 @@ def compile_all(config, devices, *, log=print, only=None) -> tuple[dict, list, d
   dummy = jnp.zeros((1, 8), jnp.int32)
   boxed = jax.eval_shape(lambda r: model.init(r, dummy, dummy, jnp.ones_like(dummy))["params"], jax.random.key(0))
   param_sh = sharding.tree_shardings(sharding.logical_specs(boxed), nn.unbox(boxed), mesh, rules)
-  params = _with_shardings(nn.unbox(boxed), param_sh)
+  params = shapes.with_shardings(nn.unbox(boxed), param_sh)
   tx = train_state.make_optimizer(train_state.OptimConfig(**config.optim.to_dict()))
   lc = builders.loop_config(config)
   if lora_cfg is None:
     lw, frozen = None, ()
     state_sh = train_state.state_shardings(param_sh, tx, nn.unbox(boxed), mesh)
-    state = _with_shardings(jax.eval_shape(lambda p: train_state.TrainState.create(p, tx), params), state_sh)
+    state = shapes.with_shardings(jax.eval_shape(lambda p: train_state.TrainState.create(p, tx), params), state_sh)
     sizes_b = {"params": hbm.shard_bytes(state.params), "optimizer state": hbm.shard_bytes(state.opt_state)}
     what = ""
   else:   # as builders.lora_state lays them out: the TrainState over the adapters, the base apart
@@ -190,12 +125,12 @@ def compile_all(config, devices, *, log=print, only=None) -> tuple[dict, list, d
   progs = programs.rl_programs(model, tx, lc.program_settings(), mesh=mesh, rules=rules, state_shardings=state_sh,
                                combine=None if lw is None else lw.policy.step_params)
   step_fn = progs.step
-  arrays = example_rollout(config, rows, p_len)
+  arrays = shapes.example_rollout(config, rows, p_len)
   if lc.old_logp_source == "current":  # the Trainer's on-policy batch has no old log-probs
     del arrays["old_logp"]
   if lc.mismatch_correction != "none":
     arrays["is_weight"] = np.ones_like(arrays["mask"])
-  batch = abstract_batch(example_minibatch(config, lc, arrays, prompts), mesh, rules)
+  batch = shapes.abstract_batch(shapes.example_minibatch(config, lc, arrays, prompts), mesh, rules)
   updates = lc.num_epochs * lc.num_minibatches
 
   # Sampler: its own dtype copy of the params (sync_weights; with LoRA always a merged copy), the KV cache for
@@ -210,18 +145,18 @@ def compile_all(config, devices, *, log=print, only=None) -> tuple[dict, list, d
   else:
     sampler_params = lw.merged(sampler_dtype)
     sampler_params_bytes = hbm.shard_bytes(sampler_params)
-  sc = builders.sampler_config(config, **special_ids(config, mc.vocab_size))
+  sc = builders.sampler_config(config, **shapes.special_ids(config, mc.vocab_size))
   sampler = programs.sampler(model, sc, mesh=mesh, param_shardings=param_sh, rules=rules)
   chunks = int(s.get("chunks", 1))   # the rollout is sampled in this many sequential calls (rlj/sampler_chunks.py)
   bb = pick_bucket(prompts // chunks, sc.batch_buckets, "batch")
   cache_abs = jax.eval_shape(functools.partial(sampler.empty_cache, bb * g, p_len))   # p_len + t_len slots
-  cache = _with_shardings(cache_abs, sampler.cache_shardings(cache_abs))
+  cache = shapes.with_shardings(cache_abs, sampler.cache_shardings(cache_abs))
   prompt = jax.ShapeDtypeStruct((bb, p_len), jnp.int32)    # placed by the program's own in_shardings
   cache_bytes = hbm.shard_bytes(cache)
   kept_cache = {"KV cache": cache_bytes} if s.keep_cache else {}
 
   tokens = jax.ShapeDtypeStruct((rows, p_len + t_len), jnp.int32, sharding=sharding.batch_sharding(mesh, 2, rules))
-  packed = abstract_batch(packing.worst_case(rows, p_len + t_len, t_len), mesh, rules) if lc.packing else None
+  packed = shapes.abstract_batch(packing.worst_case(rows, p_len + t_len, t_len), mesh, rules) if lc.packing else None
   recompute = lc.old_logp_source == "recompute"
   passes = int(recompute) + int(lc.use_reference)
   # The log-prob pass reads the params (full fine-tuning), or with LoRA the merged copy in the base's dtype when
@@ -330,7 +265,7 @@ def _prefill_and_decode(sampler: Sampler, params, cache, prompt, mesh, rules):
   toks = jax.ShapeDtypeStruct((b, p_len), jnp.int32, sharding=row_sh)   # each prompt prefilled once
   one = jax.ShapeDtypeStruct((n, 1), jnp.int32, sharding=row_sh)
   prefix = jax.eval_shape(functools.partial(sampler.cache_buffer, b, p_len))
-  prefix = _with_shardings(prefix, sampler.cache_shardings(prefix))
+  prefix = shapes.with_shardings(prefix, sampler.cache_shardings(prefix))
   # tokens, positions and mask share one shape and dtype; the cache is donated as in the decode loop.
   apply = lambda p, *args: sampler.apply_model(sampler.decode_model, sampler.decode_params(p), *args,
                                               logits_at=slice(-1, None))

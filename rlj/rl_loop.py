@@ -81,7 +81,6 @@ class Trainer:
     # a resumed run can still compare against it. The launcher sets it from a resumed checkpoint's meta.
     self.start_eval: dict | None = None
     self._early_ref = None   # (rollout tokens, reference log-probs started by ``rollout``) for ``build_batch``
-    self._ahead: dict = {}   # sample_ahead: {step: (prompts, started rollout)} of the next step
     if cfg.sample_ahead:
       comps.train_iter = sample_ahead.wrap(comps.train_iter, track=True)
 

@@ -29,7 +29,8 @@ class Lookahead:
 
   ``next`` returns the peeked batch first; ``get_state`` (what a checkpoint records) is the position before the
   oldest batch not yet trained: with ``track``, every batch handed out counts until ``trained`` is called for it;
-  without, only an unconsumed peeked batch. ``set_state`` drops both.
+  without, only an unconsumed peeked batch. ``set_state`` drops both, and ``started``: the rollouts ``run``
+  started ahead, {step: (its prompt batch, the started rollout)}.
   """
 
   def __init__(self, iterator, track: bool = False):
@@ -37,6 +38,7 @@ class Lookahead:
     self.track = track
     self._peeked: tuple[Any, Any] | None = None     # (position before it, batch)
     self._untrained: list = []                       # positions before the batches handed out, not yet trained
+    self.started: dict = {}                          # run's rollouts sampled ahead, by step
 
   def __iter__(self):
     return self
@@ -69,7 +71,7 @@ class Lookahead:
     return self._peeked[0] if self._peeked is not None else self.iterator.get_state()
 
   def set_state(self, state: dict) -> None:
-    self._peeked, self._untrained = None, []
+    self._peeked, self._untrained, self.started = None, [], {}
     self.iterator.set_state(state)
 
   def __getattr__(self, name):
@@ -116,14 +118,14 @@ def run(trainer, state, ref_params, *, start_step: int, end_step: int, on_step_e
   for step in range(start_step, end_step):
     ref_params = trainer.batcher.begin_step(step, state.params, ref_params)
     rng_sample, rng_train = trainer.step_rngs(step)
-    started = trainer._ahead.pop(step, None)   # pylint: disable=protected-access
-    trainer._ahead.clear()                     # pylint: disable=protected-access
+    started = it.started.pop(step, None)
+    it.started.clear()
     prompts = next(it)                         # the batch peeked for this step, when one was
     stale = started is not None and started[0] is prompts
     sampled = started[1] if stale else trainer.sample(state, prompts, rng_sample)
     if step + 1 < cfg.total_steps:
       ahead = it.peek()
-      trainer._ahead[step + 1] = (ahead, trainer.sample(state, ahead, trainer.step_rngs(step + 1)[0]))  # pylint: disable=protected-access
+      it.started[step + 1] = (ahead, trainer.sample(state, ahead, trainer.step_rngs(step + 1)[0]))
     arrays, rewards, metrics = trainer.rollout(state, prompts, rng_sample, step, ref_params, sampled=sampled)
     metrics["sample_ahead/stale"] = float(stale)
     if open_step is not None:

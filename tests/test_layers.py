@@ -62,8 +62,8 @@ def _names_in_code(path: str) -> set[str]:
   return out
 
 
-@pytest.mark.parametrize("path", ["rlj/rl_loop.py", "launch/aot.py", "launch/builders.py", "launch/checks.py",
-                                  "launch/train.py", "rlj/programs.py"])
+@pytest.mark.parametrize("path", ["rlj/rl_loop.py", "launch/aot.py", "launch/aot_tools/shapes.py", "launch/builders.py",
+                                  "launch/checks.py", "launch/train.py", "rlj/programs.py"])
 def test_engine_and_launcher_name_no_algorithm(path):
   assert not _names_in_code(path) & ALGORITHM_NAMES, sorted(_names_in_code(path) & ALGORITHM_NAMES)
 

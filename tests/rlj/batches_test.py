@@ -161,11 +161,12 @@ def test_rows_check_their_settings():
 def test_every_row_builds_the_minibatch_launch_aot_compiles(config_arg):
   """``launch.aot`` builds its example minibatch with the row's own batcher: every algorithm, no branch on names."""
   import importlib  # pylint: disable=g-import-not-at-top
-  from launch import aot, builders  # pylint: disable=g-import-not-at-top
+  from launch import builders  # pylint: disable=g-import-not-at-top
+  from launch.aot_tools import shapes  # pylint: disable=g-import-not-at-top
   config = importlib.import_module(f"configs.{config_arg[0]}").get_config(config_arg[1])
   lc = builders.loop_config(config)
   prompts = config.train.batch_prompts
-  mb = aot.example_minibatch(config, lc, aot.example_rollout(config, prompts * config.sampler.num_generations, 8),
-                             prompts)
+  mb = shapes.example_minibatch(config, lc, shapes.example_rollout(config, prompts * config.sampler.num_generations, 8),
+                                prompts)
   assert mb["tokens"].shape[0] % lc.row.unit == 0 and "num_tokens" in mb
   assert ("ref_logp" in mb) == lc.use_reference
