@@ -163,8 +163,11 @@ def rl_base(arg: mlc.ConfigDict) -> mlc.ConfigDict:
   # sample_ahead: the next step's rollout is sampled, by the policy before this step's update, while the host scores
   # this one (rlj/sample_ahead.py): rewards overlap the device's work, each rollout is one update old (old_logp auto
   # then takes the sampler's log-probs).
+  # mask_truncated: DAPO's overlong filtering (arXiv:2503.14476, Sec. 3.4): completions cut at max_new_tokens
+  # without a stop token keep their rewards in the group's advantages but none of their tokens in the loss.
   c.train = dict(total_steps=1000, batch_prompts=64, num_epochs=1, num_minibatches=4, num_microbatches=1,
-                 logp_microbatches=0, logits_chunk=0, packing=False, sample_ahead=False, old_logp="auto",
+                 logp_microbatches=0, logits_chunk=0, packing=False, sample_ahead=False, mask_truncated=False,
+                 old_logp="auto",
                  mismatch_check_every=0,
                  mismatch_correction="none", mismatch_low=0.5, mismatch_high=2.0, eval_every=100, ckpt_every=50, ckpt_every_minutes=30.0,
                  keep_checkpoints=3, max_consecutive_skips=10,

@@ -364,6 +364,7 @@ def loop_config(config, pad_id: int = 0) -> rl_loop.LoopConfig:
       temperature=config.sampler.temperature, num_epochs=t.num_epochs, num_microbatches=t.num_microbatches,
       logp_microbatches=int(t.get("logp_microbatches", 0)), logits_chunk=int(t.get("logits_chunk", 0)),
       packing=bool(t.get("packing", False)), sample_ahead=bool(t.get("sample_ahead", False)),
+      mask_truncated=bool(t.get("mask_truncated", False)),
       old_logp=t.old_logp, mismatch_check_every=t.mismatch_check_every, mismatch_correction=t.mismatch_correction,
       mismatch_low=t.mismatch_low, mismatch_high=t.mismatch_high, eval_every=t.eval_every,
       max_consecutive_skips=t.max_consecutive_skips,

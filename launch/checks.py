@@ -205,7 +205,7 @@ def _check_batches(config, dp: int, num_processes: int) -> None:
     for key in ("logp_microbatches", "logits_chunk"):
       if int(t.get(key, 0)) < 0:
         fail(f"train.{key}", f"{key} ({t.get(key)}) must be >= 0 (0: the default)")
-    for key in ("packing", "sample_ahead"):
+    for key in ("packing", "sample_ahead", "mask_truncated"):
       if not isinstance(t.get(key, False), bool):
         fail(f"train.{key}", f"{t.get(key)!r}; True or False")
     if t.get("sample_ahead", False):
@@ -218,6 +218,9 @@ def _check_batches(config, dp: int, num_processes: int) -> None:
       if not rl_algos.get(config.algo.name).sample_ahead:
         fail("train.sample_ahead", f"algo.name={config.algo.name!r} changes its reference or replay pools at step "
              f"boundaries, which a rollout sampled ahead would cross; turn sample_ahead off for it")
+    if t.get("mask_truncated", False) and rl_algos.get(config.algo.name).unit != 1:
+      fail("train.mask_truncated", f"algo.name={config.algo.name!r} trains on pairs of completions, and a pair "
+           "whose completion has no tokens left compares nothing; turn mask_truncated off for it")
     chunks = config.sampler.get("chunks", 1)
     if not isinstance(chunks, int) or chunks < 1 or t.batch_prompts % chunks:
       fail("sampler.chunks", f"{chunks!r}; a positive int that divides train.batch_prompts ({t.batch_prompts})")

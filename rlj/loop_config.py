@@ -24,6 +24,7 @@ class LoopConfig:
   logits_chunk: int = 0                # completion tokens projected to logits at a time (0: all)
   packing: bool = False                # log-prob passes and updates on packed rows (rlj.packing)
   sample_ahead: bool = False           # the next rollout is sampled while this one is scored (rlj.sample_ahead)
+  mask_truncated: bool = False         # DAPO overlong filtering: no loss on completions cut at max_new_tokens
   old_logp: str = "sampler"            # auto | recompute | sampler: where old log-probs come from (old_logp_source)
   mismatch_check_every: int = 0        # sampler / on-policy old log-probs: the trainer's pass every N steps (0: never)
   mismatch_correction: str = "none"    # algorithms.mismatch.MODES

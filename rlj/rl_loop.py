@@ -198,6 +198,9 @@ class Trainer:
                **rollout_stats.finished_row_steps(lengths),
                "entropy": rollout_stats.sampler_entropy(sampler_logp, arrays["mask"]),   # of the sampler's q
                "sampled_tokens": float(lengths.sum())}
+    if cfg.mask_truncated:   # DAPO's overlong filtering: the rewards stay, the tokens leave the loss
+      arrays["mask"] = rollout_stats.overlong_filtered(arrays["mask"], rollout_stats.truncated(
+          completion, arrays["mask"], max_new_tokens=completion.shape[1], stop_ids=sc.stop_set))
     summed = combine.weighted_total(rewards.values, c.reward_weights)
     metrics["reward/mean"] = float(np.nanmean(summed))
     for k, name in enumerate(rewards.names):

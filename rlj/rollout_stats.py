@@ -24,13 +24,24 @@ def completion_lengths(completion: np.ndarray, mask: np.ndarray, *, max_new_toke
   Returns:
     ``response_len/mean``, ``response_len/max``, ``response_len/truncated_frac``.
   """
-  mask = np.asarray(mask) > 0
-  lengths = mask.sum(axis=1)
-  rows = np.arange(len(lengths))
-  last = np.asarray(completion)[rows, np.maximum(lengths - 1, 0)]
-  cut = (lengths >= max_new_tokens) & ~np.isin(last, np.asarray(list(stop_ids), dtype=last.dtype))
+  lengths = (np.asarray(mask) > 0).sum(axis=1)
+  cut = truncated(completion, mask, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
   return {"response_len/mean": float(lengths.mean()), "response_len/max": float(lengths.max()),
           "response_len/truncated_frac": float(cut.mean())}
+
+
+def truncated(completion: np.ndarray, mask: np.ndarray, *, max_new_tokens: int, stop_ids) -> np.ndarray:
+  """[N] bool: the rows cut at ``max_new_tokens`` (``completion_lengths``'s definition of a cut row)."""
+  lengths = (np.asarray(mask) > 0).sum(axis=1)
+  last = np.asarray(completion)[np.arange(len(lengths)), np.maximum(lengths - 1, 0)]
+  return (lengths >= max_new_tokens) & ~np.isin(last, np.asarray(list(stop_ids), dtype=last.dtype))
+
+
+def overlong_filtered(mask: np.ndarray, cut: np.ndarray) -> np.ndarray:
+  """Overlong filtering (DAPO, arXiv:2503.14476, Sec. 3.4; TRL's ``mask_truncated_completions``): the completion
+  mask [N, T] with the rows ``cut`` [N] zeroed, so their tokens leave the loss (and its token counts) while their
+  rewards still count in their group's advantages. ``algorithms.dapo.mask_truncated`` is the same on device."""
+  return np.where(np.asarray(cut)[:, None], np.zeros_like(mask), mask)
 
 
 def finished_row_steps(lengths: np.ndarray) -> dict[str, float]:

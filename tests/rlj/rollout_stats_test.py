@@ -66,3 +66,15 @@ def test_finished_row_fraction_counts_decode_steps_on_stopped_rows():
   assert abs(rollout_stats.finished_row_steps(even)["decode/finished_row_frac"] - 0.45) < 1e-9
   assert rollout_stats.finished_row_steps(np.array([5, 5]))["decode/finished_row_frac"] == 0.0
   assert rollout_stats.finished_row_steps(np.zeros(3))["decode/finished_row_frac"] == 0.0
+
+
+def test_overlong_filtering_zeroes_the_cut_rows_as_the_device_function_does():
+  from algorithms import dapo  # pylint: disable=g-import-not-at-top
+  completion = np.array([[5, 6, EOS, PAD], [5, 6, 5, 6], [5, 6, 5, STOP], [5, 6, 6, 5]])
+  mask = np.array([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]], np.float32)
+  cut = rollout_stats.truncated(completion, mask, max_new_tokens=4, stop_ids=(EOS, STOP))
+  np.testing.assert_array_equal(cut, [False, True, False, True])
+  got = rollout_stats.overlong_filtered(mask, cut)
+  np.testing.assert_array_equal(got, np.asarray(dapo.mask_truncated(jnp.asarray(mask), jnp.asarray(~cut))))
+  np.testing.assert_array_equal(got[[0, 2]], mask[[0, 2]])
+  assert got.dtype == mask.dtype and not got[[1, 3]].any()
