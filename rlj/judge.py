@@ -4,10 +4,12 @@ The judge is any Hugging Face checkpoint the policy loader reads (``models.hf``)
 same sharding rules, with its own tokenizer and chat template. A reward call
 
 1. renders one judge prompt per judged item from a ``str.format`` template (pairwise: ``{question}``, ``{a}``,
-   ``{b}``; rubric: ``{question}``, ``{response}``, ``{item}``; either may add ``{reference}``, the row's reference
-   answer from the data: the reference-guided judge of "Judging LLM-as-a-Judge with MT-Bench and Chatbot Arena"
-   (arXiv:2306.05685), which "No Free Labels" (arXiv:2503.05061) finds a judge needs on questions it cannot answer
-   itself), inside the judge's chat template as a user turn when it has one (``chat=True``), else as plain text;
+   ``{b}``; rubric: ``{question}``, ``{response}``, ``{item}``; ``{question}`` is the example's own prompt text
+   (``questions``, not the policy's rendered prompt with its format or chat template); either may add
+   ``{reference}``, the row's reference answer from the data: the reference-guided judge of "Judging LLM-as-a-Judge
+   with MT-Bench and Chatbot Arena" (arXiv:2306.05685), which "No Free Labels" (arXiv:2503.05061) finds a judge
+   needs on questions it cannot answer itself), inside the judge's chat template as a user turn when it has one
+   (``chat=True``), else as plain text;
 2. encodes them (BOS as the tokenizer adds it), left-pads them into rows of a length bucket (powers of two up to
    ``max_len``) and runs the jitted forward in fixed chunks of ``chunk_rows`` rows, projecting only the last
    position to logits: one compilation per length bucket, no host loop over pairs;
@@ -190,6 +192,12 @@ def _bucket(length: int, max_len: int) -> int:
   return min(b, max_len) if length <= max_len else length
 
 
+def _shown(prompts, questions):
+  """The question texts a judge is shown: the examples' own prompts (``questions``, which the RL loop passes: the
+  data's prompt without the policy's prompt format or chat template) when given, else the prompts as called."""
+  return prompts if questions is None else questions
+
+
 def pairwise_reward_fn(judge: Judge, *, template: str = PAIRWISE_TEMPLATE, verdicts: Sequence[str] = ("A", "B"),
                        opponents: int = 0, hard: bool = False):
   """Pref-GRPO win rates from the judge: ``fn(prompts, completions, *, group_size, **_) -> [N]`` (module docstring
@@ -205,7 +213,8 @@ def pairwise_reward_fn(judge: Judge, *, template: str = PAIRWISE_TEMPLATE, verdi
       compiled[g] = pairs, jax.jit(functools.partial(pairwise_judge.win_rates, pairs=pairs, group_size=g, hard=hard))
     return compiled[g]
 
-  def fn(prompts, completions, *, group_size: int | None = None, answers=None, **_) -> np.ndarray:
+  def fn(prompts, completions, *, group_size: int | None = None, answers=None, questions=None, **_) -> np.ndarray:
+    prompts = _shown(prompts, questions)
     n = len(completions)
     if not group_size or group_size < 2 or n % group_size:
       raise ValueError(f"a pairwise judge compares the completions of a prompt: {n} rows do not split into groups "
@@ -250,7 +259,8 @@ def rubric_reward_fn(judge: Judge, *, items: Sequence[str] | str, weights: Seque
   if len(weights) != len(items) or min(weights) < 0 or sum(weights) <= 0:
     raise JudgeError(f"weights {weights}: give one non-negative weight per item ({len(items)}), not all 0")
 
-  def fn(prompts, completions, *, answers=None, **_) -> np.ndarray:
+  def fn(prompts, completions, *, answers=None, questions=None, **_) -> np.ndarray:
+    prompts = _shown(prompts, questions)
     refs = _references(template, answers, len(completions))
     texts = [template.format(question=q, response=c, item=item, reference=r)
              for q, c, r in zip(prompts, completions, refs) for item in items]
@@ -265,7 +275,8 @@ def _data_rubric_fn(judge: Judge, template: str, verdicts: Sequence[str]):
   """``rubric_reward_fn`` with ``items="data"``: every row's items from its ``rubrics`` (JSON strings)."""
   import json
 
-  def fn(prompts, completions, *, rubrics=None, answers=None, **_) -> np.ndarray:
+  def fn(prompts, completions, *, rubrics=None, answers=None, questions=None, **_) -> np.ndarray:
+    prompts = _shown(prompts, questions)
     n = len(completions)
     if rubrics is None or len(rubrics) != n:
       raise ValueError("a rubric judge with items='data' reads each example's rubric, but the reward call got "

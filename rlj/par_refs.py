@@ -78,6 +78,7 @@ class ParReferences:
     prompt_texts = [str(p) for p in prompts["prompt"]]
     answers = [str(a) for a in prompts["answer"]]
     rubrics = None if "rubric" not in prompts else [str(r) for r in prompts["rubric"]]
+    questions = None if "question" not in prompts else [str(q) for q in prompts["question"]]   # what a judge sees
     keys = [par.prompt_key(p, a if rubrics is None else a + "\x00" + rubrics[b])   # a rubric is part of the key
             for b, (p, a) in enumerate(zip(prompt_texts, answers))]
     first = {k: b for b, k in reversed(list(enumerate(keys)))}          # a prompt twice in a batch: scored once
@@ -89,7 +90,7 @@ class ParReferences:
       weights = reference_weights() if self.settings.source == "reference" else policy_weights()
       ro = self.sampler.sample(weights, prompts["prompt_tokens"], prompts["prompt_mask"], rng)
       if new:
-        self._score(ro, keys, prompt_texts, answers, new, rubrics)
+        self._score(ro, keys, prompt_texts, answers, new, rubrics, questions)
       metrics["time/par_references"] = time.perf_counter() - t0
     metrics["par/cached_prompts"] = float(len(self.rewards[0][1].cache))
     for name, fn in self.rewards:
@@ -100,7 +101,7 @@ class ParReferences:
     return metrics
 
   def _score(self, ro, keys: list[str], prompt_texts: list[str], answers: list[str], new: list[int],
-             rubrics: list[str] | None = None) -> None:
+             rubrics: list[str] | None = None, questions: list[str] | None = None) -> None:
     """The wrapped rewards of the new prompts' reference completions (rows b * S + m, m < num_refs) -> caches."""
     s, m = self.sampler.config.num_samples, self.settings.num_refs
     rows = np.array([b * s + j for b in new for j in range(m)])
@@ -111,6 +112,8 @@ class ParReferences:
                  completion_mask=local["mask"].astype(np.float32), group_size=m)
     if rubrics is not None:
       batch["rubrics"] = combine.repeat_per_prompt([rubrics[b] for b in new], m)
+    if questions is not None:   # the same reward call as the rollout's (rlj.rl_loop.Trainer.rollout)
+      batch["questions"] = combine.repeat_per_prompt([questions[b] for b in new], m)
     new_prompts = combine.repeat_per_prompt([prompt_texts[b] for b in new], m)
     new_texts = [texts[i] for i in rows]
     for name, fn in self.rewards:

@@ -170,6 +170,8 @@ class Trainer:
       texts = evaluation.rollout_texts(c.tokenizer, ro, c.sampler.config.stop_set)
     prompt_texts = combine.repeat_per_prompt([str(p) for p in prompts["prompt"]], g)
     answers = combine.repeat_per_prompt([str(a) for a in prompts["answer"]], g)
+    if "question" in prompts:   # the examples' own prompt texts, what a judge is shown (not the rendered prompt)
+      extra["questions"] = combine.repeat_per_prompt([str(q) for q in prompts["question"]], g)
     if "rubric" in prompts:   # per-example rubric items (data.source=rubric), for rubric_judge items="data"
       extra["rubrics"] = combine.repeat_per_prompt([str(r) for r in prompts["rubric"]], g)
     # PAR: the reference rewards of prompts seen for the first time, before the rewards that read them.

@@ -98,16 +98,18 @@ class _Encoder:
 
 @dataclasses.dataclass(frozen=True)
 class PromptEncoder(_Encoder):
-  """Record ``{"prompt", "answer", "index"[, "rubric"]}`` -> element ``{"tokens", "prompt", "answer", "index",
-  "truncated", "too_long"[, "rubric"]}``; ``tokens`` = BOS (if ``add_bos``) + tokens of the rendered prompt; a
-  ``rubric`` (its items as a JSON string) is passed on as it is."""
+  """Record ``{"prompt", "answer", "index"[, "rubric"]}`` -> element ``{"tokens", "prompt", "question", "answer",
+  "index", "truncated", "too_long"[, "rubric"]}``; ``tokens`` = BOS (if ``add_bos``) + tokens of the rendered
+  prompt, ``prompt`` the rendered text, ``question`` the record's own prompt text (what a judge is shown, without
+  the policy's prompt format or chat template); a ``rubric`` (its items as a JSON string) is passed on as it is."""
 
   def __call__(self, record: dict) -> dict:
     prompt, ids = self.encode_prompt(record)
     too_long = len(ids) > self.max_len
     extra = {"rubric": text(record["rubric"])} if "rubric" in record else {}
     return {"tokens": np.asarray(fit(ids, self.max_len, keep_first=self.keep_first(ids)), np.int32),
-            "prompt": prompt, "answer": text(record["answer"]), "index": int(record["index"]),
+            "prompt": prompt, "question": text(record["prompt"]), "answer": text(record["answer"]),
+            "index": int(record["index"]),
             "truncated": too_long and self.overflow == "truncate", "too_long": too_long, **extra}
 
 
@@ -116,11 +118,11 @@ def collate_prompts(elements: Sequence[dict], *, batch_size: int, buckets: Seque
   """Stacks up to ``batch_size`` encoded prompts into a left-padded batch.
 
   Returns:
-    ``prompt_tokens`` [B, P] int32, ``prompt_mask`` [B, P] int32 (1 on tokens), ``prompt`` [B] str,
-    ``answer`` [B] str, ``index`` [B] int64 (record index in its source), ``truncated`` [B] bool,
-    ``valid`` [B] bool, and ``rubric`` [B] str when the elements have one. P is the smallest bucket fitting the
-    longest prompt. Rows past ``len(elements)`` (only in a final partial batch) are filler: valid False, mask 0,
-    index -1.
+    ``prompt_tokens`` [B, P] int32, ``prompt_mask`` [B, P] int32 (1 on tokens), ``prompt`` [B] str (rendered),
+    ``question`` [B] str (the record's prompt), ``answer`` [B] str, ``index`` [B] int64 (record index in its
+    source), ``truncated`` [B] bool, ``valid`` [B] bool, and ``rubric`` [B] str when the elements have one. P is
+    the smallest bucket fitting the longest prompt. Rows past ``len(elements)`` (only in a final partial batch)
+    are filler: valid False, mask 0, index -1.
   """
   n = len(elements)
   seqs = [e["tokens"] for e in elements] + [[]] * (batch_size - n)
@@ -130,6 +132,7 @@ def collate_prompts(elements: Sequence[dict], *, batch_size: int, buckets: Seque
            if elements and "rubric" in elements[0] else {})
   return {"prompt_tokens": tokens, "prompt_mask": mask,
           "prompt": _strings([e["prompt"] for e in elements], batch_size),
+          "question": _strings([e.get("question", e["prompt"]) for e in elements], batch_size),
           "answer": _strings([e["answer"] for e in elements], batch_size),
           "index": _ints([e["index"] for e in elements], batch_size),
           "truncated": _flags([e["truncated"] for e in elements], batch_size),

@@ -218,6 +218,25 @@ def test_reference_slot_takes_each_rows_answer(tiny_judge):
     judge_lib.check_template(pair_t.replace("{reference}", "{answer}"), judge_lib.PAIRWISE_SLOTS)
 
 
+def test_the_judge_is_shown_the_examples_questions_not_the_rendered_prompts(tiny_judge):
+  """With ``questions`` (what the RL loop passes: the data's own prompts), the judge prompts hold them, not the
+  policy's rendered prompts (its prompt format or chat template); the prompt batches carry them."""
+  from rlj.data import encoding  # pylint: disable=g-import-not-at-top
+  judge = judge_lib.Judge.load(tiny_judge, chunk_rows=8)
+  rendered, questions = ["<user>q1</user>\n"] * 2 + ["<user>q2</user>\n"] * 2, ["q1", "q1", "q2", "q2"]
+  completions = ["3", "4", "5", "five"]
+  pair = judge_lib.pairwise_reward_fn(judge)
+  np.testing.assert_allclose(pair(rendered, completions, group_size=2, questions=questions),
+                             pair(questions, completions, group_size=2), rtol=1e-6)
+  assert not np.allclose(pair(rendered, completions, group_size=2), pair(questions, completions, group_size=2))
+  rub = judge_lib.rubric_reward_fn(judge, items=["Correct?"])
+  np.testing.assert_allclose(rub(rendered, completions, questions=questions), rub(questions, completions), rtol=1e-6)
+  element = {"tokens": np.array([5], np.int32), "prompt": rendered[0], "question": "q1", "answer": "3", "index": 0,
+             "truncated": False}
+  batch = encoding.collate_prompts([element], batch_size=2, buckets=(4,), pad_id=0)
+  assert list(batch["question"][:1]) == ["q1"] and list(batch["prompt"][:1]) == [rendered[0]]
+
+
 def test_rubric_items_from_the_data_equal_a_per_item_loop(tiny_judge):
   """items='data': each row is scored on its own weighted items; the score equals a loop over its items."""
   judge = judge_lib.Judge.load(tiny_judge, chunk_rows=8)
@@ -263,3 +282,21 @@ def test_judge_training_pairs_and_bos(tiny_judge):
   assert judge.encode(["x"])[0][0] == bos
   judge.add_bos = False
   assert judge.encode(["x"])[0][0] != bos
+
+
+def test_judge_pairs_from_a_policys_mistakes(tmp_path):
+  """make_judge_data --policy: a question with wrong answers the policy wrote is paired with one of them about half
+  the time (a made-up one otherwise); a workdir without an SFT checkpoint stops in one line."""
+  from launch import make_judge_data
+  from rlj.data import synthetic
+  task = synthetic.ArithmeticTask(num_records=400, seed=0, levels=(1,))
+  written = {task[i]["prompt"]: [f"policy wrong {i}", f"policy wrong {i}b"] for i in range(0, 400, 2)}
+  _, pairs = make_judge_data.records(task, np.random.default_rng(0), policy_wrong=written)
+  from_policy = np.array([p["rejected"].startswith("policy wrong") for p in pairs])
+  has = np.array([p["prompt"] in written for p in pairs])           # questions repeat: key by the question
+  assert has.any() and not has.all() and not from_policy[~has].any()   # none written: always made up
+  assert 0.35 < from_policy[has].mean() < 0.65
+  assert all(p["rejected"] in written[p["prompt"]] for p in pairs if p["rejected"].startswith("policy wrong"))
+  with pytest.raises(SystemExit, match="does not exist; pass the workdir of a runlocal RL job") as e:
+    make_judge_data.policy_wrong_answers(str(tmp_path), [task], samples=2, seed=0)
+  assert "\n" not in str(e.value)
