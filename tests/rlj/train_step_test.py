@@ -59,7 +59,7 @@ def test_summed_microbatch_gradients_equal_the_full_batch(params, agg):
   loss4, g4 = _grads(params, batch, objective, num_microbatches=4, sum_microbatches=True)
   np.testing.assert_allclose(loss4, loss1, rtol=1e-5, atol=1e-7)
   for a, b in zip(jax.tree.leaves(g4), jax.tree.leaves(g1)):
-    np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-7)
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4 * float(np.abs(b).max()))   # summation order
   assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g1)) > 1e-4      # the gradient is not trivially 0
 
 
@@ -70,7 +70,7 @@ def test_averaged_microbatch_gradients_equal_the_full_batch_for_pair_means(param
   _, g1 = _grads(params, batch, objective, num_microbatches=1, sum_microbatches=False)
   _, g2 = _grads(params, batch, objective, num_microbatches=2, sum_microbatches=False)
   for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(g1)):
-    np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-7)
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4 * float(np.abs(b).max()))   # summation order
 
 
 def test_skip_counters_live_in_the_state(params):
