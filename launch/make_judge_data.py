@@ -82,10 +82,9 @@ def policy_wrong_answers(workdir: str, tasks, *, samples: int, seed: int) -> dic
   import tempfile
 
   import jax
-  import numpy as np
   from configs import grpo_tpu
   from launch import builders, data_setup
-  from rewards import verifiable
+  from rewards import combine, verifiable
   from rlj import evaluation
   ckpt, tok = os.path.join(workdir, "sft", "checkpoints"), os.path.join(workdir, "tokenizer.model")
   for path in (ckpt, tok):
@@ -110,9 +109,9 @@ def policy_wrong_answers(workdir: str, tasks, *, samples: int, seed: int) -> dic
         ro = sampler.sample(env.params, batch["prompt_tokens"], batch["prompt_mask"],
                             jax.random.fold_in(rng, t * 100_000 + b))
         texts = evaluation.rollout_texts(env.tokenizer, ro, stops)
-        questions = np.repeat(np.asarray([str(q) for q in batch["question"]]), samples)
-        answers = np.repeat(np.asarray([str(a) for a in batch["answer"]]), samples)
-        right = verifiable.math_exact_match(list(questions), texts, answers=list(answers))
+        questions = combine.repeat_per_prompt([str(q) for q in batch["question"]], samples)
+        answers = combine.repeat_per_prompt([str(a) for a in batch["answer"]], samples)
+        right = verifiable.math_exact_match(questions, texts, answers=answers)
         for q, text, ok in zip(questions, texts, right):
           if not ok and text.strip():
             out.setdefault(str(q), []).append(text)

@@ -279,8 +279,7 @@ def completion_logprobs(apply_fn: Callable, params: Any, tokens: jax.Array, attn
 
 
 def packed_completion_logprobs(apply_fn: Callable, params: Any, tokens: jax.Array, packed: dict, *,
-                               completion_len: int, temperature, logits_chunk: int = 0, mesh=None,
-                               rules=None) -> jax.Array:
+                               temperature, logits_chunk: int = 0, mesh=None, rules=None) -> jax.Array:
   """``completion_logprobs`` of rows given packed (``rlj.packing.pack``): the same [N, T] log-probs.
 
   The model runs on the packed rows [K, S] with their segment ids and per-segment positions. Only the final
@@ -293,8 +292,7 @@ def packed_completion_logprobs(apply_fn: Callable, params: Any, tokens: jax.Arra
     params: its "params" collection (or ``{"params": ...}``).
     tokens: [N, P + T] the unpacked rows (only their shape is read: the targets are ``pack_targets``).
     packed: ``pack_tokens``, ``pack_segments``, ``pack_positions`` [K, S], ``pack_index``, ``pack_targets``
-      [G * m] and ``pack_slot`` [N, T].
-    completion_len: T.
+      [G * m] and ``pack_slot`` [N, T] (which gives the result its [N, T] layout).
     temperature: > 0, divides the logits.
     logits_chunk: C > 0: logits of at most N * C trained tokens at a time (as ``completion_logprobs`` holds
       [N, C, V]).
@@ -317,7 +315,6 @@ def packed_completion_logprobs(apply_fn: Callable, params: Any, tokens: jax.Arra
   logits_fn = lambda h: apply_fn(variables, h, method="logits")
   logp = token_logprobs(logits_fn, targets, temperature=temperature, chunk_size=min(per_chunk, listed),
                         inputs=hidden)
-  del completion_len    # the [N, T] layout comes from ``pack_slot``
   return packing.to_rows(logp.reshape(-1), packed["pack_slot"], mesh=mesh, rules=rules)
 
 
@@ -344,7 +341,7 @@ def make_logp_fn(apply_fn, *, completion_len: int, temperature: float, mesh=None
       if mesh is not None:
         stack.enter_context(sharding.activation_rules(mesh, sharding.DEFAULT_RULES if rules is None else rules))
       if packed is not None:
-        return packed_completion_logprobs(apply_fn, params, tokens, packed, completion_len=completion_len,
+        return packed_completion_logprobs(apply_fn, params, tokens, packed,
                                           temperature=temperature, logits_chunk=logits_chunk, mesh=mesh, rules=rules)
       return completion_logprobs(apply_fn, params, tokens, attn_mask, tokens.shape[1] - completion_len,
                                  temperature=temperature, logits_window=True, logits_chunk=logits_chunk)
